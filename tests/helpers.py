@@ -1,0 +1,62 @@
+"""Launch real multi-process runs for tests: `torchrun` on the gloo backend, localhost."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for a child process: the checkout importable, one thread per process."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO)
+    env["OMP_NUM_THREADS"] = "1"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env.update(extra)
+    return env
+
+
+def torchrun(
+    script: str | Path,
+    *args: str,
+    nproc: int = 2,
+    extra_torchrun: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run `torchrun --standalone --nproc_per_node=nproc script args...` from the repo root."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        *(extra_torchrun or ("--standalone",)),
+        str(script),
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env=env or child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode})\n"
+            f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+        )
+    return proc

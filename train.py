@@ -1,0 +1,291 @@
+"""Pretrain a Llama-family model with FSDP2 on MosaicML MDS data.
+
+Launched by torchrun on every node (or as plain `python train.py` for one process). The recipe
+reads top to bottom; each mechanism lives in its own module under utils/ and datas/.
+
+Units: batches count sequences; --train_steps counts optimizer steps; one optimizer step runs
+global_batch / (local_batch x world_size) micro-steps of local_batch sequences on every rank.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from argparse import Namespace
+from contextlib import nullcontext
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from datas import get_loader_builder
+from utils.args import ArgError, grad_accum_steps, parse_args
+from utils.checkpoint import Checkpointer
+from utils.distributed import DistEnv, broadcast_from_main, build_mesh, init_distributed, shutdown
+from utils.loss import next_token_nll_sum, predicted_token_count
+from utils.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gb
+from utils.model import build_meta_model, count_parameters, init_weights, load_model_config
+from utils.optim import build_lr_schedule, build_optimizer
+from utils.parallelize import compute_dtype, parallelize_model
+
+SETUP_ERRORS = (ArgError, ValueError, FileNotFoundError, PermissionError)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        args = parse_args(argv)
+    except ArgError as err:
+        sys.exit(f"error: {err}")
+    env = init_distributed()
+    try:
+        run(args, env)
+    finally:
+        shutdown()
+
+
+def run(args: Namespace, env: DistEnv) -> None:
+    # ---- inputs: everything a bad flag can break is checked before the model is built ----
+    try:
+        accum_steps = grad_accum_steps(args.global_batch, args.local_batch, env.world_size)
+        check_hardware(args, env)
+        loader = build_loader(args, env)
+        model_config = load_model_config(args.config, tokenizer_vocab=loader.vocab_size)
+        check_seq_len(args, model_config)
+    except SETUP_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    run_name = broadcast_from_main(args.run_name or default_run_name(args, model_config))
+    run_dir = Path(args.output_dir) / run_name
+
+    # ---- model: built on the meta device, sharded, then each rank materializes its shards ----
+    torch.manual_seed(args.seed)
+    model = build_meta_model(model_config, attention_implementation(args))
+    model.require_flash_sdpa = args.enable_flash and model.config._attn_implementation == "sdpa"
+    mesh = build_mesh(env, args.sharding_strategy)
+    parallelize_model(
+        model,
+        mesh,
+        sharding_strategy=args.sharding_strategy,
+        param_dtype=compute_dtype(args.bf16, args.fp16),
+        activation_checkpointing=args.activation_checkpointing,
+    )
+    init_weights(model, args.seed, env.device)
+    optimizer = build_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = build_lr_schedule(
+        optimizer, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, total=args.train_steps
+    )
+    scaler = build_grad_scaler(args, env)
+
+    # ---- run state: resume, logging ----
+    checkpointer = Checkpointer(run_dir, args.ckpt_type, env)
+    start_step = 0
+    if args.resume_dir:
+        start_step = checkpointer.load(
+            Path(args.resume_dir), model, optimizer, scheduler, scaler, loader,
+            weights_only=args.skip_optimizer,
+        )  # fmt: skip
+    tensorboard_dir = None
+    if args.enable_tensorboard:
+        tensorboard_dir = Path(args.tensorboard_dir or Path(args.output_dir) / "tensorboard")
+        tensorboard_dir = tensorboard_dir / run_name
+    logger = MetricsLogger(run_dir, tensorboard_dir, enabled=env.is_main)
+    logger.write_config(vars(args) | {"run_name": run_name}, model_config)
+    n_params = count_parameters(model)
+    flops = flops_per_token(
+        model_config, count_parameters(model, exclude_embedding=True), args.seq_len
+    )
+    peak = peak_flops(env.device)
+    if env.is_main:
+        print(
+            f"run {run_name}: {n_params / 1e6:.2f}M parameters, world size {env.world_size}, "
+            f"{accum_steps} micro-steps of {args.local_batch} x {args.seq_len} tokens per step",
+            flush=True,
+        )
+
+    # ---- the loop ----
+    batches = iter(loader)
+    window = LogWindow(env.device)
+    for step in range(start_step + 1, args.train_steps + 1):
+        wait_start = time.perf_counter()
+        micro_batches = [next(batches) for _ in range(accum_steps)]
+        window.data_wait += time.perf_counter() - wait_start
+        lr = optimizer.param_groups[0]["lr"]
+        loss, grad_norm = train_step(
+            model, optimizer, scheduler, scaler, micro_batches, env, args.grad_clip
+        )
+        window.add(loss, grad_norm, sum(b["input_ids"].numel() for b in micro_batches))
+
+        if step % args.log_every == 0 or step == args.train_steps:
+            stats = window.reduce_and_reset()
+            tokens_per_s_per_gpu = stats["tokens_per_s"] / env.world_size
+            logger.log(
+                step,
+                {
+                    "loss": stats["loss"],
+                    "lr": lr,
+                    "grad_norm": stats["grad_norm"],
+                    "tokens_per_s": stats["tokens_per_s"],
+                    "mfu": flops * tokens_per_s_per_gpu / peak if peak else None,
+                    "peak_mem_gb": peak_memory_gb(env.device),
+                    "data_wait_fraction": stats["data_wait_fraction"],
+                },
+            )
+        if args.save_every and (step % args.save_every == 0 or step == args.train_steps):
+            checkpointer.save(step, model, optimizer, scheduler, scaler, loader, vars(args))
+    logger.close()
+    if env.is_main:
+        print(f"done: checkpoints and metrics in {run_dir}", flush=True)
+        if tensorboard_dir is not None:
+            print(f"TensorBoard: tensorboard --logdir {tensorboard_dir}", flush=True)
+
+
+def train_step(model, optimizer, scheduler, scaler, micro_batches, env: DistEnv, grad_clip: float):
+    """One optimizer step over the global batch; returns this rank's share of the batch loss.
+
+    Each micro-batch's summed NLL is divided by the token count of the WHOLE global batch (all
+    micro-steps, all ranks, padding excluded), and multiplied by the world size because FSDP
+    averages gradients over ranks: the gradient is then exactly that of the token-weighted mean
+    loss, however the batch is split. Gradients are reduced only after the last micro-step.
+    """
+    global_tokens = torch.tensor([sum(predicted_token_count(b["labels"]) for b in micro_batches)])
+    dist.all_reduce(global_tokens)
+    loss_scale = env.world_size / float(global_tokens)
+    loss_sum = torch.zeros((), device=env.device)
+    for index, batch in enumerate(micro_batches):
+        model.set_requires_gradient_sync(index == len(micro_batches) - 1)
+        input_ids = batch["input_ids"].to(env.device, non_blocking=True)
+        labels = batch["labels"].to(env.device, non_blocking=True)
+        with attention_context(model):
+            nll = next_token_nll_sum(model(input_ids=input_ids).logits, labels)
+        loss = nll * loss_scale
+        (scaler.scale(loss) if scaler else loss).backward()
+        loss_sum += nll.detach()
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        model.parameters(), grad_clip if grad_clip > 0 else float("inf")
+    )
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum * loss_scale / env.world_size, grad_norm
+
+
+class LogWindow:
+    """Sums over the steps between two log lines, kept on the device: no host sync per step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.grad_norm_sq = torch.zeros((), device=self.device)
+        self.steps = 0
+        self.tokens = 0
+        self.data_wait = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int) -> None:
+        self.loss += loss
+        norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        self.grad_norm_sq += norm.float() ** 2
+        self.steps += 1
+        self.tokens += tokens
+
+    def reduce_and_reset(self) -> dict[str, float]:
+        """One all-reduce for the window: the global loss and token count."""
+        totals = torch.stack([self.loss, torch.tensor(float(self.tokens), device=self.device)])
+        dist.all_reduce(totals)
+        loss, tokens = totals.tolist()
+        elapsed = time.perf_counter() - self.start
+        stats = {
+            "loss": loss / self.steps,
+            "grad_norm": (self.grad_norm_sq / self.steps).sqrt().item(),
+            "tokens_per_s": tokens / elapsed,
+            "data_wait_fraction": self.data_wait / elapsed,
+        }
+        self._reset()
+        return stats
+
+
+def build_loader(args: Namespace, env: DistEnv):
+    builder = get_loader_builder(args.data_name)
+    return builder(
+        mds_root=args.data_dir,
+        strategy=args.strategy,
+        tokenizer_name=args.tokenizer_dir,
+        seq_len=args.seq_len,
+        micro_blocks=args.local_batch,
+        per_device_batch=args.local_batch,
+        num_workers=args.num_workers,
+        local_cache=args.local_cache_dir,
+        shuffle_seed=args.seed,
+        pin_memory=env.device.type == "cuda",
+        world_size=env.world_size,
+        global_rank=env.rank,
+        num_canonical_nodes=args.num_canonical_nodes,
+    )
+
+
+def check_hardware(args: Namespace, env: DistEnv) -> None:
+    if args.enable_flash and env.device.type != "cuda":
+        raise ArgError("--enable_flash needs a CUDA GPU; drop the flag on CPU")
+    if args.enable_flash and not (args.bf16 or args.fp16):
+        raise ArgError("--enable_flash needs --bf16 or --fp16 (flash kernels do not run in fp32)")
+    if args.bf16 and env.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ArgError("--bf16 is not supported on this GPU; use --fp16")
+
+
+def check_seq_len(args: Namespace, model_config) -> None:
+    limit = model_config.max_position_embeddings
+    if args.seq_len > limit:
+        raise ArgError(
+            f"--seq_len {args.seq_len} exceeds the model's max_position_embeddings {limit} "
+            f"({args.config}); lower --seq_len or raise it in the config"
+        )
+
+
+def attention_implementation(args: Namespace) -> str:
+    """flash-attn 2 when asked for and installed; PyTorch SDPA otherwise."""
+    if args.enable_flash:
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def attention_context(model):
+    """With --enable_flash but no flash-attn package, SDPA must take its flash kernel (or fail
+    loudly) rather than silently fall back to another one."""
+    if getattr(model, "require_flash_sdpa", False):
+        return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+    return nullcontext()
+
+
+def build_grad_scaler(args: Namespace, env: DistEnv):
+    """fp16 needs loss scaling; the sharded scaler agrees on inf/nan across ranks."""
+    if not args.fp16:
+        return None
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    return ShardedGradScaler(device=env.device.type)
+
+
+def default_run_name(args: Namespace, model_config) -> str:
+    shape = f"h{model_config.hidden_size}l{model_config.num_hidden_layers}"
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{shape}-{args.strategy}-gb{args.global_batch}-lr{args.lr:g}-{stamp}"
+
+
+if __name__ == "__main__":
+    main()

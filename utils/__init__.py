@@ -1,0 +1,1 @@
+"""One module per training mechanism; train.py wires them together."""

@@ -1,0 +1,145 @@
+"""Command-line flags of train.py (the seed's names), an optional YAML/JSON args file, and checks
+that need nothing but the flags. Checks that need the tokenizer or the model config live where
+those are loaded."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+SHARDING_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
+CKPT_TYPES = ("shard",)
+STRATEGIES = ("pack", "overflow", "trunc")
+
+
+class ArgError(ValueError):
+    """A bad flag or input file; train.py prints it as one line and exits with status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Pretrain a Llama with FSDP2 on MDS data. Batches count sequences; "
+        "--train_steps counts optimizer steps; gradient accumulation = "
+        "global_batch / (local_batch x world_size).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--args_file", help="YAML or JSON mapping of these flags (command line wins)")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--data_dir", help="MDS dataset dir or remote; mix as 'a:0.7,b:0.3'")
+    data.add_argument("--data_name", default="FineWeb-Edu", help="loader registered in datas/")
+    data.add_argument("--local_cache_dir", help="per-node cache; data_dir is then read as remote")
+    data.add_argument("--tokenizer_dir", help="transformers tokenizer directory")
+    data.add_argument("--strategy", default="pack", choices=STRATEGIES)
+    data.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence")
+    data.add_argument("--num_workers", type=int, default=2, help="loader workers per rank")
+    data.add_argument(
+        "--num_canonical_nodes", type=int, default=64, help="streaming's sample order"
+    )
+
+    model = p.add_argument_group("model")
+    model.add_argument("--config", help="HF config.json, a directory holding one, or a shape name")
+    model.add_argument("--enable_flash", action="store_true", help="flash attention kernels (GPU)")
+    model.add_argument(
+        "--activation_checkpointing",
+        "--enable_ckpt",
+        action="store_true",
+        help="recompute each decoder layer in backward",
+    )
+    model.add_argument("--sharding_strategy", default="full_shard", choices=SHARDING_STRATEGIES)
+    precision = model.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="bf16 compute, fp32 master/reduce")
+    precision.add_argument("--fp16", action="store_true", help="fp16 compute with a grad scaler")
+
+    opt = p.add_argument_group("optimization")
+    opt.add_argument("--global_batch", type=int, default=256, help="sequences per optimizer step")
+    opt.add_argument(
+        "--local_batch", type=int, default=32, help="sequences per rank per micro-step"
+    )
+    opt.add_argument("--train_steps", type=int, default=100_000, help="optimizer steps")
+    opt.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    opt.add_argument("--min_lr", type=float, default=3e-5, help="learning rate at the last step")
+    opt.add_argument("--warmup", type=int, default=2000, help="linear warmup, optimizer steps")
+    opt.add_argument("--weight_decay", type=float, default=0.1, help="AdamW, not on norms/biases")
+    opt.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm; 0 = off")
+    opt.add_argument("--seed", type=int, default=42, help="weights, data order and dropout")
+
+    out = p.add_argument_group("checkpoints and logging")
+    out.add_argument("--output_dir", default="runs", help="runs go to output_dir/run_name/")
+    out.add_argument("--run_name", help="default: built from the main settings and the time")
+    out.add_argument("--save_every", type=int, default=1000, help="optimizer steps; 0 = never")
+    out.add_argument("--ckpt_type", default="shard", choices=CKPT_TYPES)
+    out.add_argument("--resume_dir", help="a step_<N> checkpoint directory to resume from")
+    out.add_argument("--skip_optimizer", action="store_true", help="resume weights and step only")
+    out.add_argument("--log_every", type=int, default=10, help="optimizer steps between log lines")
+    out.add_argument("--enable_tensorboard", action="store_true")
+    out.add_argument("--tensorboard_dir", help="default: output_dir/tensorboard")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.args_file:
+        parser.set_defaults(**_read_args_file(args.args_file, parser))
+        args = parser.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def _read_args_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise ArgError(f"--args_file {path} does not exist; give a YAML or JSON file of flags")
+    text = file.read_text()
+    values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(values, dict):
+        raise ArgError(f"--args_file {path} must hold a mapping of flag names to values")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ArgError(f"--args_file {path} has unknown flags {unknown}; see train.py --help")
+    return values
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks that need only the flags: run before anything is loaded."""
+    for flag in ("data_dir", "tokenizer_dir", "config"):
+        if not getattr(args, flag):
+            raise ArgError(f"--{flag} is required")
+    for flag in ("global_batch", "local_batch", "seq_len", "train_steps", "log_every"):
+        if getattr(args, flag) <= 0:
+            raise ArgError(f"--{flag} must be positive (got {getattr(args, flag)})")
+    if args.bf16 and args.fp16:
+        raise ArgError("--bf16 and --fp16 exclude each other; pick one")
+    tokenizer = Path(args.tokenizer_dir)
+    if not tokenizer.is_dir():
+        raise ArgError(
+            f"--tokenizer_dir {tokenizer} is not a directory; give a tokenizer directory"
+        )
+    _check_writable_dir(Path(args.output_dir), "--output_dir")
+    if args.resume_dir and not Path(args.resume_dir).is_dir():
+        raise ArgError(f"--resume_dir {args.resume_dir} does not exist; give a step_<N> directory")
+
+
+def _check_writable_dir(path: Path, flag: str) -> None:
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ArgError(f"{flag} {path} is not writable; choose a directory you can write to")
+
+
+def grad_accum_steps(global_batch: int, local_batch: int, world_size: int) -> int:
+    """Micro-steps per optimizer step; the three numbers must divide exactly."""
+    per_micro_step = local_batch * world_size
+    if global_batch % per_micro_step:
+        raise ArgError(
+            f"--global_batch {global_batch} is not divisible by --local_batch {local_batch} x "
+            f"world size {world_size} = {per_micro_step}; change one of them"
+        )
+    return global_batch // per_micro_step

@@ -1,0 +1,105 @@
+"""Process-group setup: one process per device, launched by torchrun or as plain python."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_nodes(self) -> int:
+        return self.world_size // self.local_world_size
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _default_to_single_process() -> None:
+    """`python train.py` without torchrun: behave as a world of one (the loader reads these too)."""
+    if "RANK" in os.environ:
+        return
+    os.environ.update(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+    )
+
+
+def init_distributed() -> DistEnv:
+    """Join the process group: NCCL on one GPU per local rank, gloo on CPU.
+
+    On GPU the group also gets a gloo backend for CPU tensors (loader state, metrics
+    gathered on the host), so no collective ever needs a device round trip for them.
+    """
+    _default_to_single_process()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend, device_id=device if device.type == "cuda" else None
+        )
+    return DistEnv(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())),
+        device=device,
+    )
+
+
+def build_mesh(env: DistEnv, sharding_strategy: str) -> DeviceMesh:
+    """The data-parallel mesh for FSDP2: 1-D for sharding, 2-D (replicate, shard) otherwise.
+
+    `hybrid_shard` shards within a node and replicates across nodes; `no_shard` replicates
+    everywhere (a shard dimension of size 1).
+    """
+    device_type = env.device.type
+    if sharding_strategy == "hybrid_shard":
+        shape, names = (env.num_nodes, env.local_world_size), ("replicate", "shard")
+    elif sharding_strategy == "no_shard":
+        shape, names = (env.world_size, 1), ("replicate", "shard")
+    else:
+        shape, names = (env.world_size,), ("shard",)
+    return init_device_mesh(device_type, shape, mesh_dim_names=names)
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's value of `obj` on every rank (e.g. a run name holding a timestamp)."""
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

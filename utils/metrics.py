@@ -1,0 +1,101 @@
+"""What a run reports: console lines, metrics.jsonl, config.json, TensorBoard, and MFU."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+
+# Dense bf16 peak FLOP/s by GPU name (never the 2:4-sparse datasheet figure).
+PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+
+
+def flops_per_token(config: PretrainedConfig, non_embedding_params: int, seq_len: int) -> float:
+    """6N for the matmuls (forward + backward) plus 12*L*H*Q*T for attention scores."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len
+    return 6 * non_embedding_params + attention
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, or None where MFU is not defined (CPU, unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated device memory on GPU; peak resident memory of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kilobytes * 1024 / 1e9 if sys.platform != "darwin" else kilobytes / 1e9
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks hold a logger that does nothing, so callers need no `if`."""
+
+    def __init__(self, run_dir: Path, tensorboard_dir: Path | None, enabled: bool) -> None:
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.writer = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1)
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(tensorboard_dir))
+
+    def write_config(self, args: dict[str, Any], model_config: PretrainedConfig) -> None:
+        if not self.enabled:
+            return
+        record = {"args": args, "model": model_config.to_dict()}
+        (self.run_dir / "config.json").write_text(json.dumps(record, indent=2, default=str))
+        if self.writer is not None:
+            self.writer.add_text("args", "\n".join(f"    {k}: {v}" for k, v in args.items()))
+
+    def log(self, step: int, metrics: dict[str, float | None], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        print(format_line(record), flush=True)
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if value is not None:
+                    self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None
+
+
+def format_line(record: dict[str, Any]) -> str:
+    parts = [f"step {record['step']}"]
+    for key, value in record.items():
+        if key == "step" or value is None:
+            continue
+        if key == "mfu":
+            parts.append(f"mfu {100 * value:.1f}%")
+        elif key == "lr":
+            parts.append(f"lr {value:.2e}")
+        elif key == "tokens_per_s":
+            parts.append(f"tok/s {value:,.0f}")
+        else:
+            parts.append(f"{key} {value:.4g}")
+    return " | ".join(parts)

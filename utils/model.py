@@ -1,0 +1,125 @@
+"""Building the Llama: config, meta-device construction, and world-size-independent init."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from utils.args import ArgError
+
+# Shapes by name, so a benchmark or a quick run needs no config file. The small ones are the
+# LLaMA shapes of the GaLore / SLTrain papers; tinyllama-1.1b is TinyLlama's.
+NAMED_SHAPES: dict[str, dict] = {
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+    "llama-60m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024),
+    "llama-130m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                       num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024),
+    "llama-350m": dict(hidden_size=1024, intermediate_size=2736, num_hidden_layers=24,
+                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=1024),
+    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048),
+}  # fmt: skip
+
+
+def load_model_config(spec: str, tokenizer_vocab: int) -> PretrainedConfig:
+    """A config from a shape name, a config.json file or a directory holding one.
+
+    The vocabulary grows to the tokenizer's when the tokenizer has more tokens, which is what
+    resizing the embeddings of a model built from this config amounts to.
+    """
+    config = _read_config(spec)
+    if not hasattr(config, "num_hidden_layers") or not hasattr(config, "hidden_size"):
+        raise ArgError(f"--config {spec} is not a decoder-only transformer config")
+    if tokenizer_vocab > config.vocab_size:
+        config.vocab_size = tokenizer_vocab
+    config.use_cache = False
+    return config
+
+
+def _read_config(spec: str) -> PretrainedConfig:
+    if spec in NAMED_SHAPES:
+        return AutoConfig.for_model("llama", **{"vocab_size": 32000, **NAMED_SHAPES[spec]})
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        names = ", ".join(NAMED_SHAPES)
+        raise ArgError(
+            f"--config {spec} not found; give a config.json, its directory, or one of: {names}"
+        )
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise ArgError(f"--config {path} is not a readable model config ({err})") from err
+
+
+def build_meta_model(config: PretrainedConfig, attn_implementation: str) -> nn.Module:
+    """The model's structure with no storage: each rank later materializes only its shards."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name without the wrappers that sharding, checkpointing or compile add."""
+    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int, device: torch.device) -> None:
+    """Materialize and initialize a (possibly sharded) meta model.
+
+    Each parameter is drawn in full from a generator seeded by (seed, its name), then each rank
+    keeps its own slice, so the weights are the same for any world size or sharding strategy.
+    Only one full parameter exists at a time, never the whole model.
+    """
+    model.to_empty(device=device)
+    std = model.config.initializer_range
+    for name, param in model.named_parameters():
+        full = _initial_value(canonical_name(name), tuple(param.shape), seed, std, device)
+        if isinstance(param, DTensor):
+            full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(full.to_local())
+        else:
+            param.copy_(full)
+    _rebuild_rotary_buffers(model, device)
+
+
+def _initial_value(name: str, shape: tuple, seed: int, std: float, device) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, device=device)
+    if name.endswith(".bias"):
+        return torch.zeros(shape, device=device)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)
+
+
+def _rebuild_rotary_buffers(model: nn.Module, device: torch.device) -> None:
+    """Rotary frequencies are computed in the module's constructor, not stored: recompute them."""
+    for module in model.modules():
+        if hasattr(module, "inv_freq"):
+            fresh = type(module)(config=module.config, device=device)
+            module._buffers.update(fresh._buffers)
+            tensors = {k: v for k, v in vars(fresh).items() if isinstance(v, torch.Tensor)}
+            module.__dict__.update(tensors)
+
+
+def count_parameters(model: nn.Module, *, exclude_embedding: bool = False) -> int:
+    """Parameters of the full (unsharded) model."""
+    total = sum(p.numel() for p in model.parameters())
+    if exclude_embedding:
+        total -= model.get_input_embeddings().weight.numel()
+    return total

@@ -1,0 +1,365 @@
+"""Training batches from MDS datasets: a DataLoader over a StreamingDataset, packing in
+the main process, exact resume.
+
+Workers read and tokenize whole DataLoader batches of documents; the main process packs
+them. streaming hands each worker whole batches in turn and the DataLoader takes them from
+the workers in the same turn, so the main process sees this rank's documents in the same
+order whatever `num_workers` is. A resume position is therefore just "documents consumed",
+and the leftover tokens of the packer.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from datas.mds import (
+    TOKENS_COLUMN,
+    DataError,
+    check_source,
+    clean_stale_shared_memory,
+    local_dirs,
+    make_streaming_dataset,
+    parse_sources,
+    training_column,
+)
+from datas.packing import DocChunk, DocumentFeed, Packer, make_packer
+
+STRATEGIES = ("pack", "overflow", "trunc")
+
+
+@dataclass
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+
+    @property
+    def num_nodes(self) -> int:
+        return max(self.size // self.local_size, 1)
+
+
+def resolve_world(world_size: int | None, global_rank: int | None) -> World:
+    """Rank and world size from the arguments, else from torchrun's environment. streaming
+    reads the environment itself, so arguments that disagree with it are an error."""
+    env_size = int(os.environ.get("WORLD_SIZE", 1))
+    env_rank = int(os.environ.get("RANK", 0))
+    size = env_size if world_size is None else world_size
+    rank = env_rank if global_rank is None else global_rank
+    if (size, rank) != (env_size, env_rank):
+        raise DataError(
+            f"world_size={size}, global_rank={rank} disagree with WORLD_SIZE={env_size}, "
+            f"RANK={env_rank}; launch with torchrun or leave them unset"
+        )
+    world = World(
+        rank=rank,
+        size=size,
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        local_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+    )
+    if world.size > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise DataError(
+            f"WORLD_SIZE={world.size}: initialize torch.distributed before build_train_loader"
+        )
+    return world
+
+
+class TokenizeCollate:
+    """Runs in the DataLoader workers: one batch of samples -> one `DocChunk`.
+
+    Text is tokenized in one batched call without special tokens, each document followed by
+    EOS; a `tokens` column is used as it is. The tokenizer loads lazily in each process.
+    """
+
+    def __init__(self, tokenizer_name: str, eos_id: int | None) -> None:
+        self.tokenizer_name = tokenizer_name
+        self.eos_id = eos_id
+        self._encode = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_encode": None}
+
+    def _encoder(self):
+        if self._encode is None:
+            from transformers import AutoTokenizer
+
+            backend = AutoTokenizer.from_pretrained(self.tokenizer_name).backend_tokenizer
+            # encode_batch_fast skips character offsets, which we do not need.
+            self._encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return self._encode
+
+    def __call__(self, samples: list[dict[str, Any]]) -> DocChunk:
+        if TOKENS_COLUMN in samples[0]:
+            arrays = [np.asarray(sample[TOKENS_COLUMN]) for sample in samples]
+            lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+            return DocChunk(np.concatenate(arrays).astype(np.int32, copy=False), lengths)
+        texts = [sample["text"] for sample in samples]
+        ids = [encoding.ids for encoding in self._encoder()(texts, add_special_tokens=False)]
+        suffix = () if self.eos_id is None else (self.eos_id,)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + len(suffix)
+        # chain() keeps the per-token iteration in C.
+        flat = np.fromiter(
+            chain.from_iterable(chain(doc, suffix) for doc in ids),
+            dtype=np.int32,
+            count=int(lengths.sum()),
+        )
+        return DocChunk(flat, lengths)
+
+
+class TrainLoader:
+    """Endless iterator of batches for this rank, with a collective `state_dict`."""
+
+    def __init__(
+        self,
+        *,
+        dataset: Any,
+        dataloader: torch.utils.data.DataLoader,
+        strategy: str,
+        seq_len: int,
+        rows: int,
+        world: World,
+        num_canonical_nodes: int,
+        shuffle_seed: int,
+        eos_token_id: int | None,
+        pad_token_id: int,
+        vocab_size: int,
+        overflow_stride: int,
+        emit_position_ids: bool,
+        pin_memory: bool,
+    ) -> None:
+        self.dataset = dataset
+        self.dataloader = dataloader
+        self.strategy = strategy
+        self.seq_len = seq_len
+        self.world = world
+        self.num_canonical_nodes = num_canonical_nodes
+        self.shuffle_seed = shuffle_seed
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.vocab_size = vocab_size
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.feed = DocumentFeed(lambda: iter(self.dataloader))
+        self.packer: Packer = make_packer(
+            strategy,
+            self.feed,
+            rows=rows,
+            seq_len=seq_len,
+            eos_id=eos_token_id,
+            pad_id=pad_token_id,
+            overflow_stride=overflow_stride,
+            emit_position_ids=emit_position_ids,
+        )
+        self._skip = 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._skip:
+            self.feed.discard(self._skip)
+            self._skip = 0
+        while True:
+            batch = self.packer.next_batch()
+            if self.pin_memory:
+                batch = {key: value.pin_memory() for key, value in batch.items()}
+            yield batch
+
+    def _gather(self, value: Any) -> list[Any]:
+        if self.world.size == 1:
+            return [value]
+        gathered: list[Any] = [None] * self.world.size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's resume state. Collective: every rank must call it at the same step.
+
+        The dataset is checkpointed at the rank that consumed the fewest documents; every
+        rank saves how many documents it is ahead of that (`skip`) and its leftover tokens.
+        """
+        feed = self.feed
+        mine = {
+            "position": feed.position,
+            "epoch": feed.epoch,
+            "sample_in_epoch": feed.epoch_offset + feed.in_epoch * self.world.size,
+        }
+        behind = min(self._gather(mine), key=lambda state: state["position"])
+        skip = feed.position - behind["position"]
+        totals = np.sum(
+            self._gather([self.packer.leftover_tokens(), skip, feed.tokens_in_last(skip)]), 0
+        )
+        initial_nodes = getattr(self.dataset, "initial_physical_nodes", None)
+        return {
+            "dataset": {
+                "epoch": behind["epoch"],
+                "sample_in_epoch": behind["sample_in_epoch"],
+                "num_canonical_nodes": self.num_canonical_nodes,
+                "shuffle_seed": self.shuffle_seed,
+                "initial_physical_nodes": initial_nodes or self.world.num_nodes,
+            },
+            "position": behind["position"],
+            "skip": skip,
+            "buffer": self.packer.buffer_state(),
+            "strategy": self.strategy,
+            "seq_len": self.seq_len,
+            "world_size": self.world.size,
+            "rank": self.world.rank,
+            "total_leftover_tokens": int(totals[0]),
+            "total_ahead_documents": int(totals[1]),
+            "total_ahead_tokens": int(totals[2]),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where `state` stopped; call before iterating. Same world size: exactly.
+        Other world size (pass rank 0's state): from the global position, with a warning."""
+        self._check_compatible(state)
+        dataset_state = dict(state["dataset"])
+        if state["world_size"] == self.world.size:
+            self._skip = state["skip"]
+            self.packer.load_buffer_state(state["buffer"])
+        else:
+            dataset_state["sample_in_epoch"] = self._elastic_position(state)
+        self.dataset.load_state_dict(dataset_state)
+        self.feed.position = state["position"]
+        self.feed.epoch = dataset_state["epoch"]
+        self.feed.epoch_offset = dataset_state["sample_in_epoch"]
+        self.feed.in_epoch = 0
+
+    def _check_compatible(self, state: dict[str, Any]) -> None:
+        saved_nodes = state["dataset"]["num_canonical_nodes"]
+        if saved_nodes != self.num_canonical_nodes:
+            raise DataError(
+                f"the checkpoint was written with num_canonical_nodes={saved_nodes}, this "
+                f"loader has {self.num_canonical_nodes}; resume with the same value"
+            )
+        if (state["strategy"], state["seq_len"]) != (self.strategy, self.seq_len):
+            raise DataError(
+                f"the checkpoint was written with strategy={state['strategy']}, "
+                f"seq_len={state['seq_len']}; resume with the same values"
+            )
+
+    def _elastic_position(self, state: dict[str, Any]) -> int:
+        """Global sample to restart from on a new world size, rounded down to a multiple of
+        it so every rank starts at the same per-rank offset; warns what that costs."""
+        sample = state["dataset"]["sample_in_epoch"]
+        start = sample - sample % self.world.size
+        warnings.warn(
+            f"resuming on {self.world.size} ranks from a checkpoint of {state['world_size']}: "
+            f"{state['total_leftover_tokens']} tokens left in the saved buffers are skipped; "
+            f"{state['total_ahead_documents'] + sample - start} documents "
+            f"(about {state['total_ahead_tokens']} tokens and more) are read again",
+            stacklevel=2,
+        )
+        return start
+
+
+def _load_tokenizer(tokenizer_name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(tokenizer_name):
+        raise DataError(f"--tokenizer_dir {tokenizer_name} is not a tokenizer directory")
+    return AutoTokenizer.from_pretrained(tokenizer_name)
+
+
+def _special_ids(tokenizer: Any, strategy: str, tokenizer_name: str) -> tuple[int | None, int]:
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if eos is None and strategy == "pack":
+        raise DataError(
+            f"tokenizer {tokenizer_name} has no EOS token, which pack needs to separate "
+            "documents; set eos_token in its tokenizer_config.json"
+        )
+    pad = eos if pad is None else pad
+    if pad is None:
+        raise DataError(
+            f"tokenizer {tokenizer_name} has neither a pad nor an EOS token, which {strategy} "
+            "needs for padding; set pad_token in its tokenizer_config.json"
+        )
+    return eos, pad
+
+
+def _clean_shared_memory(world: World, our_locals: list[str]) -> None:
+    if world.local_rank == 0:
+        clean_stale_shared_memory(our_locals)
+    if world.size > 1:
+        dist.barrier()
+
+
+def build_train_loader(
+    *,
+    mds_root: str,
+    strategy: str = "pack",
+    tokenizer_name: str,
+    seq_len: int = 2048,
+    micro_blocks: int = 64,
+    per_device_batch: int = 8,
+    num_workers: int = 8,
+    persistent_workers: bool = True,
+    local_cache: str | None = None,
+    cache_limit: int | str | None = None,
+    shuffle_seed: int = 42,
+    predownload: int | None = None,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
+    pack_batch_texts: int = 512,
+    world_size: int | None = None,
+    global_rank: int | None = None,
+    num_canonical_nodes: int = 64,
+    emit_position_ids: bool = False,
+    overflow_stride: int = 0,
+) -> TrainLoader:
+    """Build this rank's endless batch iterator over MDS data (see README, section Data)."""
+    if strategy not in STRATEGIES:
+        raise DataError(f"strategy={strategy!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
+    world = resolve_world(world_size, global_rank)
+    sources = parse_sources(mds_root)
+    infos = [check_source(source, cached=local_cache is not None) for source in sources]
+    column = training_column(infos, sources)
+    tokenizer = _load_tokenizer(tokenizer_name)
+    eos, pad = _special_ids(tokenizer, strategy, tokenizer_name)
+    rows = micro_blocks if strategy == "pack" else per_device_batch
+    if column == TOKENS_COLUMN:
+        read_batch = rows
+    else:
+        read_batch = pack_batch_texts if strategy == "pack" else per_device_batch
+
+    _clean_shared_memory(world, local_dirs(sources, local_cache))
+    dataset = make_streaming_dataset(
+        sources,
+        infos,
+        local_cache=local_cache,
+        batch_size=read_batch,
+        num_canonical_nodes=num_canonical_nodes,
+        shuffle_seed=shuffle_seed,
+        predownload=predownload,
+        cache_limit=cache_limit,
+    )
+    dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=read_batch,
+        collate_fn=TokenizeCollate(tokenizer_name, eos),
+        num_workers=num_workers,
+        persistent_workers=persistent_workers and num_workers > 0,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+    )
+    return TrainLoader(
+        dataset=dataset,
+        dataloader=dataloader,
+        strategy=strategy,
+        seq_len=seq_len,
+        rows=rows,
+        world=world,
+        num_canonical_nodes=num_canonical_nodes,
+        shuffle_seed=shuffle_seed,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        vocab_size=len(tokenizer),
+        overflow_stride=overflow_stride,
+        emit_position_ids=emit_position_ids,
+        pin_memory=pin_memory,
+    )

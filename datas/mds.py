@@ -1,0 +1,262 @@
+"""mosaicml-streaming set up the way it is meant to be used, plus the checks it lacks.
+
+- `parse_sources`: "a:0.7,b:0.3" -> one `Source` per stream with its proportion.
+- `check_source`: one-line errors for bad input before any worker starts.
+- `clean_stale_shared_memory`: remove what a killed run left in /dev/shm and the temp dir.
+- `make_streaming_dataset`: one `Stream` per source, one cache directory per node.
+
+`streaming` is imported inside the functions: importing it takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TEXT_COLUMN = "text"
+TOKENS_COLUMN = "tokens"
+HASH_ALGO = "sha1"
+SHM_DIR = Path("/dev/shm")
+_PREFIX = re.compile(r"^(\d{6})_")
+
+
+class DataError(ValueError):
+    """Bad input data or settings; the message names the path or flag and the fix."""
+
+
+@dataclass
+class Source:
+    """One stream of a mix: where it lives and its share of each epoch."""
+
+    path: str
+    proportion: float | None = None
+
+    @property
+    def is_remote(self) -> bool:
+        return "://" in self.path
+
+
+def parse_sources(mds_root: str) -> list[Source]:
+    """Split "a:0.7,b:0.3" into sources; a ':' starts a proportion only if a float follows,
+    so "s3://bucket/x" and plain paths are sources without one."""
+    sources = []
+    for item in filter(None, (part.strip() for part in mds_root.split(","))):
+        path, sep, tail = item.rpartition(":")
+        try:
+            proportion = float(tail) if sep else None
+        except ValueError:
+            proportion = None
+        sources.append(Source(path, proportion) if proportion is not None else Source(item))
+    if not sources:
+        raise DataError("--data_dir is empty; give an MDS directory or a mix like a:0.7,b:0.3")
+    with_weight = [s.proportion is not None for s in sources]
+    if any(with_weight) and not all(with_weight):
+        raise DataError(
+            f"--data_dir {mds_root!r} mixes sources with and without a proportion; "
+            "give every source one, like a:0.7,b:0.3"
+        )
+    return sources
+
+
+def read_index(directory: Path) -> dict[str, Any]:
+    index = directory / "index.json"
+    if not index.is_file():
+        raise DataError(
+            f"{directory} is not an MDS dataset: no index.json; "
+            "convert it with `python -m datas.prepare --input ... --output DIR`"
+        )
+    return json.loads(index.read_text())
+
+
+def data_column(index: dict[str, Any], where: str) -> str:
+    """The column to train on: `tokens` (pre-tokenized) wins over `text`."""
+    columns = {
+        name: encoding
+        for shard in index["shards"]
+        for name, encoding in zip(shard["column_names"], shard["column_encodings"], strict=True)
+    }
+    if columns.get(TOKENS_COLUMN, "").startswith("ndarray"):
+        return TOKENS_COLUMN
+    if columns.get(TEXT_COLUMN) == "str":
+        return TEXT_COLUMN
+    raise DataError(
+        f"{where} has no usable column: need `text` (str) or `tokens` (ndarray), found "
+        f"{columns or 'none'}; re-create it with `python -m datas.prepare --text_field FIELD`"
+    )
+
+
+def _shards_to_decompress(directory: Path, index: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        shard
+        for shard in index["shards"]
+        if shard.get("zip_data") and not (directory / shard["raw_data"]["basename"]).exists()
+    ]
+
+
+def _check_hashes(directory: Path, shards: list[dict[str, Any]]) -> None:
+    from streaming.base.hashing import get_hash
+
+    for shard in shards:
+        zip_info = shard["zip_data"]
+        expected = zip_info.get("hashes", {}).get(HASH_ALGO)
+        path = directory / zip_info["basename"]
+        if expected and path.exists() and get_hash(HASH_ALGO, path.read_bytes()) != expected:
+            raise DataError(
+                f"shard {path} is corrupt: its {HASH_ALGO} does not match index.json; "
+                "re-copy it or re-create the dataset with `python -m datas.prepare`"
+            )
+
+
+@dataclass
+class SourceInfo:
+    """What the checks learned about a source: its training column (None for a remote
+    source: known only once streaming fetched its index) and whether shards carry hashes."""
+
+    column: str | None
+    has_hashes: bool
+
+
+def check_source(source: Source, cached: bool) -> SourceInfo:
+    """Validate a local source. `cached`: its shards are copied to a local cache."""
+    if source.is_remote:
+        if not cached:
+            raise DataError(
+                f"--data_dir {source.path} is remote; give --local_cache_dir to copy it to"
+            )
+        return SourceInfo(column=None, has_hashes=False)
+    directory = Path(source.path)
+    if not directory.is_dir():
+        raise DataError(f"--data_dir {directory} does not exist")
+    index = read_index(directory)
+    column = data_column(index, str(directory))
+    if not cached:
+        pending = _shards_to_decompress(directory, index)
+        if pending and not _is_writable(directory):
+            raise DataError(
+                f"{directory} holds compressed shards that must be decompressed beside them, "
+                "but it is not writable; pass --local_cache_dir (local_cache=) to read it "
+                "through a writable cache"
+            )
+        _check_hashes(directory, pending)
+    has_hashes = all(
+        HASH_ALGO in (shard.get("zip_data") or shard["raw_data"]).get("hashes", {})
+        for shard in index["shards"]
+    )
+    return SourceInfo(column=column, has_hashes=has_hashes)
+
+
+def training_column(infos: list[SourceInfo], sources: list[Source]) -> str | None:
+    """The column shared by all sources; mixing text and tokens sources is an error."""
+    columns = {info.column for info in infos if info.column}
+    if len(columns) > 1:
+        raise DataError(
+            f"--data_dir {','.join(s.path for s in sources)} mixes text and tokens datasets; "
+            "prepare them the same way (both text, or both with --tokenizer/--seq_len)"
+        )
+    return columns.pop() if columns else None
+
+
+def _is_writable(directory: Path) -> bool:
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
+
+
+def local_dirs(sources: list[Source], local_cache: str | None) -> list[str]:
+    """Where streaming keeps each stream's shards on this node: one directory per stream,
+    shared by all local ranks (streaming requires it; per-rank copies break its locking)."""
+    if local_cache is None:
+        return [os.path.abspath(s.path) for s in sources]
+    return [os.path.abspath(os.path.join(local_cache, str(i))) for i in range(len(sources))]
+
+
+def _shm_locals(name: str) -> list[str] | None:
+    """The local directories recorded in a `NNNNNN_locals` shared memory file."""
+    try:
+        data = (SHM_DIR / name).read_bytes()
+    except OSError:
+        return None
+    if len(data) < 4:
+        return []
+    size = int.from_bytes(data[:4], "little")
+    return data[4:size].decode("utf-8", "replace").split("\0")[:-1]
+
+
+def _prefix_files() -> dict[str, list[Path]]:
+    """Every streaming shared memory and filelock file, grouped by its six-digit prefix."""
+    groups: dict[str, list[Path]] = {}
+    roots = [(SHM_DIR, "*"), (Path(tempfile.gettempdir()), "*filelock*")]
+    for root, pattern in roots:
+        if not root.is_dir():
+            continue
+        for path in root.glob(pattern):
+            match = _PREFIX.match(path.name)
+            if match:
+                groups.setdefault(match.group(1), []).append(path)
+    return groups
+
+
+def stale_prefixes(our_locals: list[str]) -> list[str]:
+    """Prefixes registered for one of our directories, and prefixes without a registry entry
+    (orphans). Prefixes of other jobs that use other directories are left alone."""
+    ours = set(our_locals)
+    stale = []
+    for prefix in _prefix_files():
+        registered = _shm_locals(f"{prefix}_locals")
+        if registered is None or ours & set(registered):
+            stale.append(prefix)
+    return sorted(stale)
+
+
+def clean_stale_shared_memory(our_locals: list[str]) -> list[str]:
+    """Remove leftovers of killed runs on our directories (local rank 0 only; the caller
+    synchronizes). streaming's own helper stops at the first clean prefix and so misses
+    leaks behind it, after which a new run fails with "Reused local directory"."""
+    removed = stale_prefixes(our_locals)
+    groups = _prefix_files()
+    for prefix in removed:
+        for path in groups.get(prefix, []):
+            path.unlink(missing_ok=True)
+    return removed
+
+
+def make_streaming_dataset(
+    sources: list[Source],
+    infos: list[SourceInfo],
+    *,
+    local_cache: str | None,
+    batch_size: int,
+    num_canonical_nodes: int,
+    shuffle_seed: int,
+    predownload: int | None,
+    cache_limit: int | str | None,
+) -> Any:
+    """A shuffled StreamingDataset over all sources with deterministic partitioning."""
+    from streaming import Stream, StreamingDataset
+
+    locals_ = local_dirs(sources, local_cache)
+    streams = [
+        Stream(
+            remote=source.path if local_cache is not None else None,
+            local=local,
+            proportion=source.proportion,
+            validate_hash=HASH_ALGO if info.has_hashes and local_cache is not None else None,
+        )
+        for source, info, local in zip(sources, infos, locals_, strict=True)
+    ]
+    return StreamingDataset(
+        streams=streams,
+        batch_size=batch_size,
+        num_canonical_nodes=num_canonical_nodes,
+        shuffle=True,
+        shuffle_seed=shuffle_seed,
+        predownload=predownload,
+        cache_limit=cache_limit,
+    )

@@ -1,0 +1,238 @@
+"""Convert text files into an MDS dataset the loader reads.
+
+    python -m datas.prepare --input data/ more.jsonl --output mds/train
+    python -m datas.prepare --input data/ --output mds/train_2048 --tokenizer tok/ --seq_len 2048
+
+Inputs: .jsonl, .jsonl.gz / .json.gz (one JSON object per line), .parquet, .txt (one
+document per file), or directories holding them. Without --tokenizer the documents are
+stored as a `text` column; with it, as pre-packed `tokens` blocks of exactly seq_len tokens
+(documents joined with EOS, the last partial block dropped), which the loader uses without
+tokenizing. Shards are zstd-compressed with sha1 hashes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datas.mds import HASH_ALGO, TEXT_COLUMN, TOKENS_COLUMN, DataError
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".parquet", ".txt")
+TOKENIZE_BATCH = 256
+
+
+@dataclass
+class PrepareStats:
+    files: int = 0
+    documents: int = 0
+    skipped_empty: int = 0
+    tokens: int = 0  # tokens written (tokens mode only)
+    dropped_tokens: int = 0  # the final partial block (tokens mode only)
+    samples: int = 0
+
+
+def find_files(inputs: list[str | Path]) -> list[Path]:
+    """Input files in a fixed order: each argument as given, directories recursively sorted."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.name.endswith(SUFFIXES))
+        elif item.is_file():
+            if not item.name.endswith(SUFFIXES):
+                raise DataError(f"--input {item}: unsupported file type; use {', '.join(SUFFIXES)}")
+            files.append(item)
+        else:
+            raise DataError(f"--input {item} does not exist")
+    return files
+
+
+def _field(record: dict[str, Any], field: str, where: str) -> str:
+    if field not in record:
+        raise DataError(
+            f"{where}: no field {field!r} (fields: {', '.join(record) or 'none'}); "
+            "pass --text_field NAME"
+        )
+    return record[field]
+
+
+def _json_lines(path: Path, field: str) -> Iterator[str]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                yield _field(json.loads(line), field, f"{path}:{number}")
+
+
+def _parquet_texts(path: Path, field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(path)
+    if field not in table.schema_arrow.names:
+        _field(dict.fromkeys(table.schema_arrow.names), field, str(path))
+    for batch in table.iter_batches(columns=[field]):
+        yield from batch.column(0).to_pylist()
+
+
+def read_documents(path: Path, field: str) -> Iterator[str]:
+    if path.suffix == ".txt":
+        yield path.read_text(encoding="utf-8")
+    elif path.suffix == ".parquet":
+        yield from _parquet_texts(path, field)
+    else:
+        yield from _json_lines(path, field)
+
+
+def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:
+    batch = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _token_blocks(
+    texts: Iterator[str], tokenizer_dir: str, seq_len: int, stats: PrepareStats
+) -> Iterator[np.ndarray]:
+    """Documents tokenized in batches, joined with EOS, cut into seq_len blocks."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"--tokenizer {tokenizer_dir} has no EOS token to join documents with")
+    eos = (tokenizer.eos_token_id,)
+    backend = tokenizer.backend_tokenizer
+    buffer = np.zeros(0, dtype=np.int32)
+    for batch in _batches(texts, TOKENIZE_BATCH):
+        ids = [e.ids for e in backend.encode_batch(batch, add_special_tokens=False)]
+        new = np.fromiter(chain.from_iterable(chain(doc, eos) for doc in ids), dtype=np.int32)
+        buffer = np.concatenate([buffer, new])
+        usable = len(buffer) - len(buffer) % seq_len
+        yield from buffer[:usable].reshape(-1, seq_len)
+        stats.tokens += usable
+        buffer = buffer[usable:]
+    stats.dropped_tokens = len(buffer)
+
+
+def _check_output(output: Path) -> None:
+    if output.exists() and any(output.iterdir()):
+        raise DataError(
+            f"--output {output} already holds files; choose a new directory or empty it"
+        )
+
+
+def _validate(output: Path, column: str, first: Any, last: Any, samples: int) -> None:
+    """Read the dataset back through streaming: sample count, first and last sample."""
+    from streaming import StreamingDataset
+
+    dataset = StreamingDataset(local=str(output), batch_size=1)
+    try:
+        if dataset.num_samples != samples:
+            raise DataError(f"{output}: wrote {samples} samples, read back {dataset.num_samples}")
+        for index, expected in ((0, first), (samples - 1, last)):
+            if not np.array_equal(np.asarray(dataset[index][column]), np.asarray(expected)):
+                raise DataError(f"{output}: sample {index} reads back differently")
+    finally:
+        del dataset
+
+
+def prepare_mds(
+    inputs: list[str | Path],
+    output: str | Path,
+    *,
+    text_field: str = "text",
+    tokenizer: str | None = None,
+    seq_len: int | None = None,
+    compression: str | None = "zstd",
+    size_limit: int | str = 1 << 26,
+    progress: bool = True,
+) -> PrepareStats:
+    """Write `inputs` as MDS to `output` and validate it; returns counts."""
+    from streaming import MDSWriter
+    from tqdm import tqdm
+
+    if (tokenizer is None) != (seq_len is None):
+        raise DataError("--tokenizer and --seq_len go together: give both or neither")
+    output = Path(output)
+    _check_output(output)
+    files = find_files(inputs)
+    stats = PrepareStats(files=len(files))
+
+    def documents() -> Iterator[str]:
+        for text in chain.from_iterable(read_documents(f, text_field) for f in files):
+            if text and text.strip():
+                stats.documents += 1
+                yield text
+            else:
+                stats.skipped_empty += 1
+
+    texts = tqdm(documents(), unit=" docs", disable=not progress, desc="prepare")
+    column = TOKENS_COLUMN if tokenizer else TEXT_COLUMN
+    samples = _token_blocks(texts, tokenizer, seq_len, stats) if tokenizer else texts
+    encoding = "ndarray:int32" if tokenizer else "str"
+    first = last = None
+    with MDSWriter(
+        out=str(output),
+        columns={column: encoding},
+        compression=compression,
+        hashes=[HASH_ALGO],
+        size_limit=size_limit,
+    ) as writer:
+        for sample in samples:
+            writer.write({column: sample})
+            first = sample if first is None else first
+            last = sample
+            stats.samples += 1
+    if stats.samples == 0:
+        raise DataError(
+            f"--input {' '.join(map(str, inputs))}: no documents found"
+            + (f" (or fewer than seq_len={seq_len} tokens)" if tokenizer else "")
+        )
+    _validate(output, column, first, last, stats.samples)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", nargs="+", required=True, help="files or directories")
+    parser.add_argument("--output", required=True, help="new MDS directory")
+    parser.add_argument("--text_field", default="text", help="JSON/parquet field with the text")
+    parser.add_argument("--tokenizer", help="tokenizer directory: write pre-packed tokens")
+    parser.add_argument("--seq_len", type=int, help="block length for --tokenizer")
+    parser.add_argument("--compression", default="zstd", help="shard compression, or 'none'")
+    parser.add_argument("--size_limit", default="64mb", help="shard size, e.g. 64mb")
+    args = parser.parse_args(argv)
+    try:
+        stats = prepare_mds(
+            args.input,
+            args.output,
+            text_field=args.text_field,
+            tokenizer=args.tokenizer,
+            seq_len=args.seq_len,
+            compression=None if args.compression == "none" else args.compression,
+            size_limit=args.size_limit,
+        )
+    except DataError as error:
+        sys.exit(f"error: {error}")
+    summary = f"{stats.documents} documents from {stats.files} files"
+    if args.tokenizer:
+        summary += f", {stats.tokens} tokens in {stats.samples} blocks of {args.seq_len}"
+        summary += f" ({stats.dropped_tokens} tokens of the last partial block dropped)"
+    if stats.skipped_empty:
+        summary += f", {stats.skipped_empty} empty documents skipped"
+    print(f"{summary} -> {args.output} (read back and validated)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,532 @@
+"""C4 validation perplexity, identical for any number of ranks and any batch size.
+
+Protocol (version 1):
+
+1. Documents are read in order: files in sorted name order (an MDS directory in the order
+   of its index.json), each file's documents in file order. Inputs: the allenai/c4
+   validation files as distributed (`c4-validation.*-of-*.json.gz`, one JSON object with a
+   `text` field per line) or any `.jsonl`/`.json`/`.jsonl.gz`/`.json.gz` file of that shape,
+   a datasets `save_to_disk` directory (`*.arrow` IPC streams with a `text` column), or an
+   MDS directory with a `text` column.
+2. Each document is tokenized without special tokens and followed by the EOS token; all
+   documents are concatenated into one stream.
+3. The stream is cut into non-overlapping windows of `seq_len` tokens; the final partial
+   window is dropped.
+4. With `max_windows`, the windows kept are the first `max_windows` of
+   `torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed))`; otherwise all.
+5. Each window predicts its `seq_len - 1` next tokens from the tokens before them in the
+   window. The NLL of every window is summed in fp32 (logits cast to fp32), windows are
+   summed in float64 in window order, and `ppl = exp(total NLL / total predicted tokens)`;
+   `ntokens` is the number of predicted tokens, `n_kept_windows * (seq_len - 1)`.
+
+Windows are split across ranks (rank r scores kept windows r, r + W, ...); each window's
+NLL lands in its own slot of a vector that is summed across ranks, so neither the world
+size nor the batch size changes which windows count or the order in which they add up.
+
+The tokenized windows are cached as a .npy of int32 `[n_windows, seq_len]` under
+`$LLM_PLAYGROUND_CACHE/c4_eval` (default `~/.cache/llm-playground/c4_eval`), keyed by the
+data files (path, size, mtime), the tokenizer's content and `seq_len`.
+
+CLI: `python -m datas.C4.c4_eval --checkpoint STEP_DIR --data PATH`, plain or under torchrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from utils.distributed import DistEnv, broadcast_from_main, build_mesh, init_distributed, shutdown
+from utils.parallelize import parallelize_model
+
+PROTOCOL_VERSION = 1
+TEXT_FIELD = "text"
+JSON_SUFFIXES = (".json.gz", ".jsonl.gz", ".jsonl", ".json")
+TOKENIZE_BATCH = 1024
+GET_DATA_HINT = "get the C4 validation files as described in docs/eval.md"
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """A validated input: its format ("json", "arrow" or "mds") and files in reading order
+    (for MDS, index.json and the shard files: everything the cache key must cover)."""
+
+    kind: str
+    root: Path
+    files: tuple[Path, ...]
+
+
+def _file_kind(path: Path) -> str | None:
+    if path.name.endswith(JSON_SUFFIXES):
+        return "json"
+    if path.suffix == ".arrow":
+        return "arrow"
+    return None
+
+
+def resolve_eval_data(data_path: str | Path) -> EvalData:
+    """The format and files of `data_path`, or a one-line error naming the path and the fix."""
+    root = Path(data_path).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"eval data {root} does not exist; {GET_DATA_HINT}")
+    if root.is_file():
+        kind = _file_kind(root)
+        if kind is None:
+            raise ValueError(
+                f"eval data {root} is neither a .json.gz/.jsonl/.json file nor an .arrow file; "
+                "give C4 validation files, a datasets save_to_disk directory or an MDS directory"
+            )
+        return EvalData(kind, root, (root,))
+    if (root / "index.json").is_file():
+        return _resolve_mds(root)
+    if (root / "dataset_dict.json").is_file():
+        raise ValueError(
+            f"eval data {root} is a DatasetDict; give one split's directory, e.g. {root}/validation"
+        )
+    files = sorted(p for p in root.iterdir() if p.is_file())
+    # An Arrow directory also holds dataset_info.json and state.json: Arrow files win.
+    for kind in ("arrow", "json"):
+        matching = tuple(p for p in files if _file_kind(p) == kind)
+        if matching:
+            return EvalData(kind, root, matching)
+    raise ValueError(
+        f"eval data {root} holds no .json.gz/.jsonl/.json, .arrow or MDS index.json files; "
+        f"{GET_DATA_HINT}"
+    )
+
+
+def _read_mds_index(root: Path) -> dict[str, Any]:
+    try:
+        return json.loads((root / "index.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"eval data {root}/index.json is not readable MDS index ({err})") from err
+
+
+def _resolve_mds(root: Path) -> EvalData:
+    shards = _read_mds_index(root).get("shards", [])
+    files = [root / "index.json"]
+    for shard in shards:
+        if shard.get("format") != "mds":
+            raise ValueError(f"eval data {root} has {shard.get('format')!r} shards; need MDS")
+        columns = dict(zip(shard["column_names"], shard["column_encodings"], strict=True))
+        if columns.get(TEXT_FIELD) != "str":
+            raise ValueError(
+                f"eval data {root} has no `{TEXT_FIELD}` str column (found {columns}); "
+                "write it with MDSWriter(columns={'text': 'str'})"
+            )
+        files.append(_mds_shard_file(root, shard))
+    if not sum(shard["samples"] for shard in shards):
+        raise ValueError(f"eval data {root} holds no documents; {GET_DATA_HINT}")
+    return EvalData("mds", root, tuple(files))
+
+
+def _mds_shard_file(root: Path, shard: dict[str, Any]) -> Path:
+    """The raw shard if present, else its compressed form (read and decompressed in memory)."""
+    raw = root / shard["raw_data"]["basename"]
+    if raw.is_file():
+        return raw
+    if shard.get("zip_data") and (root / shard["zip_data"]["basename"]).is_file():
+        return root / shard["zip_data"]["basename"]
+    raise FileNotFoundError(f"eval data {raw} (listed in {root}/index.json) is missing")
+
+
+def check_eval_data(data_path: str | Path) -> None:
+    """Validate `data_path` without tokenizing: it exists, has a known format, a `text`
+    field and at least one document. Cheap enough for start-up (reads one line per file)."""
+    data = resolve_eval_data(data_path)
+    if data.kind == "json":
+        has_documents = any(next(_json_documents(path), None) is not None for path in data.files)
+    elif data.kind == "arrow":
+        has_documents = any(_arrow_table(path).num_rows for path in data.files)
+    else:
+        has_documents = True  # checked by resolve_eval_data from the index
+    if not has_documents:
+        raise ValueError(f"eval data {data.root} holds no documents; {GET_DATA_HINT}")
+
+
+def _json_documents(path: Path) -> Iterator[str]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    yield _text_of(json.loads(line), f"{path}:{number}")
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise ValueError(f"eval data {path} is not readable ({err}); re-download it") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"eval data {path} is not JSON lines ({err}); need one JSON object per line"
+        ) from err
+
+
+def _text_of(record: Any, where: str) -> str:
+    if not isinstance(record, dict) or not isinstance(record.get(TEXT_FIELD), str):
+        raise ValueError(
+            f"eval data {where} has no `{TEXT_FIELD}` string field; "
+            'give records like the C4 files: {"text": ...}'
+        )
+    return record[TEXT_FIELD]
+
+
+def _arrow_table(path: Path) -> Any:
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_stream(source).read_all()
+    except (OSError, pa.ArrowInvalid) as err:
+        raise ValueError(
+            f"eval data {path} is not an Arrow IPC stream as datasets' save_to_disk writes ({err})"
+        ) from err
+    field = table.schema.field(TEXT_FIELD) if TEXT_FIELD in table.schema.names else None
+    if field is None or not (
+        pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
+    ):
+        raise ValueError(
+            f"eval data {path} has no `{TEXT_FIELD}` string column (columns: "
+            f"{table.schema.names}); save the dataset with its text in `{TEXT_FIELD}`"
+        )
+    return table
+
+
+def _mds_documents(root: Path) -> Iterator[str]:
+    from streaming.base.compression import decompress
+    from streaming.base.format import reader_from_json
+
+    for shard in _read_mds_index(root)["shards"]:
+        path = _mds_shard_file(root, shard)
+        blob = path.read_bytes()
+        if path.name != shard["raw_data"]["basename"]:
+            blob = decompress(shard["compression"], blob)
+        reader = reader_from_json(str(root), None, shard)
+        # An MDS shard starts with its sample count, then count + 1 byte offsets.
+        offsets = np.frombuffer(blob, np.uint32, count=shard["samples"] + 1, offset=4)
+        for begin, end in zip(offsets[:-1], offsets[1:], strict=True):
+            yield reader.decode_sample(blob[begin:end])[TEXT_FIELD]
+
+
+def iter_documents(data: EvalData) -> Iterator[str]:
+    """Every document of `data`, in the protocol's order."""
+    if data.kind == "mds":
+        yield from _mds_documents(data.root)
+        return
+    for path in data.files:
+        if data.kind == "json":
+            yield from _json_documents(path)
+        else:
+            for chunk in _arrow_table(path).column(TEXT_FIELD).chunks:
+                yield from chunk.to_pylist()
+
+
+def _as_tokenizer(tokenizer: Any) -> Any:
+    """A tokenizer object, or one loaded from a tokenizer directory."""
+    if not isinstance(tokenizer, str | Path):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer))
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{tokenizer} holds no loadable tokenizer ({err}); pass --tokenizer DIR"
+        ) from err
+
+
+def _eos_id(tokenizer: Any) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"tokenizer {tokenizer.name_or_path!r} has no EOS token; the protocol ends every "
+            "document with one: use a tokenizer that defines eos_token"
+        )
+    return tokenizer.eos_token_id
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of what decides the token ids: the tokenizer's full definition and its EOS."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = (
+        backend.to_str()
+        if backend is not None
+        else json.dumps(sorted(tokenizer.get_vocab().items()))
+    )
+    text = f"{type(tokenizer).__name__}|{tokenizer.eos_token_id}|{definition}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def token_stream(documents: Iterator[str], tokenizer: Any) -> np.ndarray:
+    """All documents tokenized without special tokens, each followed by EOS, concatenated."""
+    eos = _eos_id(tokenizer)
+    pieces: list[np.ndarray] = []
+    batch: list[str] = []
+
+    def flush() -> None:
+        # verbose=False: long documents are expected here, not a truncation mistake.
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+            pieces.append(np.asarray([*ids, eos], dtype=np.int32))
+        batch.clear()
+
+    for document in documents:
+        batch.append(document)
+        if len(batch) == TOKENIZE_BATCH:
+            flush()
+    if batch:
+        flush()
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+
+
+def cut_windows(stream: np.ndarray, seq_len: int, where: Path) -> np.ndarray:
+    n_windows = len(stream) // seq_len
+    if n_windows == 0:
+        raise ValueError(
+            f"eval data {where} has {len(stream)} tokens, fewer than one window of "
+            f"seq_len={seq_len}; lower --seq_len or give more documents"
+        )
+    return stream[: n_windows * seq_len].reshape(n_windows, seq_len)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("LLM_PLAYGROUND_CACHE", "~/.cache/llm-playground")
+    return Path(root).expanduser() / "c4_eval"
+
+
+def cache_file(
+    data: EvalData, tokenizer: Any, seq_len: int, cache_dir: str | Path | None = None
+) -> Path:
+    """Where the windows of (data files, tokenizer, seq_len) are cached."""
+    files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in data.files]
+    key = json.dumps(
+        {
+            "protocol": PROTOCOL_VERSION,
+            "files": files,
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "seq_len": seq_len,
+        }
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return directory / f"{data.root.name}-seq{seq_len}-{digest}.npy"
+
+
+def _ensure_cached(data: EvalData, tokenizer: Any, seq_len: int, path: Path) -> None:
+    if path.is_file():
+        return
+    stream = token_stream(iter_documents(data), tokenizer)
+    if not len(stream):  # every document adds at least its EOS
+        raise ValueError(f"eval data {data.root} holds no documents; {GET_DATA_HINT}")
+    windows = cut_windows(stream, seq_len, data.root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside, then rename: readers on other ranks never see a partial file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        np.save(f, windows)
+    os.replace(tmp, path)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def load_windows(
+    data_path: str | Path, tokenizer: Any, seq_len: int, cache_dir: str | Path | None = None
+) -> np.ndarray:
+    """The `[n_windows, seq_len]` int32 windows of `data_path`, tokenized once and cached.
+
+    In a distributed run rank 0 tokenizes and writes while the others wait; a rank that
+    still does not see the file (a node-local cache directory) tokenizes for itself.
+    """
+    tokenizer = _as_tokenizer(tokenizer)
+    data = resolve_eval_data(data_path)
+    path = cache_file(data, tokenizer, seq_len, cache_dir)
+    rank, world = _rank_and_world()
+    failure: Exception | None = None
+    if rank == 0:
+        try:
+            _ensure_cached(data, tokenizer, seq_len, path)
+        except (OSError, ValueError) as err:
+            failure = err
+    if world > 1:
+        # Doubles as the barrier: the other ranks wait here until rank 0 has written.
+        failure = broadcast_from_main(failure)
+    if failure is not None:
+        raise failure
+    _ensure_cached(data, tokenizer, seq_len, path)
+    return np.load(path, mmap_mode="r")
+
+
+def select_windows(n_windows: int, max_windows: int | None, seed: int) -> np.ndarray:
+    """Indices of the windows to score (step 4 of the protocol)."""
+    if max_windows is None or max_windows >= n_windows:
+        return np.arange(n_windows)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_windows, generator=generator)[:max_windows].numpy()
+
+
+def _check_settings(seq_len: int, batch_size: int, max_windows: int | None) -> None:
+    if seq_len < 2:
+        raise ValueError(f"seq_len={seq_len}: a window needs at least 2 tokens to predict one")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: give at least 1")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows={max_windows}: give at least 1, or None for all windows")
+
+
+def _score_windows(
+    model: nn.Module,
+    windows: np.ndarray,
+    selected: np.ndarray,
+    nll: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+) -> None:
+    """Fill nll[i] with the summed NLL of window selected[i], for this rank's share of i."""
+    rank, world = _rank_and_world()
+    positions = range(rank, len(selected), world)
+    steps = math.ceil(math.ceil(len(selected) / world) / batch_size)
+    for step in range(steps):
+        batch_positions = positions[step * batch_size : (step + 1) * batch_size]
+        # A rank out of windows still runs a forward: FSDP2 needs every rank in each
+        # all-gather. Its dummy window's loss is dropped.
+        rows = [selected[p] for p in batch_positions] or [selected[0]]
+        inputs = torch.from_numpy(np.asarray(windows[rows], dtype=np.int64)).to(device)
+        logits = model(input_ids=inputs).logits
+        # Not strict: with no positions, the dummy window's logits pair with nothing.
+        for position, row_logits, row_inputs in zip(batch_positions, logits, inputs, strict=False):
+            nll[position] = F.cross_entropy(
+                row_logits[:-1].float(), row_inputs[1:], reduction="sum"
+            ).double()
+
+
+def evaluate_c4_ppl(
+    model: nn.Module,
+    tokenizer: Any,
+    data_path: str | Path,
+    *,
+    seq_len: int = 2048,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    seed: int = 1234,
+    device: torch.device | str | None = None,
+    cache_dir: str | Path | None = None,
+) -> tuple[float, int]:
+    """(perplexity, predicted tokens) of `model` on `data_path` under the module's protocol.
+
+    `model` (plain or FSDP2-wrapped) returns outputs with `.logits`; every rank of an
+    initialized process group must call this. `tokenizer` is a transformers tokenizer or its
+    directory. The model's training mode is restored afterwards.
+    """
+    _check_settings(seq_len, batch_size, max_windows)
+    tokenizer = _as_tokenizer(tokenizer)
+    windows = load_windows(data_path, tokenizer, seq_len, cache_dir)
+    selected = select_windows(len(windows), max_windows, seed)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    nll = torch.zeros(len(selected), dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _score_windows(model, windows, selected, nll, batch_size, device)
+    finally:
+        model.train(was_training)
+    if _rank_and_world()[1] > 1:
+        dist.all_reduce(nll)
+    ntokens = len(selected) * (seq_len - 1)
+    return math.exp(nll.sum().item() / ntokens), ntokens
+
+
+def load_model_for_eval(step_dir: str | Path, env: DistEnv | None = None) -> nn.Module:
+    """The model saved in `step_dir`, ready to evaluate: on `env.device` and, with several
+    ranks, sharded with FSDP2; without `env` (plain python), on the first GPU or the CPU.
+
+    Reads a transformers model directory (`save_pretrained`).
+    """
+    from transformers import AutoModelForCausalLM
+
+    step_dir = Path(step_dir)
+    if not (step_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--checkpoint {step_dir} has no config.json; give a model directory written by "
+            "save_pretrained"
+        )
+    model = AutoModelForCausalLM.from_pretrained(str(step_dir))
+    if env is None:
+        return model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(env.device)
+    if env.world_size == 1:
+        return model
+    return parallelize_model(
+        model,
+        build_mesh(env, "full_shard"),
+        sharding_strategy="full_shard",
+        param_dtype=torch.float32,
+        activation_checkpointing=False,
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m datas.C4.c4_eval",
+        description="C4 validation perplexity of a saved checkpoint (protocol: docs/eval.md).",
+    )
+    parser.add_argument("--checkpoint", required=True, help="step directory of a checkpoint")
+    parser.add_argument("--data", required=True, help="C4 validation file(s), Arrow or MDS dir")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
+    parser.add_argument("--seq_len", type=int, default=2048)
+    parser.add_argument("--batch_size", type=int, default=8, help="windows per forward, per rank")
+    parser.add_argument("--max_windows", type=int, help="score a seeded random subset")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the --max_windows subset")
+    parser.add_argument("--cache_dir", help="tokenized windows cache (default: see docs/eval.md)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint; print (rank 0) and return its metrics."""
+    args = parse_args(argv)
+    env = None
+    if "WORLD_SIZE" in os.environ:
+        env = init_distributed()
+    check_eval_data(args.data)
+    model = load_model_for_eval(args.checkpoint, env)
+    ppl, ntokens = evaluate_c4_ppl(
+        model,
+        args.tokenizer or args.checkpoint,
+        args.data,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_windows=args.max_windows,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+    )
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "eval/c4_ppl": ppl,
+        "eval/c4_loss": math.log(ppl),
+        "eval/tokens": ntokens,
+    }
+    if env is None or env.is_main:
+        print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (OSError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    finally:
+        shutdown()

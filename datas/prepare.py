@@ -159,14 +159,14 @@ def prepare_mds(
     progress: bool = True,
 ) -> PrepareStats:
     """Write `inputs` as MDS to `output` and validate it; returns counts."""
-    from streaming import MDSWriter
-    from tqdm import tqdm
-
     if (tokenizer is None) != (seq_len is None):
         raise DataError("--tokenizer and --seq_len go together: give both or neither")
     output = Path(output)
     _check_output(output)
     files = find_files(inputs)
+    from streaming import MDSWriter  # slow to import: only once the arguments are fine
+    from tqdm import tqdm
+
     stats = PrepareStats(files=len(files))
 
     def documents() -> Iterator[str]:

@@ -209,6 +209,20 @@ def test_second_call_reads_the_cache(data_dirs, model, tokenizer, monkeypatch, t
         evaluate_c4_ppl(model, tokenizer, data_dirs["arrow"], seq_len=32, cache_dir=tmp_path)
 
 
+def test_cli_builds_the_cache_without_a_model(
+    data_dirs, model, tokenizer, tokenizer_dir, reference_windows, monkeypatch, tmp_path
+):
+    args = ["--data", str(data_dirs["mds"]), "--tokenizer", str(tokenizer_dir)]
+    prepared = c4_eval.main([*args, "--seq_len", str(SEQ_LEN), "--cache_dir", str(tmp_path)])
+    assert prepared["windows"] == len(reference_windows)
+    assert Path(prepared["cache"]).parent == tmp_path and Path(prepared["cache"]).is_file()
+    monkeypatch.setattr(c4_eval, "token_stream", None)  # any tokenization would fail
+    _, ntokens = evaluate_c4_ppl(
+        model, tokenizer, data_dirs["mds"], seq_len=SEQ_LEN, max_windows=2, cache_dir=tmp_path
+    )
+    assert ntokens == 2 * (SEQ_LEN - 1)
+
+
 def test_one_and_two_ranks_agree(
     data_dirs, model, tokenizer, tokenizer_dir, reference_windows, expected_full, tmp_path
 ):

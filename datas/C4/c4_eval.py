@@ -27,7 +27,8 @@ The tokenized windows are cached as a .npy of int32 `[n_windows, seq_len]` under
 `$LLM_PLAYGROUND_CACHE/c4_eval` (default `~/.cache/llm-playground/c4_eval`), keyed by the
 data files (path, size, mtime), the tokenizer's content and `seq_len`.
 
-CLI: `python -m datas.C4.c4_eval --checkpoint STEP_DIR --data PATH`, plain or under torchrun.
+CLI: `python -m datas.C4.c4_eval --checkpoint STEP_DIR --data PATH`, plain or under torchrun;
+without --checkpoint (and with --tokenizer) it only builds the cache.
 """
 
 from __future__ import annotations
@@ -483,7 +484,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m datas.C4.c4_eval",
         description="C4 validation perplexity of a saved checkpoint (protocol: docs/eval.md).",
     )
-    parser.add_argument("--checkpoint", required=True, help="step directory of a checkpoint")
+    parser.add_argument(
+        "--checkpoint", help="step directory of a checkpoint; omit to only build the cache"
+    )
     parser.add_argument("--data", required=True, help="C4 validation file(s), Arrow or MDS dir")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
     parser.add_argument("--seq_len", type=int, default=2048)
@@ -491,16 +494,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_windows", type=int, help="score a seeded random subset")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the --max_windows subset")
     parser.add_argument("--cache_dir", help="tokenized windows cache (default: see docs/eval.md)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.checkpoint is None and args.tokenizer is None:
+        parser.error("give --checkpoint to evaluate, or --tokenizer to only build the cache")
+    return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Evaluate a checkpoint; print (rank 0) and return its metrics."""
-    args = parse_args(argv)
-    env = None
-    if "WORLD_SIZE" in os.environ:
-        env = init_distributed()
-    check_eval_data(args.data)
+def prepare_cache(args: argparse.Namespace) -> dict[str, Any]:
+    """Tokenize into the cache ahead of training: the first evaluation of a large set
+    otherwise makes every rank wait while rank 0 tokenizes."""
+    tokenizer = _as_tokenizer(args.tokenizer)
+    windows = load_windows(args.data, tokenizer, args.seq_len, args.cache_dir)
+    path = cache_file(resolve_eval_data(args.data), tokenizer, args.seq_len, args.cache_dir)
+    return {"cache": str(path), "windows": len(windows), "seq_len": args.seq_len}
+
+
+def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv | None) -> dict[str, Any]:
     model = load_model_for_eval(args.checkpoint, env)
     ppl, ntokens = evaluate_c4_ppl(
         model,
@@ -512,12 +521,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         seed=args.seed,
         cache_dir=args.cache_dir,
     )
-    result = {
+    return {
         "checkpoint": str(args.checkpoint),
         "eval/c4_ppl": ppl,
         "eval/c4_loss": math.log(ppl),
         "eval/tokens": ntokens,
     }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint (or only build the cache); print (rank 0) and return the result."""
+    args = parse_args(argv)
+    env = None
+    if "WORLD_SIZE" in os.environ:
+        env = init_distributed()
+    check_eval_data(args.data)
+    if args.checkpoint is None:
+        result = prepare_cache(args)
+    else:
+        result = evaluate_checkpoint(args, env)
     if env is None or env.is_main:
         print(json.dumps(result), flush=True)
     return result

@@ -22,13 +22,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from datas import get_loader_builder
 from utils.args import ArgError, grad_accum_steps, parse_args
-from utils.checkpoint import Checkpointer
+from utils.checkpoint import Checkpointer, resolve_resume_dir
 from utils.distributed import DistEnv, broadcast_from_main, build_mesh, init_distributed, shutdown
 from utils.loss import next_token_nll_sum, predicted_token_count
 from utils.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gb
 from utils.model import build_meta_model, count_parameters, init_weights, load_model_config
 from utils.optim import build_lr_schedule, build_optimizer
 from utils.parallelize import compute_dtype, parallelize_model
+from utils.preemption import ExitPolicy
 
 SETUP_ERRORS = (ArgError, ValueError, FileNotFoundError, PermissionError)
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = parse_args(argv)
     except ArgError as err:
-        sys.exit(f"error: {err}")
+        exit_with_error(err)
     env = init_distributed()
     try:
         run(args, env)
@@ -54,8 +55,7 @@ def run(args: Namespace, env: DistEnv) -> None:
         model_config = load_model_config(args.config, tokenizer_vocab=loader.vocab_size)
         check_seq_len(args, model_config)
     except SETUP_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        exit_with_error(err)
     run_name = broadcast_from_main(args.run_name or default_run_name(args, model_config))
     run_dir = Path(args.output_dir) / run_name
 
@@ -79,13 +79,29 @@ def run(args: Namespace, env: DistEnv) -> None:
     scaler = build_grad_scaler(args, env)
 
     # ---- run state: resume, logging ----
-    checkpointer = Checkpointer(run_dir, args.ckpt_type, env)
+    checkpointer = Checkpointer(
+        run_dir,
+        args.ckpt_type,
+        env,
+        sharding_strategy=args.sharding_strategy,
+        model_config=model_config,
+        tokenizer_dir=Path(args.tokenizer_dir),
+        keep_last=args.keep_last,
+        async_save=args.async_save,
+    )
     start_step = 0
-    if args.resume_dir:
-        start_step = checkpointer.load(
-            Path(args.resume_dir), model, optimizer, scheduler, scaler, loader,
-            weights_only=args.skip_optimizer,
-        )  # fmt: skip
+    resume_dir = resolve_resume_dir(args.resume_dir, run_dir)
+    if resume_dir is not None:
+        try:
+            start_step = checkpointer.load(
+                resume_dir, model, optimizer, scheduler, scaler, loader,
+                weights_only=args.skip_optimizer,
+            )  # fmt: skip
+        except ArgError as err:
+            exit_with_error(err)
+        if env.is_main:
+            print(f"resumed from {resume_dir} at step {start_step}", flush=True)
+    exit_policy = ExitPolicy(args.exit_interval, args.exit_duration_mins)
     tensorboard_dir = None
     if args.enable_tensorboard:
         tensorboard_dir = Path(args.tensorboard_dir or Path(args.output_dir) / "tensorboard")
@@ -132,13 +148,26 @@ def run(args: Namespace, env: DistEnv) -> None:
                     "data_wait_fraction": stats["data_wait_fraction"],
                 },
             )
-        if args.save_every and (step % args.save_every == 0 or step == args.train_steps):
+        stopping = exit_policy.should_exit(step)
+        scheduled = args.save_every and (step % args.save_every == 0 or step == args.train_steps)
+        if scheduled or stopping:
             checkpointer.save(step, model, optimizer, scheduler, scaler, loader, vars(args))
+        if stopping:
+            if env.is_main:
+                print(f"stopping after step {step} ({exit_policy.reason})", flush=True)
+            break
+    checkpointer.wait()
     logger.close()
     if env.is_main:
         print(f"done: checkpoints and metrics in {run_dir}", flush=True)
         if tensorboard_dir is not None:
             print(f"TensorBoard: tensorboard --logdir {tensorboard_dir}", flush=True)
+
+
+def exit_with_error(err: Exception) -> None:
+    """Bad input: one line naming the flag or file, status 2, no traceback."""
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def train_step(model, optimizer, scheduler, scaler, micro_batches, env: DistEnv, grad_clip: float):

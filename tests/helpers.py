@@ -60,3 +60,10 @@ def torchrun(
             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def on_own_node(cmd: list[str]) -> list[str]:
+    """Run `cmd` with a private /dev/shm, as on a separate machine (streaming keeps its
+    per-node state there, so two "nodes" sharing one would collide). Needs root."""
+    script = 'mount -t tmpfs tmpfs /dev/shm && exec "$@"'
+    return ["unshare", "--mount", "--", "sh", "-c", script, "_", *cmd]

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import tempfile
 from pathlib import Path
 
 import yaml
 
 SHARDING_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
-CKPT_TYPES = ("shard",)
+CKPT_TYPES = ("shard", "full", "local")
 STRATEGIES = ("pack", "overflow", "trunc")
 
 
@@ -51,9 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute each decoder layer in backward",
     )
     model.add_argument("--sharding_strategy", default="full_shard", choices=SHARDING_STRATEGIES)
-    precision = model.add_mutually_exclusive_group()
-    precision.add_argument("--bf16", action="store_true", help="bf16 compute, fp32 master/reduce")
-    precision.add_argument("--fp16", action="store_true", help="fp16 compute with a grad scaler")
+    model.add_argument("--bf16", action="store_true", help="bf16 compute, fp32 master/reduce")
+    model.add_argument("--fp16", action="store_true", help="fp16 compute with a grad scaler")
 
     opt = p.add_argument_group("optimization")
     opt.add_argument("--global_batch", type=int, default=256, help="sequences per optimizer step")
@@ -73,8 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--run_name", help="default: built from the main settings and the time")
     out.add_argument("--save_every", type=int, default=1000, help="optimizer steps; 0 = never")
     out.add_argument("--ckpt_type", default="shard", choices=CKPT_TYPES)
-    out.add_argument("--resume_dir", help="a step_<N> checkpoint directory to resume from")
+    out.add_argument(
+        "--resume_dir",
+        help="a step_<N> directory, or 'auto': the run's newest complete checkpoint, if any "
+        "(needs --run_name; re-submit the same command after a preemption)",
+    )
     out.add_argument("--skip_optimizer", action="store_true", help="resume weights and step only")
+    out.add_argument("--keep_last", type=int, default=0, help="keep K newest checkpoints; 0 = all")
+    out.add_argument("--async_save", action="store_true", help="shard: write in the background")
+    out.add_argument("--exit_interval", type=int, default=0, help="save and exit every N steps")
+    out.add_argument(
+        "--exit_duration_mins", type=float, default=0, help="save and exit after M min"
+    )
     out.add_argument("--log_every", type=int, default=10, help="optimizer steps between log lines")
     out.add_argument("--enable_tensorboard", action="store_true")
     out.add_argument("--tensorboard_dir", help="default: output_dir/tensorboard")
@@ -122,16 +131,27 @@ def check_args(args: argparse.Namespace) -> None:
             f"--tokenizer_dir {tokenizer} is not a directory; give a tokenizer directory"
         )
     _check_writable_dir(Path(args.output_dir), "--output_dir")
-    if args.resume_dir and not Path(args.resume_dir).is_dir():
-        raise ArgError(f"--resume_dir {args.resume_dir} does not exist; give a step_<N> directory")
+    if args.resume_dir == "auto" and not args.run_name:
+        raise ArgError("--resume_dir auto needs --run_name, to know which run to continue")
+    if args.resume_dir not in (None, "auto"):
+        if not (Path(args.resume_dir) / "trainer.pt").is_file():
+            raise ArgError(
+                f"--resume_dir {args.resume_dir} is not a complete checkpoint (no trainer.pt); "
+                "give a step_<N> directory or 'auto'"
+            )
+    if args.async_save and args.ckpt_type != "shard":
+        raise ArgError("--async_save works with --ckpt_type shard only")
 
 
 def _check_writable_dir(path: Path, flag: str) -> None:
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ArgError(f"{flag} {path} is not writable; choose a directory you can write to")
+    """Create the directory and a scratch file in it: the only check root cannot fool."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as err:
+        raise ArgError(
+            f"{flag} {path} is not writable ({err.strerror}); choose a directory you can write to"
+        ) from err
 
 
 def grad_accum_steps(global_batch: int, local_batch: int, world_size: int) -> int:

@@ -1,15 +1,28 @@
-"""Checkpoints: `<run_dir>/step_<N:06d>/`, written to a temporary name and published whole.
+"""Checkpoints: `<run_dir>/step_<N:06d>/`, staged under a hidden name and published whole.
 
-`shard` format: torch.distributed.checkpoint (DCP) writes every rank's model and optimizer
-shards in parallel, and loads them on any world size or sharding strategy (DCP reshards).
-Beside them: `trainer.pt` (step, LR schedule, grad scaler, world size) from rank 0, and
-`rank_<r>.pt` per rank (data loader position and leftover tokens, RNG states).
+Every format writes, beside the weights: `config.json` + `generation_config.json` + the
+tokenizer files (so the directory is a transformers model directory once it holds weights in
+that layout), `trainer.pt` (step, LR schedule, grad scaler, world size, format) from rank 0,
+`args.json`, and `rank_<r>.pt` per rank (data loader position and leftover tokens, RNG).
+
+Weights and optimizer, by `--ckpt_type`:
+- `shard`: torch.distributed.checkpoint (DCP); every rank writes its own shards in parallel;
+  loads on any world size or sharding strategy (DCP reshards). `--async_save` overlaps the
+  write with training.
+- `full`: consolidated on rank 0: `model.safetensors` (transformers layout, loadable with
+  `from_pretrained`) and `optimizer.pt`; loads on any world size (rank 0 reads, broadcasts).
+- `local`: each rank's own shards of weights and optimizer in its `rank_<r>.pt`; the fastest,
+  but it resumes only with the same world size and sharding strategy.
+
+A directory is published under its final name only after every rank wrote and fsynced its
+part, so a crash mid-write leaves at most a hidden `.step_<N>.tmp` that nothing reads.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,92 +30,334 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
     get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
     set_state_dict,
 )
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
+from utils.args import ArgError
 from utils.distributed import DistEnv
+from utils.model import canonical_name
 
-STEP_PREFIX = "step_"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+FULL_STATE_FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
 
 def step_dir_name(step: int) -> str:
-    return f"{STEP_PREFIX}{step:06d}"
+    return f"step_{step:06d}"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Published step directories, oldest first (staging directories are hidden and skipped)."""
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found) if (p / "trainer.pt").is_file()]
+
+
+def resolve_resume_dir(resume_dir: str | None, run_dir: Path) -> Path | None:
+    """`auto`: the run's newest complete checkpoint, or None to start fresh."""
+    if resume_dir != "auto":
+        return Path(resume_dir) if resume_dir else None
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, ckpt_type: str, env: DistEnv) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        ckpt_type: str,
+        env: DistEnv,
+        *,
+        sharding_strategy: str,
+        model_config: PretrainedConfig,
+        tokenizer_dir: Path,
+        keep_last: int = 0,
+        async_save: bool = False,
+    ) -> None:
         self.run_dir = run_dir
         self.ckpt_type = ckpt_type
         self.env = env
+        self.sharding_strategy = sharding_strategy
+        self.model_config = model_config
+        self.tokenizer_dir = tokenizer_dir
+        self.keep_last = keep_last
+        self.async_save = async_save
+        # Background DCP writes need their own group so they never interleave with training's.
+        self._async_group = dist.new_group(backend="gloo") if async_save else None
+        self._pending: tuple[Any, Path, Path] | None = None
 
+    # ---------------------------------------------------------------- save
     def save(self, step, model, optimizer, scheduler, scaler, loader, args: dict[str, Any]) -> Path:
-        """Every rank calls this at the same step. Nothing appears under the final name
-        until every rank has written and flushed its part."""
-        loader_state = loader.state_dict()  # a collective: all ranks agree on the data position
+        """Every rank calls this at the same step."""
+        self.wait()
+        loader_state = loader.state_dict()  # a collective: the ranks agree on the data position
         final = self.run_dir / step_dir_name(step)
-        staging = self.run_dir / f".{step_dir_name(step)}.tmp"
+        staging = self.run_dir / f".{final.name}.tmp"
         if self.env.is_main:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
+            self._write_metadata(staging, step, scheduler, scaler, args)
         dist.barrier()
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=staging)
-        _save_durably(
-            {"loader": loader_state, "rng": _rng_state()},
-            staging / f"rank_{self.env.rank:05d}.pt",
-        )
+        rank_state = {"loader": loader_state, "rng": _rng_state()}
+        if self.ckpt_type == "local":
+            rank_state |= _local_shards(model, optimizer)
+        _save_durably(rank_state, staging / f"rank_{self.env.rank:05d}.pt")
+        if self.ckpt_type == "full":
+            self._save_full(model, optimizer, staging)
+        elif self.ckpt_type == "shard":
+            model_state, optim_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optim": optim_state}
+            if self.async_save:
+                future = dcp.async_save(
+                    state, checkpoint_id=staging, process_group=self._async_group
+                )
+                self._pending = (future, staging, final)
+                return final
+            dcp.save(state, checkpoint_id=staging)
+        self._publish(staging, final)
+        return final
+
+    def wait(self) -> None:
+        """Finish and publish a background save (before the next one, and at the end)."""
+        if self._pending is None:
+            return
+        future, staging, final = self._pending
+        self._pending = None
+        future.result()
+        self._publish(staging, final)
+
+    def _write_metadata(self, staging: Path, step: int, scheduler, scaler, args) -> None:
+        trainer = {
+            "step": step,
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler else None,
+            "world_size": self.env.world_size,
+            "sharding_strategy": self.sharding_strategy,
+            "ckpt_type": self.ckpt_type,
+        }
+        _save_durably(trainer, staging / "trainer.pt")
+        (staging / "args.json").write_text(json.dumps(args, indent=2, default=str))
+        self.model_config.save_pretrained(str(staging))
+        GenerationConfig.from_model_config(self.model_config).save_pretrained(str(staging))
+        for name in TOKENIZER_FILES:
+            if (self.tokenizer_dir / name).is_file():
+                shutil.copy2(self.tokenizer_dir / name, staging / name)
+
+    def _save_full(self, model: nn.Module, optimizer, staging: Path) -> None:
+        model_state = get_model_state_dict(model, options=FULL_STATE)
+        optim_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
         if self.env.is_main:
-            trainer = {
-                "step": step,
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None,
-                "world_size": self.env.world_size,
-                "ckpt_type": self.ckpt_type,
-            }
-            _save_durably(trainer, staging / "trainer.pt")
-            (staging / "args.json").write_text(json.dumps(args, indent=2, default=str))
+            save_transformers_weights(self.model_config, model_state, staging)
+            _save_durably(optim_state, staging / "optimizer.pt")
+
+    def _publish(self, staging: Path, final: Path) -> None:
         dist.barrier()
         if self.env.is_main:
             _fsync_tree(staging)
-            _publish(staging, final)
+            _replace_dir(staging, final)
+            self._prune()
         dist.barrier()
-        return final
 
+    def _prune(self) -> None:
+        if self.keep_last > 0:
+            for old in complete_checkpoints(self.run_dir)[: -self.keep_last]:
+                shutil.rmtree(old)
+
+    # ---------------------------------------------------------------- load
     def load(
-        self, step_dir, model, optimizer, scheduler, scaler, loader, *, weights_only: bool = False
+        self, step_dir: Path, model, optimizer, scheduler, scaler, loader, *, weights_only=False
     ) -> int:
-        """Restore a checkpoint; returns its step. With `weights_only`, the optimizer starts
-        fresh while the step count (and so the LR schedule position) is kept."""
+        """Restore a checkpoint of any format; returns its step. With `weights_only` the
+        optimizer starts fresh while the step count (hence the LR schedule position) is kept."""
         trainer = torch.load(step_dir / "trainer.pt", weights_only=True)
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = (
-            {"model": model_state} if weights_only else {"model": model_state, "optim": optim_state}
-        )
-        dcp.load(state, checkpoint_id=step_dir)
-        set_state_dict(
-            model,
-            [] if weights_only else optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict=state.get("optim", {}),
-            options=StateDictOptions(strict=True),
+        same_world = trainer["world_size"] == self.env.world_size
+        check_shapes_match(saved_shapes(step_dir, trainer["ckpt_type"]), model)
+        if trainer["ckpt_type"] == "local":
+            self._check_local_compatible(step_dir, trainer)
+        rank_file = step_dir / f"rank_{self.env.rank if same_world else 0:05d}.pt"
+        rank_state = torch.load(rank_file, weights_only=True)
+        load_weights_and_optimizer(
+            step_dir, trainer["ckpt_type"], model, None if weights_only else optimizer, rank_state
         )
         scheduler.last_epoch = trainer["step"]
         if not weights_only:
             scheduler.load_state_dict(trainer["scheduler"])
             if scaler and trainer["scaler"]:
                 scaler.load_state_dict(trainer["scaler"])
-        same_world = trainer["world_size"] == self.env.world_size
-        rank_file = step_dir / f"rank_{self.env.rank if same_world else 0:05d}.pt"
-        per_rank = torch.load(rank_file, weights_only=True)
-        loader.load_state_dict(per_rank["loader"])
+        loader.load_state_dict(rank_state["loader"])
         if same_world:
-            _set_rng_state(per_rank["rng"])
+            _set_rng_state(rank_state["rng"])
         return trainer["step"]
 
+    def _check_local_compatible(self, step_dir: Path, trainer: dict) -> None:
+        saved = (trainer["world_size"], trainer["sharding_strategy"])
+        if saved != (self.env.world_size, self.sharding_strategy):
+            raise ArgError(
+                f"--resume_dir {step_dir} is a 'local' checkpoint of world size {saved[0]} "
+                f"with {saved[1]}; it resumes only on the same (now {self.env.world_size}, "
+                f"{self.sharding_strategy}). Convert it with `python -m utils.convert` or save "
+                "with --ckpt_type shard/full"
+            )
 
+
+def load_weights_and_optimizer(step_dir: Path, ckpt_type: str, model, optimizer, rank_state):
+    """Fill the sharded model (and optimizer unless None) from a checkpoint directory."""
+    if ckpt_type == "shard":
+        model_state, optim_state = get_state_dict(model, optimizer or [])
+        state = {"model": model_state} | ({"optim": optim_state} if optimizer else {})
+        dcp.load(state, checkpoint_id=step_dir)
+        set_state_dict(
+            model,
+            optimizer or [],
+            model_state_dict=state["model"],
+            optim_state_dict=state.get("optim", {}),
+        )
+    elif ckpt_type == "full":
+        is_main = dist.get_rank() == 0
+        weights = load_transformers_weights(step_dir) if is_main else {}
+        set_model_state_dict(model, weights, options=FULL_STATE_FROM_RANK0)
+        if optimizer:
+            optim = torch.load(step_dir / "optimizer.pt", weights_only=True) if is_main else {}
+            set_optimizer_state_dict(model, optimizer, optim, options=FULL_STATE_FROM_RANK0)
+    else:
+        _load_local_shards(model, optimizer, rank_state)
+
+
+# ---------------------------------------------------------------- transformers layout
+def save_transformers_weights(config: PretrainedConfig, state: dict, out_dir: Path) -> None:
+    """Write full weights as transformers safetensors files (sharded past 5 GB)."""
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(config)
+    shell.load_state_dict(state, assign=True, strict=False)
+    shell.save_pretrained(str(out_dir), safe_serialization=True, max_shard_size="5GB")
+    (out_dir / "config.json").unlink()  # the caller's config is already there
+    config.save_pretrained(str(out_dir))
+
+
+def load_transformers_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(step_dir.glob("*.safetensors")):
+        weights |= load_file(str(file))
+    return weights
+
+
+# ---------------------------------------------------------------- local format
+def _local_shards(model: nn.Module, optimizer) -> dict[str, Any]:
+    """This rank's slices of every parameter and optimizer state, as plain tensors."""
+    params = {canonical_name(n): _local(p).detach().cpu() for n, p in model.named_parameters()}
+    shapes = {canonical_name(n): list(p.shape) for n, p in model.named_parameters()}
+    optim = optimizer.state_dict()
+    optim_state = {
+        index: {key: _local(value).cpu() for key, value in entry.items()}
+        for index, entry in optim["state"].items()
+    }
+    return {
+        "model": params,
+        "shapes": shapes,
+        "mesh": _mesh_coordinates(model),
+        "optim": {"state": optim_state, "param_groups": optim["param_groups"]},
+    }
+
+
+def _load_local_shards(model: nn.Module, optimizer, rank_state: dict) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            _local(param).copy_(rank_state["model"][canonical_name(name)])
+    if optimizer is None:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = rank_state["optim"]
+    state = {
+        index: {key: _like_param(value, params[index]) for key, value in entry.items()}
+        for index, entry in saved["state"].items()
+    }
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Optimizer moments are sharded like their parameter; scalars such as `step` are not."""
+    if isinstance(param, DTensor) and value.shape == param.to_local().shape and value.ndim > 0:
+        return DTensor.from_local(
+            value.to(param.device), param.device_mesh, param.placements,
+            shape=param.shape, stride=param.stride(),
+        )  # fmt: skip
+    return value
+
+
+def _mesh_coordinates(model: nn.Module) -> dict[str, int]:
+    """Where this rank sits in the sharding mesh, so a converter can stitch shards."""
+    param = next(model.parameters())
+    if not isinstance(param, DTensor):
+        return {}
+    mesh = param.device_mesh
+    return dict(zip(mesh.mesh_dim_names, mesh.get_coordinate(), strict=True)) | {
+        f"{name}_size": size for name, size in zip(mesh.mesh_dim_names, mesh.shape, strict=True)
+    }
+
+
+# ---------------------------------------------------------------- shapes
+def saved_shapes(step_dir: Path, ckpt_type: str) -> dict[str, tuple[int, ...]]:
+    """Full shapes of the model tensors in a checkpoint, read from metadata only."""
+    if ckpt_type == "shard":
+        metadata = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+        prefix = "model."
+        return {
+            k[len(prefix) :]: tuple(v.size) for k, v in metadata.items() if k.startswith(prefix)
+        }
+    if ckpt_type == "full":
+        shapes = {}
+        for file in sorted(step_dir.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                shapes |= {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        return shapes
+    rank0 = torch.load(step_dir / "rank_00000.pt", weights_only=True)
+    return {k: tuple(v) for k, v in rank0["shapes"].items()}
+
+
+def check_shapes_match(saved: dict[str, tuple[int, ...]], model: nn.Module) -> None:
+    """A checkpoint of another model shape is refused with the list of differing tensors."""
+    expected = {canonical_name(n): tuple(p.shape) for n, p in model.named_parameters()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        saved = {k: v for k, v in saved.items() if k != "lm_head.weight"}
+        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
+    problems = [
+        f"{name}: checkpoint {saved.get(name, 'missing')} vs model {shape}"
+        for name, shape in expected.items()
+        if saved.get(name) != shape
+    ]
+    problems += [f"{name}: not in the model" for name in saved.keys() - expected.keys()]
+    if problems:
+        raise ArgError(
+            "checkpoint does not match the model (--config): " + "; ".join(sorted(problems))
+        )
+
+
+# ---------------------------------------------------------------- files
 def _rng_state() -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -132,16 +387,14 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
-def _publish(staging: Path, final: Path) -> None:
-    """Rename into place; an older checkpoint of the same step is replaced only afterwards."""
+def _replace_dir(staging: Path, final: Path) -> None:
+    """Rename into place; an older directory of the same step goes only once the new is in."""
+    old = final.with_name(f".{final.name}.old")
     if final.exists():
-        old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
-        staging.rename(final)
-        shutil.rmtree(old)
-    else:
-        staging.rename(final)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
     fd = os.open(final.parent, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -1,0 +1,213 @@
+"""train.py end to end: real torchrun process groups (gloo), real MDS data, real metrics.
+
+The baseline is a 2-rank fp32 run on pre-tokenized blocks; other layouts of the same global
+batch (1 rank, other sharding strategies, two "nodes") must log the same loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DATA_CANONICAL_NODES, DATA_SEQ_LEN
+from tests.helpers import REPO, child_env, free_port, on_own_node, torchrun
+
+STEPS = 8
+
+
+def common_flags(data: Path, tokenizer: Path, out: Path, run_name: str | None) -> list[str]:
+    flags = [
+        f"--data_dir={data}",
+        f"--tokenizer_dir={tokenizer}",
+        "--config=tiny",
+        f"--seq_len={DATA_SEQ_LEN}",
+        "--global_batch=8",
+        f"--train_steps={STEPS}",
+        "--log_every=1",
+        "--warmup=2",
+        "--lr=1e-2",
+        "--min_lr=1e-3",
+        "--save_every=0",
+        "--num_workers=0",
+        f"--num_canonical_nodes={DATA_CANONICAL_NODES}",
+        f"--output_dir={out}",
+    ]
+    return flags + ([f"--run_name={run_name}"] if run_name else [])
+
+
+def read_losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, mds_tokens, tokenizer_dir):
+    """Launch a named run once per module; returns its run directory."""
+    out = tmp_path_factory.mktemp("train_runs")
+    done: dict[str, Path] = {}
+
+    def launch(name: str, *extra: str, nproc: int = 2, data: Path = mds_tokens) -> Path:
+        if name not in done:
+            flags = common_flags(data, tokenizer_dir, out, name) + list(extra)
+            if nproc == 1:
+                cmd = [sys.executable, "train.py", *flags]
+                proc = subprocess.run(
+                    cmd, cwd=REPO, env=child_env(), capture_output=True, text=True
+                )
+                assert proc.returncode == 0, proc.stderr[-4000:]
+            else:
+                torchrun("train.py", *flags, nproc=nproc)
+            done[name] = out / name
+        return done[name]
+
+    return launch
+
+
+def assert_same_curve(a: list[float], b: list[float], rel: float) -> None:
+    assert len(a) == len(b) == STEPS
+    for step, (x, y) in enumerate(zip(a, b, strict=True), start=1):
+        assert abs(x - y) <= rel * abs(x), f"step {step}: {x} vs {y}"
+
+
+def test_global_batch_split_does_not_change_the_loss_curve(runs):
+    # 2 ranks x 2 sequences x 2 micro-steps vs plain `python train.py`: 1 rank x 4 x 2.
+    two = read_losses(runs("baseline", "--local_batch=2"))
+    one = read_losses(runs("one_rank", "--local_batch=4", nproc=1))
+    assert_same_curve(two, one, rel=1e-4)
+    assert two[-1] < two[0] - 0.3, f"loss did not fall: {two}"
+
+
+def test_sharding_strategies_and_activation_checkpointing_match_full_shard(runs):
+    baseline = read_losses(runs("baseline", "--local_batch=2"))
+    zero2 = read_losses(
+        runs("zero2_ac", "--local_batch=2", "--sharding_strategy=shard_grad_op", "--enable_ckpt")
+    )
+    replicated = read_losses(runs("no_shard", "--local_batch=2", "--sharding_strategy=no_shard"))
+    assert_same_curve(baseline, zero2, rel=1e-5)
+    assert_same_curve(baseline, replicated, rel=1e-5)
+
+
+def test_two_nodes_on_localhost_match_one_node(runs, mds_tokens, tokenizer_dir, tmp_path):
+    """`torchrun --nnodes=2` with a c10d rendezvous, one process per "node", hybrid sharding.
+
+    Each "node" gets its own /dev/shm, temp dir and local cache, as real nodes have."""
+    baseline = read_losses(runs("baseline", "--local_batch=2"))
+    port = free_port()
+    flags = common_flags(mds_tokens, tokenizer_dir, tmp_path, "two_nodes")
+    flags += ["--local_batch=2", "--sharding_strategy=hybrid_shard"]
+    nodes = []
+    for rank in (0, 1):
+        node_tmp = tmp_path / f"node{rank}"
+        node_tmp.mkdir()
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+            f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+            "--rdzv_id=two_nodes", "train.py", *flags, f"--local_cache_dir={node_tmp / 'cache'}",
+        ]  # fmt: skip
+        env = child_env(TMPDIR=str(node_tmp))
+        nodes.append(
+            subprocess.Popen(
+                on_own_node(cmd),
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs[0][-3000:] + outputs[1][-3000:]
+    assert_same_curve(baseline, read_losses(tmp_path / "two_nodes"), rel=1e-5)
+
+
+def test_mixed_precision_text_strategies_and_logging(runs, mds_text, tmp_path):
+    args_file = tmp_path / "args.yaml"
+    args_file.write_text("lr: 0.01\nlocal_batch: 2\nstrategy: overflow\n")
+    bf16 = runs(
+        "bf16_overflow",
+        f"--args_file={args_file}",
+        "--bf16",
+        "--num_workers=1",
+        f"--local_cache_dir={tmp_path / 'cache'}",
+        "--enable_tensorboard",
+        data=mds_text,
+    )
+    fp16 = runs(
+        "fp16_trunc",
+        "--local_batch=2",
+        "--fp16",
+        "--strategy=trunc",
+        "--sharding_strategy=hybrid_shard",
+        data=mds_text,
+    )
+    for run_dir in (bf16, fp16):
+        losses = read_losses(run_dir)
+        assert len(losses) == STEPS and losses[-1] < losses[0], losses
+    record = json.loads((bf16 / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(record) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gb"}
+    assert record["mfu"] is None  # CPU: MFU is not defined
+    config = json.loads((bf16 / "config.json").read_text())
+    assert config["args"]["strategy"] == "overflow" and config["args"]["bf16"] is True
+    assert config["model"]["vocab_size"] == 1024  # grown to the tokenizer's vocabulary
+    events = list((bf16.parent / "tensorboard" / "bf16_overflow").glob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    assert any((tmp_path / "cache").iterdir()), "--local_cache_dir was not used"
+
+
+# ---------------------------------------------------------------- bad input
+def run_in_process(argv: list[str], capsys) -> str:
+    """train.main in this process: bad input must stop it before the model is built."""
+    import train
+
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--config=missing.json"], "--config missing.json not found"),
+        (["--tokenizer_dir=nowhere"], "--tokenizer_dir nowhere is not a directory"),
+        (["--data_dir=/nowhere"], "/nowhere"),
+        (["--global_batch=6"], "--global_batch 6 is not divisible by --local_batch 4"),
+        (["--seq_len=4096"], "exceeds the model's max_position_embeddings 1024"),
+        (["--data_name=Nope"], "--data_name Nope is unknown"),
+        (["--output_dir=/proc/forbidden"], "--output_dir /proc/forbidden is not writable"),
+        (["--enable_flash"], "--enable_flash needs a CUDA GPU"),
+        (["--resume_dir=auto", "--run_name="], "--resume_dir auto needs --run_name"),
+        (["--ckpt_type=full", "--async_save"], "--async_save works with --ckpt_type shard"),
+        (["--bf16", "--fp16"], "--bf16 and --fp16 exclude each other"),
+    ],
+)
+def test_bad_input_fails_fast_with_one_line(
+    extra, message, mds_tokens, tokenizer_dir, tmp_path, capsys
+):
+    argv = common_flags(mds_tokens, tokenizer_dir, tmp_path, "bad") + ["--local_batch=4", *extra]
+    assert message in run_in_process(argv, capsys)
+
+
+def test_tokenizer_without_eos_is_refused_for_packing(mds_tokens, tokenizer_dir, tmp_path, capsys):
+    import shutil
+
+    no_eos = tmp_path / "tokenizer"
+    shutil.copytree(tokenizer_dir, no_eos)
+    config = json.loads((no_eos / "tokenizer_config.json").read_text())
+    config["eos_token"] = None
+    (no_eos / "tokenizer_config.json").write_text(json.dumps(config))
+    special = no_eos / "special_tokens_map.json"
+    if special.exists():
+        special.write_text(
+            json.dumps(
+                {k: v for k, v in json.loads(special.read_text()).items() if k != "eos_token"}
+            )
+        )
+    argv = common_flags(mds_tokens, no_eos, tmp_path, "no_eos") + ["--local_batch=4"]
+    assert "EOS" in run_in_process(argv, capsys)

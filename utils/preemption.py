@@ -1,0 +1,39 @@
+"""When to stop early and cleanly: every N steps, after M minutes, or on SIGTERM.
+
+SLURM and most schedulers send SIGTERM some time before killing a job. The handler only sets a
+flag; the loop asks at each step boundary, and the ranks agree (one tiny all-reduce) so that
+all of them save the same step and exit together with status 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class ExitPolicy:
+    def __init__(self, exit_interval: int = 0, exit_duration_mins: float = 0.0) -> None:
+        self.exit_interval = exit_interval
+        self.deadline = time.monotonic() + 60 * exit_duration_mins if exit_duration_mins else None
+        self.reason = ""
+        self._sigterm = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._sigterm = True
+
+    def should_exit(self, step: int) -> bool:
+        """A collective: True on every rank when any rank has a reason to stop after `step`."""
+        local = [
+            self._sigterm,
+            bool(self.exit_interval) and step % self.exit_interval == 0,
+            self.deadline is not None and time.monotonic() >= self.deadline,
+        ]
+        flags = torch.tensor(local, dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        reasons = ["SIGTERM", f"--exit_interval {self.exit_interval}", "--exit_duration_mins"]
+        self.reason = ", ".join(r for r, flag in zip(reasons, flags.tolist(), strict=True) if flag)
+        return bool(self.reason)

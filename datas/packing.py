@@ -9,6 +9,7 @@ loader state.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -35,12 +36,29 @@ class DocumentFeed:
     """Hands out documents in stream order and counts them (the resume position).
 
     `next_chunks` returns an iterator over the chunks of one epoch; when it is exhausted the
-    feed asks for the next epoch, so the feed never runs out.
+    feed starts the next epoch, so it never runs out.
+
+    Across ranks, starting an epoch is a collective in streaming (a barrier of every worker
+    on the node), but packing consumes documents at different rates per rank, so ranks reach
+    the end of an epoch at different batches. With `any_rank` (a MAX all-reduce of a flag),
+    `prepare` is called before each batch on every rank: a rank whose epoch is used up and
+    whose buffered documents might not fill the batch raises the flag, and then every rank
+    reads the rest of its epoch into memory and starts the next one at the same moment.
     """
 
-    def __init__(self, next_chunks: Callable[[], Iterator[DocChunk]]) -> None:
+    def __init__(
+        self,
+        next_chunks: Callable[[], Iterator[DocChunk]],
+        any_rank: Callable[[bool], bool] | None = None,
+    ) -> None:
         self._next_chunks = next_chunks
-        self._chunks: Iterator[DocChunk] | None = None
+        self._any_rank = any_rank
+        self._source: Iterator[DocChunk] | None = None
+        self._source_epoch = 0
+        self._source_done = False
+        self._source_yielded = 0
+        self._empty_epochs = 0
+        self._queue: deque[tuple[int, DocChunk]] = deque()
         self._chunk: DocChunk | None = None
         self._cursor = 0
         self.position = 0  # documents handed out since the start of training
@@ -49,25 +67,72 @@ class DocumentFeed:
         self.in_epoch = 0  # documents handed out in this epoch, in this run
         self.recent_lengths: list[np.ndarray] = []  # for the elastic-resume warning
 
+    # ---- the source: one streaming epoch at a time, read ahead into a queue
+    def _open_source(self) -> None:
+        if self._source is None:
+            self._source, self._source_epoch = self._next_chunks(), self.epoch
+
+    def _pull(self) -> bool:
+        """Queue the next chunk of the current epoch; False once the epoch is used up."""
+        self._open_source()
+        chunk = None if self._source_done else next(self._source, None)
+        if chunk is None:
+            self._source_done = True
+            return False
+        self._queue.append((self._source_epoch, chunk))
+        self._source_yielded += 1
+        return True
+
+    def _start_next_epoch(self) -> None:
+        while self._pull():  # what is left of this epoch stays queued, in order
+            pass
+        # An epoch can be empty when resuming exactly at its end; two in a row means the
+        # dataset itself is empty and waiting would never end.
+        self._empty_epochs = 0 if self._source_yielded else self._empty_epochs + 1
+        if self._empty_epochs > 1:
+            raise RuntimeError("the dataset yielded no documents for a whole epoch")
+        self._source = self._next_chunks()
+        self._source_epoch += 1
+        self._source_done = False
+        self._source_yielded = 0
+
+    def _buffered(self) -> tuple[int, int]:
+        """Documents and tokens handed out by nothing yet, in memory."""
+        docs = tokens = 0
+        if self._chunk is not None:
+            docs = len(self._chunk.lengths) - self._cursor
+            tokens = int(self._chunk.lengths[self._cursor :].sum())
+        for _, chunk in self._queue:
+            docs += len(chunk.lengths)
+            tokens += len(chunk.tokens)
+        return docs, tokens
+
+    def prepare(self, docs: int, tokens: int) -> None:
+        """Make sure `docs` documents and `tokens` tokens are at hand. Collective when the
+        feed has `any_rank`: every rank calls it before every batch, and so every rank opens
+        the first epoch here at the same moment, needed or not."""
+        self._open_source()
+        while True:
+            have_docs, have_tokens = self._buffered()
+            while (have_docs < docs or have_tokens < tokens) and self._pull():
+                have_docs, have_tokens = self._buffered()
+            short = have_docs < docs or have_tokens < tokens
+            if not (self._any_rank(short) if self._any_rank else short):
+                return
+            self._start_next_epoch()
+
+    # ---- handing out documents
     def _refill(self) -> DocChunk:
-        empty_epochs = 0
         while self._chunk is None or self._cursor >= len(self._chunk.lengths):
-            if self._chunks is None:
-                self._chunks = self._next_chunks()
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                # An epoch can be empty when resuming exactly at its end; two in a row means
-                # the dataset itself is empty and waiting would never end.
-                if self.in_epoch == 0:
-                    empty_epochs += 1
-                    if empty_epochs > 1:
-                        raise RuntimeError("the dataset yielded no documents for a whole epoch")
-                self._chunks = None
-                self.epoch += 1
-                self.epoch_offset = 0
-                self.in_epoch = 0
-                continue
-            self._chunk, self._cursor = chunk, 0
+            if self._queue:
+                epoch, self._chunk = self._queue.popleft()
+                self._cursor = 0
+                if epoch != self.epoch:
+                    self.epoch, self.epoch_offset, self.in_epoch = epoch, 0, 0
+            elif not self._pull():
+                if self._any_rank is not None:
+                    raise RuntimeError("internal: an epoch ended outside DocumentFeed.prepare")
+                self._start_next_epoch()
         return self._chunk
 
     def _advance(self, count: int) -> None:
@@ -152,6 +217,10 @@ class Packer:
     def next_batch(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def needs(self) -> tuple[int, int]:
+        """(documents, tokens) that are always enough for the next batch."""
+        raise NotImplementedError
+
     def buffer_state(self) -> dict[str, torch.Tensor]:
         return {}
 
@@ -171,6 +240,9 @@ class PackPacker(Packer):
         super().__init__(feed, rows, seq_len, emit_position_ids)
         self.eos_id = eos_id
         self.buffer = np.zeros(0, dtype=np.int32)
+
+    def needs(self) -> tuple[int, int]:
+        return 0, self.rows * self.seq_len - len(self.buffer)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         needed = self.rows * self.seq_len
@@ -236,6 +308,9 @@ class PaddedRowsPacker(Packer):
 class TruncPacker(PaddedRowsPacker):
     """One row per document, cut at seq_len."""
 
+    def needs(self) -> tuple[int, int]:
+        return self.rows, 0
+
     def _next_rows(self) -> tuple[list[np.ndarray], np.ndarray]:
         docs = self.feed.take_documents(self.rows)
         return [doc[: self.seq_len] for doc in docs], np.zeros(len(docs), dtype=np.int64)
@@ -268,6 +343,9 @@ class OverflowPacker(PaddedRowsPacker):
         for start in starts:
             self.pending.append(doc[start : start + self.seq_len])
             self.pending_no_loss.append(self.stride if start else 0)
+
+    def needs(self) -> tuple[int, int]:
+        return max(self.rows - len(self.pending), 0), 0  # every document makes a window
 
     def _next_rows(self) -> tuple[list[np.ndarray], np.ndarray]:
         while len(self.pending) < self.rows:

@@ -35,6 +35,11 @@ def test_ranks_cover_the_epoch_disjointly_then_reshuffle(two_ranks, data_docs, t
     assert two_ranks[0]["epochs"][0] != two_ranks[0]["epochs"][1], "same order in epoch 2"
 
 
+def test_packing_ranks_roll_over_epochs_at_different_batches_without_hanging(two_ranks):
+    firsts = [rank["rollover_epochs"].index(1) for rank in two_ranks]
+    assert firsts[0] != firsts[1], "the ranks changed epoch at the same batch: nothing tested"
+
+
 def test_resume_on_two_ranks_with_two_workers(two_ranks):
     assert all(rank["resume_equal"] for rank in two_ranks)
     # The ranks packed different numbers of documents, so the resume really used skip/buffers.

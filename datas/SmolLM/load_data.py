@@ -147,7 +147,9 @@ class TrainLoader:
         self.pad_token_id = pad_token_id
         self.vocab_size = vocab_size
         self.pin_memory = pin_memory and torch.cuda.is_available()
-        self.feed = DocumentFeed(lambda: iter(self.dataloader))
+        self.feed = DocumentFeed(
+            lambda: iter(self.dataloader), self._any_rank if world.size > 1 else None
+        )
         self.packer: Packer = make_packer(
             strategy,
             self.feed,
@@ -161,14 +163,22 @@ class TrainLoader:
         self._skip = 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self._skip:
-            self.feed.discard(self._skip)
-            self._skip = 0
+        self.feed.prepare(self._skip, 0)
+        self.feed.discard(self._skip)
+        self._skip = 0
         while True:
+            self.feed.prepare(*self.packer.needs())
             batch = self.packer.next_batch()
             if self.pin_memory:
                 batch = {key: value.pin_memory() for key, value in batch.items()}
             yield batch
+
+    @staticmethod
+    def _any_rank(flag: bool) -> bool:
+        """True on every rank when `flag` holds on any (a CPU all-reduce: no device sync)."""
+        value = torch.tensor([int(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
     def _gather(self, value: Any) -> list[Any]:
         if self.world.size == 1:

@@ -65,6 +65,19 @@ def pack_resume(mds: str, tokenizer: str, out: Path, rank: int) -> dict:
     }
 
 
+def pack_rollover(mds: str, tokenizer: str) -> dict:
+    """Packing takes documents at a different rate on each rank, so the ranks reach the end of
+    an epoch at different batches; streaming starts an epoch with a node-wide barrier, which
+    must not deadlock with the ranks' other collectives. Runs into the second epoch."""
+    pack = loader(mds, tokenizer, strategy="pack", num_workers=1)
+    iterator = iter(pack)
+    epoch_at_batch = []
+    for _ in range(EPOCH_BATCHES * 4):
+        next(iterator)
+        epoch_at_batch.append(pack.feed.epoch)
+    return {"rollover_epochs": epoch_at_batch}
+
+
 def token_blocks(mds: str, tokenizer: str) -> list[list[list[int]]]:
     """Pre-tokenized blocks, 2 rows per rank and step (the test compares with 4 rows on 1)."""
     iterator = iter(loader(mds, tokenizer, strategy="pack", micro_blocks=2))
@@ -79,6 +92,7 @@ def main() -> None:
     result = {
         "epochs": epochs_of_whole_documents(mds_text, tokenizer),
         "token_blocks": token_blocks(mds_tokens, tokenizer),
+        **pack_rollover(mds_text, tokenizer),
         **pack_resume(mds_text, tokenizer, out, rank),
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))

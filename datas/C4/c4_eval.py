@@ -454,17 +454,28 @@ def load_model_for_eval(step_dir: str | Path, env: DistEnv | None = None) -> nn.
     """The model saved in `step_dir`, ready to evaluate: on `env.device` and, with several
     ranks, sharded with FSDP2; without `env` (plain python), on the first GPU or the CPU.
 
-    Reads a transformers model directory (`save_pretrained`).
+    Reads a training checkpoint of any `--ckpt_type` (consolidated in memory) or a
+    transformers model directory (`save_pretrained`).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from utils.convert import read_full_weights
 
     step_dir = Path(step_dir)
     if not (step_dir / "config.json").is_file():
         raise FileNotFoundError(
-            f"--checkpoint {step_dir} has no config.json; give a model directory written by "
-            "save_pretrained"
+            f"--checkpoint {step_dir} has no config.json; give a step_<N> checkpoint or a "
+            "model directory written by save_pretrained"
         )
-    model = AutoModelForCausalLM.from_pretrained(str(step_dir))
+    if (step_dir / "trainer.pt").is_file():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(step_dir)))
+        result = model.load_state_dict(read_full_weights(step_dir), strict=False)
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        if set(result.missing_keys) - tied or result.unexpected_keys:
+            raise ValueError(f"--checkpoint {step_dir} does not match its config.json: {result}")
+        model.tie_weights()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(step_dir))
     if env is None:
         return model.to("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(env.device)

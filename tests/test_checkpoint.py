@@ -1,0 +1,275 @@
+"""Checkpoints and resume, on real 2-process torchrun runs (CPU, gloo, fp32).
+
+An interrupted run, resumed, must log bit-identical losses to the uninterrupted one; a crash
+must never leave a checkpoint that `--resume_dir auto` would pick while incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import DATA_CANONICAL_NODES, DATA_SEQ_LEN
+from tests.helpers import REPO, child_env, torchrun
+
+STEPS = 12
+
+
+def flags(data: Path, tokenizer: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return [
+        f"--data_dir={data}",
+        f"--tokenizer_dir={tokenizer}",
+        "--config=tiny",
+        f"--seq_len={DATA_SEQ_LEN}",
+        "--global_batch=8",
+        "--local_batch=2",
+        f"--train_steps={STEPS}",
+        "--log_every=1",
+        "--warmup=2",
+        "--lr=1e-2",
+        "--min_lr=1e-3",
+        "--save_every=0",
+        "--num_workers=1",
+        f"--num_canonical_nodes={DATA_CANONICAL_NODES}",
+        f"--output_dir={out}",
+        f"--run_name={name}",
+        *extra,
+    ]
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """The last logged loss of each step (a resumed run appends to the same file)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def python_train(*args: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "train.py", *args],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ckpt_runs")
+
+
+@pytest.fixture(scope="module")
+def text_baseline(out, mds_text, tokenizer_dir) -> dict[int, float]:
+    """Uninterrupted 2-rank run on text packed on the fly (loader buffers and skips in play)."""
+    torchrun("train.py", *flags(mds_text, tokenizer_dir, out, "text_baseline"))
+    return losses_by_step(out / "text_baseline")
+
+
+@pytest.fixture(scope="module")
+def token_baseline(out, mds_tokens, tokenizer_dir) -> dict[int, float]:
+    torchrun("train.py", *flags(mds_tokens, tokenizer_dir, out, "token_baseline"))
+    return losses_by_step(out / "token_baseline")
+
+
+@pytest.fixture(scope="module")
+def interrupted(out, mds_text, tokenizer_dir):
+    """A run stopped by --exit_interval 6, then the same command again (as after a
+    preemption) with --resume_dir auto; once per format. Returns the run directory."""
+    done: dict[str, Path] = {}
+
+    def run(ckpt_type: str) -> Path:
+        if ckpt_type not in done:
+            name = f"exit_{ckpt_type}"
+            args = flags(mds_text, tokenizer_dir, out, name, f"--ckpt_type={ckpt_type}")
+            args += ["--exit_interval=6", "--save_every=2", "--keep_last=2", "--resume_dir=auto"]
+            first = torchrun("train.py", *args)
+            assert "stopping after step 6" in first.stdout
+            kept = sorted(p.name for p in (out / name).glob("step_*"))
+            assert kept == ["step_000004", "step_000006"]
+            torchrun("train.py", *args)
+            done[ckpt_type] = out / name
+        return done[ckpt_type]
+
+    return run
+
+
+@pytest.mark.parametrize("ckpt_type", ["full", "local"])
+def test_exit_interval_then_auto_resume_is_bit_identical(ckpt_type, interrupted, text_baseline):
+    run_dir = interrupted(ckpt_type)
+    assert losses_by_step(run_dir) == text_baseline  # exact equality, every step
+    kept = sorted(p.name for p in run_dir.glob("step_*"))
+    assert kept == [f"step_{STEPS - 2:06d}", f"step_{STEPS:06d}"]  # --keep_last 2
+
+
+@pytest.fixture(scope="module")
+def sigterm_run(out, mds_text, tokenizer_dir) -> Path:
+    """A shard-format run signalled mid-run, then resubmitted with --resume_dir auto."""
+    name = "sigterm_shard"
+    run = flags(mds_text, tokenizer_dir, out, name, "--ckpt_type=shard", "--resume_dir=auto")
+    proc = launch(run)
+    wait_for(lambda: len(losses_by_step_safe(out / name)) >= 2, proc)
+    for child in worker_pids(proc.pid):
+        os.kill(child, signal.SIGTERM)  # what SLURM sends to every process of the job
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    assert "(SIGTERM)" in output, output[-3000:]
+    saved = sorted((out / name).glob("step_*"))
+    assert len(saved) == 1 and int(saved[0].name.split("_")[1]) < STEPS
+    torchrun("train.py", *run)
+    return out / name
+
+
+def test_sigterm_saves_and_exits_then_resume_is_bit_identical(sigterm_run, text_baseline):
+    assert losses_by_step(sigterm_run) == text_baseline
+
+
+@pytest.mark.parametrize("ckpt_type", ["shard", "full"])
+def test_elastic_resume_from_two_ranks_on_one(
+    ckpt_type, token_baseline, out, mds_tokens, tokenizer_dir
+):
+    name = f"elastic_{ckpt_type}"
+    run = flags(mds_tokens, tokenizer_dir, out, name, f"--ckpt_type={ckpt_type}")
+    torchrun("train.py", *run, "--exit_interval=4")
+    python_train(*run, "--local_batch=4", f"--resume_dir={out / name / 'step_000004'}")
+    resumed = losses_by_step(out / name)
+    assert resumed.keys() == token_baseline.keys()
+    for step, loss in token_baseline.items():
+        assert abs(resumed[step] - loss) <= 1e-4 * loss, (step, resumed[step], loss)
+
+
+def test_sigkill_of_a_rank_during_a_save_recovers_under_max_restarts(
+    text_baseline, out, mds_text, tokenizer_dir
+):
+    """torchrun restarts the group; `auto` skips the half-written checkpoint."""
+    name = "sigkill"
+    run = flags(mds_text, tokenizer_dir, out, name, "--ckpt_type=shard", "--resume_dir=auto")
+    run += ["--save_every=1"]
+    proc = launch(run, extra_torchrun=("--max-restarts=1",))
+    staging = wait_for(lambda: staging_dir_after_first(out / name), proc, poll=0.005)
+    os.kill(worker_pids(proc.pid)[-1], signal.SIGKILL)
+    output, _ = proc.communicate(timeout=300)
+    (out / "sigkill.log").write_text(output)
+    assert proc.returncode == 0, output[-3000:]
+    assert f"resumed from {out / name}" in output, "the restarted group did not resume"
+    killed_step = int(staging.name.split("_")[1].split(".")[0])
+    assert killed_step > 1
+    assert losses_by_step(out / name)[STEPS] == text_baseline[STEPS]
+    assert not list((out / name).glob(".step_*")), "a staging directory was left behind"
+
+
+def test_converter_and_full_checkpoint_load_and_generate_in_transformers(
+    interrupted, sigterm_run, tmp_path
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from utils.convert import convert
+
+    full = interrupted("full") / f"step_{STEPS:06d}"
+    reference = AutoModelForCausalLM.from_pretrained(str(full))
+    tokenizer = AutoTokenizer.from_pretrained(str(full))
+    prompt = tokenizer("Return the", return_tensors="pt")
+    generated = reference.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 8
+    for ckpt_type in ("local", "full"):
+        step_dir = interrupted(ckpt_type) / f"step_{STEPS:06d}"
+        exported = convert(step_dir, tmp_path / ckpt_type)
+        converted = AutoModelForCausalLM.from_pretrained(str(exported)).state_dict()
+        for name, tensor in reference.state_dict().items():
+            assert torch.equal(tensor, converted[name]), f"{ckpt_type}: {name} differs"
+    shard_dir = sorted(sigterm_run.glob("step_*"))[-1]
+    exported = convert(shard_dir, tmp_path / "shard")
+    model = AutoModelForCausalLM.from_pretrained(str(exported))
+    assert model.generate(**prompt, max_new_tokens=4, do_sample=False).shape[1] > 0
+
+
+def test_resume_refuses_another_model_shape_and_local_on_another_world_size(
+    interrupted, mds_text, tokenizer_dir, tmp_path, capsys
+):
+    import train
+
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps(
+            {
+                "model_type": "llama", "vocab_size": 256, "hidden_size": 64,
+                "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "max_position_embeddings": 1024,
+            }
+        )
+    )  # fmt: skip
+    step = interrupted("full") / f"step_{STEPS:06d}"
+    argv = flags(mds_text, tokenizer_dir, tmp_path, "other", f"--resume_dir={step}")
+    for extra, message in [
+        ([f"--config={config}"], "mlp.up_proj.weight: checkpoint (176, 64) vs model (128, 64)"),
+        (["--local_batch=4", f"--resume_dir={interrupted('local') / f'step_{STEPS:06d}'}"],
+         "it resumes only on the same"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as stop:
+            train.main(argv + extra)
+        assert stop.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_auto_ignores_staging_directories(tmp_path):
+    from utils.checkpoint import resolve_resume_dir
+
+    run = tmp_path / "run"
+    (run / "step_000002").mkdir(parents=True)
+    (run / "step_000002" / "trainer.pt").write_bytes(b"x")
+    (run / ".step_000004.tmp").mkdir()
+    (run / "step_000006").mkdir()  # no trainer.pt: not complete
+    assert resolve_resume_dir("auto", run) == run / "step_000002"
+    assert resolve_resume_dir("auto", tmp_path / "fresh") is None
+
+
+# ---------------------------------------------------------------- process helpers
+def launch(args: list[str], extra_torchrun: tuple[str, ...] = ()) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return subprocess.Popen(
+        [*cmd, *extra_torchrun, "train.py", *args],
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 180, poll: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended first:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(poll)
+    proc.kill()
+    raise AssertionError("timed out")
+
+
+def staging_dir_after_first(run_dir: Path) -> Path | None:
+    """A checkpoint being written, once a complete one exists to fall back on."""
+    return next((p for p in run_dir.glob(".step_*.tmp") if p.name != ".step_000001.tmp"), None)
+
+
+def losses_by_step_safe(run_dir: Path) -> dict[int, float]:
+    try:
+        return losses_by_step(run_dir)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def worker_pids(torchrun_pid: int) -> list[int]:
+    """The training processes torchrun started (its children running train.py)."""
+    children = Path(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children").read_text().split()
+    return sorted(int(pid) for pid in children)

@@ -9,6 +9,7 @@ global_batch / (local_batch x world_size) micro-steps of local_batch sequences o
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from argparse import Namespace
@@ -19,8 +20,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm import tqdm
 
 from datas import get_loader_builder
+from datas.C4.c4_eval import check_eval_data, evaluate_c4_ppl
 from utils.args import ArgError, grad_accum_steps, parse_args
 from utils.checkpoint import Checkpointer, resolve_resume_dir
 from utils.distributed import DistEnv, broadcast_from_main, build_mesh, init_distributed, shutdown
@@ -51,6 +54,8 @@ def run(args: Namespace, env: DistEnv) -> None:
     try:
         accum_steps = grad_accum_steps(args.global_batch, args.local_batch, env.world_size)
         check_hardware(args, env)
+        if args.eval_every:
+            check_eval_data(args.eval_data)
         loader = build_loader(args, env)
         model_config = load_model_config(args.config, tokenizer_vocab=loader.vocab_size)
         check_seq_len(args, model_config)
@@ -112,7 +117,7 @@ def run(args: Namespace, env: DistEnv) -> None:
     flops = flops_per_token(
         model_config, count_parameters(model, exclude_embedding=True), args.seq_len
     )
-    peak = peak_flops(env.device)
+    peak = peak_flops(env.device, args.peak_tflops)
     if env.is_main:
         print(
             f"run {run_name}: {n_params / 1e6:.2f}M parameters, world size {env.world_size}, "
@@ -123,6 +128,12 @@ def run(args: Namespace, env: DistEnv) -> None:
     # ---- the loop ----
     batches = iter(loader)
     window = LogWindow(env.device)
+    progress = tqdm(
+        total=args.train_steps,
+        initial=start_step,
+        unit="step",
+        disable=not (env.is_main and sys.stdout.isatty()),  # plain lines in SLURM logs
+    )
     for step in range(start_step + 1, args.train_steps + 1):
         wait_start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(accum_steps)]
@@ -132,30 +143,37 @@ def run(args: Namespace, env: DistEnv) -> None:
             model, optimizer, scheduler, scaler, micro_batches, env, args.grad_clip
         )
         window.add(loss, grad_norm, sum(b["input_ids"].numel() for b in micro_batches))
+        progress.update()
 
         if step % args.log_every == 0 or step == args.train_steps:
             stats = window.reduce_and_reset()
-            tokens_per_s_per_gpu = stats["tokens_per_s"] / env.world_size
+            per_gpu = stats["tokens_per_s"] / env.world_size
+            stats |= {
+                "lr": lr,
+                "tokens_per_s_per_gpu": per_gpu,
+                "mfu": flops * per_gpu / peak if peak else None,
+                "peak_mem_gb": peak_memory_gb(env.device),
+            }
+            logger.log(step, stats)
+        if args.eval_every and (step % args.eval_every == 0 or step == args.train_steps):
+            eval_start = time.perf_counter()
+            ppl, ntokens = evaluate_c4_ppl(
+                model, args.tokenizer_dir, args.eval_data, seq_len=args.seq_len,
+                batch_size=args.eval_batch, max_windows=args.eval_max_windows, device=env.device,
+            )  # fmt: skip
             logger.log(
-                step,
-                {
-                    "loss": stats["loss"],
-                    "lr": lr,
-                    "grad_norm": stats["grad_norm"],
-                    "tokens_per_s": stats["tokens_per_s"],
-                    "mfu": flops * tokens_per_s_per_gpu / peak if peak else None,
-                    "peak_mem_gb": peak_memory_gb(env.device),
-                    "data_wait_fraction": stats["data_wait_fraction"],
-                },
+                step, {"eval/c4_ppl": ppl, "eval/c4_loss": math.log(ppl), "eval/tokens": ntokens}
             )
+            window.paused += time.perf_counter() - eval_start
         stopping = exit_policy.should_exit(step)
         scheduled = args.save_every and (step % args.save_every == 0 or step == args.train_steps)
         if scheduled or stopping:
             checkpointer.save(step, model, optimizer, scheduler, scaler, loader, vars(args))
         if stopping:
             if env.is_main:
-                print(f"stopping after step {step} ({exit_policy.reason})", flush=True)
+                tqdm.write(f"stopping after step {step} ({exit_policy.reason})")
             break
+    progress.close()
     checkpointer.wait()
     logger.close()
     if env.is_main:
@@ -219,6 +237,7 @@ class LogWindow:
         self.steps = 0
         self.tokens = 0
         self.data_wait = 0.0
+        self.paused = 0.0  # evaluation time, not training time
         self.start = time.perf_counter()
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int) -> None:
@@ -233,11 +252,12 @@ class LogWindow:
         totals = torch.stack([self.loss, torch.tensor(float(self.tokens), device=self.device)])
         dist.all_reduce(totals)
         loss, tokens = totals.tolist()
-        elapsed = time.perf_counter() - self.start
+        elapsed = time.perf_counter() - self.start - self.paused
         stats = {
             "loss": loss / self.steps,
             "grad_norm": (self.grad_norm_sq / self.steps).sqrt().item(),
             "tokens_per_s": tokens / elapsed,
+            "step_time": elapsed / self.steps,
             "data_wait_fraction": self.data_wait / elapsed,
         }
         self._reset()

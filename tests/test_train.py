@@ -6,7 +6,9 @@ batch (1 rank, other sharding strategies, two "nodes") must log the same loss cu
 
 from __future__ import annotations
 
+import gzip
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -124,7 +126,11 @@ def test_two_nodes_on_localhost_match_one_node(runs, mds_tokens, tokenizer_dir, 
     assert_same_curve(baseline, read_losses(tmp_path / "two_nodes"), rel=1e-5)
 
 
-def test_mixed_precision_text_strategies_and_logging(runs, mds_text, tmp_path):
+def test_mixed_precision_text_strategies_eval_and_logging(runs, mds_text, docstrings, tmp_path):
+    c4 = tmp_path / "c4" / "c4-validation.00000-of-00001.json.gz"
+    c4.parent.mkdir()
+    with gzip.open(c4, "wt") as f:
+        f.writelines(json.dumps({"text": text}) + "\n" for text in docstrings[-100:])
     args_file = tmp_path / "args.yaml"
     args_file.write_text("lr: 0.01\nlocal_batch: 2\nstrategy: overflow\n")
     bf16 = runs(
@@ -134,6 +140,9 @@ def test_mixed_precision_text_strategies_and_logging(runs, mds_text, tmp_path):
         "--num_workers=1",
         f"--local_cache_dir={tmp_path / 'cache'}",
         "--enable_tensorboard",
+        "--eval_every=4",
+        f"--eval_data={c4.parent}",
+        "--eval_max_windows=6",
         data=mds_text,
     )
     fp16 = runs(
@@ -147,14 +156,32 @@ def test_mixed_precision_text_strategies_and_logging(runs, mds_text, tmp_path):
     for run_dir in (bf16, fp16):
         losses = read_losses(run_dir)
         assert len(losses) == STEPS and losses[-1] < losses[0], losses
-    record = json.loads((bf16 / "metrics.jsonl").read_text().splitlines()[-1])
+    records = [json.loads(line) for line in (bf16 / "metrics.jsonl").open()]
+    record = [r for r in records if "loss" in r][-1]
     assert set(record) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gb"}
     assert record["mfu"] is None  # CPU: MFU is not defined
     config = json.loads((bf16 / "config.json").read_text())
     assert config["args"]["strategy"] == "overflow" and config["args"]["bf16"] is True
     assert config["model"]["vocab_size"] == 1024  # grown to the tokenizer's vocabulary
-    events = list((bf16.parent / "tensorboard" / "bf16_overflow").glob("events.out.tfevents.*"))
-    assert events, "no TensorBoard event file"
+    evals = [r for r in records if "eval/c4_ppl" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert all(r["eval/tokens"] == 6 * (DATA_SEQ_LEN - 1) for r in evals)
+    assert evals[1]["eval/c4_ppl"] < evals[0]["eval/c4_ppl"]
+    assert abs(math.log(evals[1]["eval/c4_ppl"]) - evals[1]["eval/c4_loss"]) < 1e-9
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(bf16.parent / "tensorboard" / "bf16_overflow"))
+    board.Reload()
+    tags = set(board.Tags()["scalars"])
+    expected = {
+        "train/loss", "train/lr", "train/grad_norm", "train/tokens_per_second",
+        "train/tokens_per_second_per_gpu", "train/step_time", "train/data_wait_fraction",
+        "train/peak_mem_gb", "eval/c4_ppl", "eval/c4_loss", "eval/tokens",
+    }  # fmt: skip
+    assert expected <= tags, expected - tags
+    assert [e.step for e in board.Scalars("train/loss")] == list(range(1, STEPS + 1))
+    assert board.Tags()["tensors"], "the run's arguments are not recorded as text"
     assert any((tmp_path / "cache").iterdir()), "--local_cache_dir was not used"
 
 

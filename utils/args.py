@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     out.add_argument("--log_every", type=int, default=10, help="optimizer steps between log lines")
     out.add_argument("--enable_tensorboard", action="store_true")
+    out.add_argument("--peak_tflops", type=float, help="device bf16 peak for MFU (default: by GPU)")
+
+    evaluation = p.add_argument_group("evaluation")
+    evaluation.add_argument("--eval_every", type=int, default=0, help="optimizer steps; 0 = never")
+    evaluation.add_argument("--eval_data", help="C4 validation files, Arrow or MDS directory")
+    evaluation.add_argument("--eval_max_windows", type=int, help="seeded subset of the windows")
+    evaluation.add_argument(
+        "--eval_batch", type=int, default=8, help="windows per forward, per rank"
+    )
     out.add_argument("--tensorboard_dir", help="default: output_dir/tensorboard")
     return p
 
@@ -139,6 +148,8 @@ def check_args(args: argparse.Namespace) -> None:
                 f"--resume_dir {args.resume_dir} is not a complete checkpoint (no trainer.pt); "
                 "give a step_<N> directory or 'auto'"
             )
+    if args.eval_every and not args.eval_data:
+        raise ArgError("--eval_every needs --eval_data (C4 validation files; see README)")
     if args.async_save and args.ckpt_type != "shard":
         raise ArgError("--async_save works with --ckpt_type shard only")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 from transformers import PretrainedConfig
 
 # Dense bf16 peak FLOP/s by GPU name (never the 2:4-sparse datasheet figure).
@@ -23,8 +24,17 @@ def flops_per_token(config: PretrainedConfig, non_embedding_params: int, seq_len
     return 6 * non_embedding_params + attention
 
 
-def peak_flops(device: torch.device) -> float | None:
+# metrics.jsonl key -> TensorBoard tag, where they differ; other keys go to train/<key>.
+TENSORBOARD_TAGS = {
+    "tokens_per_s": "train/tokens_per_second",
+    "tokens_per_s_per_gpu": "train/tokens_per_second_per_gpu",
+}
+
+
+def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
     """The device's dense bf16 peak, or None where MFU is not defined (CPU, unknown GPU)."""
+    if override_tflops:
+        return override_tflops * 1e12
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -63,16 +73,20 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.add_text("args", "\n".join(f"    {k}: {v}" for k, v in args.items()))
 
-    def log(self, step: int, metrics: dict[str, float | None], prefix: str = "train") -> None:
+    def log(self, step: int, metrics: dict[str, float | None]) -> None:
+        """Keys without a slash are training metrics (`train/<key>` in TensorBoard); others,
+        such as `eval/c4_ppl`, keep their name everywhere."""
         if not self.enabled:
             return
         record = {"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}
         self.jsonl.write(json.dumps(record) + "\n")
-        print(format_line(record), flush=True)
+        tqdm.write(format_line(record))
         if self.writer is not None:
             for key, value in metrics.items():
                 if value is not None:
-                    self.writer.add_scalar(f"{prefix}/{key}", value, step)
+                    tag = key if "/" in key else TENSORBOARD_TAGS.get(key, f"train/{key}")
+                    self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
 
     def close(self) -> None:
         if self.enabled:

@@ -31,7 +31,7 @@ from utils.loss import next_token_nll_sum, predicted_token_count
 from utils.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gb
 from utils.model import build_meta_model, count_parameters, init_weights, load_model_config
 from utils.optim import build_lr_schedule, build_optimizer
-from utils.parallelize import compute_dtype, parallelize_model
+from utils.parallelize import build_grad_scaler, compute_dtype, parallelize_model
 from utils.preemption import ExitPolicy
 
 SETUP_ERRORS = (ArgError, ValueError, FileNotFoundError, PermissionError)
@@ -81,7 +81,7 @@ def run(args: Namespace, env: DistEnv) -> None:
     scheduler = build_lr_schedule(
         optimizer, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, total=args.train_steps
     )
-    scaler = build_grad_scaler(args, env)
+    scaler = build_grad_scaler(args.fp16, env.device)
 
     # ---- run state: resume, logging ----
     checkpointer = Checkpointer(
@@ -204,10 +204,12 @@ def train_step(model, optimizer, scheduler, scaler, micro_batches, env: DistEnv,
         model.set_requires_gradient_sync(index == len(micro_batches) - 1)
         input_ids = batch["input_ids"].to(env.device, non_blocking=True)
         labels = batch["labels"].to(env.device, non_blocking=True)
+        # Backward too: activation checkpointing recomputes attention there, and a different
+        # kernel would save tensors of other shapes than the forward did.
         with attention_context(model):
             nll = next_token_nll_sum(model(input_ids=input_ids).logits, labels)
-        loss = nll * loss_scale
-        (scaler.scale(loss) if scaler else loss).backward()
+            loss = nll * loss_scale
+            (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += nll.detach()
     if scaler:
         scaler.unscale_(optimizer)
@@ -319,15 +321,6 @@ def attention_context(model):
     if getattr(model, "require_flash_sdpa", False):
         return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
     return nullcontext()
-
-
-def build_grad_scaler(args: Namespace, env: DistEnv):
-    """fp16 needs loss scaling; the sharded scaler agrees on inf/nan across ranks."""
-    if not args.fp16:
-        return None
-    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-    return ShardedGradScaler(device=env.device.type)
 
 
 def default_run_name(args: Namespace, model_config) -> str:

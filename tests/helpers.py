@@ -20,7 +20,7 @@ def free_port() -> int:
 def child_env(**extra: str) -> dict[str, str]:
     """Environment for a child process: the checkout importable, one thread per process."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
     env["TOKENIZERS_PARALLELISM"] = "false"
     env.update(extra)

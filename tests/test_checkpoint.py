@@ -152,7 +152,7 @@ def test_sigkill_of_a_rank_during_a_save_recovers_under_max_restarts(
     """torchrun restarts the group; `auto` skips the half-written checkpoint."""
     name = "sigkill"
     run = flags(mds_text, tokenizer_dir, out, name, "--ckpt_type=shard", "--resume_dir=auto")
-    run += ["--save_every=1"]
+    run += ["--save_every=1", "--num_workers=0"]
     proc = launch(run, extra_torchrun=("--max-restarts=1",))
     staging = wait_for(lambda: staging_dir_after_first(out / name), proc, poll=0.005)
     os.kill(worker_pids(proc.pid)[-1], signal.SIGKILL)
@@ -176,7 +176,7 @@ def test_converter_and_full_checkpoint_load_and_generate_in_transformers(
     full = interrupted("full") / f"step_{STEPS:06d}"
     reference = AutoModelForCausalLM.from_pretrained(str(full))
     tokenizer = AutoTokenizer.from_pretrained(str(full))
-    prompt = tokenizer("Return the", return_tensors="pt")
+    prompt = tokenizer("Return the", return_tensors="pt", return_token_type_ids=False)
     generated = reference.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert generated.shape[1] == prompt["input_ids"].shape[1] + 8
     for ckpt_type in ("local", "full"):

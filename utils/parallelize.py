@@ -7,6 +7,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from utils.model import decoder_layers
 
@@ -43,3 +44,20 @@ def parallelize_model(
     # The root's parameters (embeddings, final norm, head) are needed again first in backward.
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
     return model
+
+
+class _FSDPGradScaler(ShardedGradScaler):
+    """ShardedGradScaler with its scale kept as a 1-element tensor, the shape of the inf flag
+    it all-reduces across ranks: GradScaler now makes the scale 0-dimensional, and the CUDA
+    update kernel of some torch releases (2.11 seen) rejects the mix."""
+
+    def _lazy_init_scale_growth_tracker(self, dev: torch.device) -> None:
+        self._scale = torch.full((1,), self._init_scale, dtype=torch.float32, device=dev)
+        self._growth_tracker = torch.full(
+            (1,), self._init_growth_tracker, dtype=torch.int32, device=dev
+        )
+
+
+def build_grad_scaler(fp16: bool, device: torch.device) -> ShardedGradScaler | None:
+    """fp16 needs loss scaling; the sharded scaler makes every rank agree on inf/nan."""
+    return _FSDPGradScaler(device=device.type) if fp16 else None

@@ -77,7 +77,7 @@ def run(args: Namespace, env: DistEnv) -> None:
         activation_checkpointing=args.activation_checkpointing,
     )
     init_weights(model, args.seed, env.device)
-    optimizer = build_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = build_optimizer(model, lr=args.lr, weight_decay=args.weight_decay, fp16=args.fp16)
     scheduler = build_lr_schedule(
         optimizer, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, total=args.train_steps
     )

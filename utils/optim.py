@@ -10,16 +10,20 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 def build_optimizer(
-    model: nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.95)
+    model: nn.Module, *, lr: float, weight_decay: float, fp16: bool = False, betas=(0.9, 0.95)
 ) -> torch.optim.AdamW:
-    """No decay on vectors (norm weights, biases): decaying them only hurts."""
+    """No decay on vectors (norm weights, biases): decaying them only hurts.
+
+    Fused AdamW on GPU, except with fp16: the sharded grad scaler hands a fused step its
+    1-element inf flag, which the step cannot subtract from its 0-dim step counters (seen on
+    an H200, torch 2.11); the foreach step is unscaled by the scaler first instead."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    on_cuda = params[0].device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=on_cuda, foreach=not on_cuda)
+    fused = params[0].device.type == "cuda" and not fp16
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, foreach=not fused)
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:

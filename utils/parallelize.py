@@ -46,18 +46,6 @@ def parallelize_model(
     return model
 
 
-class _FSDPGradScaler(ShardedGradScaler):
-    """ShardedGradScaler with its scale kept as a 1-element tensor, the shape of the inf flag
-    it all-reduces across ranks: GradScaler now makes the scale 0-dimensional, and the CUDA
-    update kernel of some torch releases (2.11 seen) rejects the mix."""
-
-    def _lazy_init_scale_growth_tracker(self, dev: torch.device) -> None:
-        self._scale = torch.full((1,), self._init_scale, dtype=torch.float32, device=dev)
-        self._growth_tracker = torch.full(
-            (1,), self._init_growth_tracker, dtype=torch.int32, device=dev
-        )
-
-
 def build_grad_scaler(fp16: bool, device: torch.device) -> ShardedGradScaler | None:
     """fp16 needs loss scaling; the sharded scaler makes every rank agree on inf/nan."""
-    return _FSDPGradScaler(device=device.type) if fp16 else None
+    return ShardedGradScaler(device=device.type) if fp16 else None

@@ -143,6 +143,7 @@ def test_mixed_precision_text_strategies_eval_and_logging(runs, mds_text, docstr
         "--eval_every=4",
         f"--eval_data={c4.parent}",
         "--eval_max_windows=6",
+        "--peak_tflops=0.5",
         data=mds_text,
     )
     fp16 = runs(
@@ -159,7 +160,9 @@ def test_mixed_precision_text_strategies_eval_and_logging(runs, mds_text, docstr
     records = [json.loads(line) for line in (bf16 / "metrics.jsonl").open()]
     record = [r for r in records if "loss" in r][-1]
     assert set(record) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gb"}
-    assert record["mfu"] is None  # CPU: MFU is not defined
+    assert 0 < record["mfu"] < 1  # from --peak_tflops; without it MFU is undefined on CPU:
+    fp16_records = [json.loads(line) for line in (fp16 / "metrics.jsonl").open()]
+    assert fp16_records[-1]["mfu"] is None
     config = json.loads((bf16 / "config.json").read_text())
     assert config["args"]["strategy"] == "overflow" and config["args"]["bf16"] is True
     assert config["model"]["vocab_size"] == 1024  # grown to the tokenizer's vocabulary

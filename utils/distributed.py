@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,24 +28,13 @@ class DistEnv:
         return self.world_size // self.local_world_size
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _default_to_single_process() -> None:
-    """`python train.py` without torchrun: behave as a world of one (the loader reads these too)."""
-    if "RANK" in os.environ:
-        return
-    os.environ.update(
-        RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_RANK="0",
-        LOCAL_WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-    )
+def _default_to_single_process() -> bool:
+    """`python train.py` without torchrun (which always sets MASTER_ADDR): a world of one.
+    The loader reads these variables too."""
+    if "MASTER_ADDR" in os.environ:
+        return False
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    return True
 
 
 def init_distributed() -> DistEnv:
@@ -55,7 +43,7 @@ def init_distributed() -> DistEnv:
     On GPU the group also gets a gloo backend for CPU tensors (loader state, metrics
     gathered on the host), so no collective ever needs a device round trip for them.
     """
-    _default_to_single_process()
+    alone = _default_to_single_process()
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -65,8 +53,10 @@ def init_distributed() -> DistEnv:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
+        # Alone, an in-memory store: no port to pick, so none to lose to another process.
+        store = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if alone else {}
         dist.init_process_group(
-            backend=backend, device_id=device if device.type == "cuda" else None
+            backend=backend, device_id=device if device.type == "cuda" else None, **store
         )
     return DistEnv(
         rank=dist.get_rank(),

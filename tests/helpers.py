@@ -73,3 +73,28 @@ def on_own_node(cmd: list[str]) -> list[str]:
     per-node state there, so two "nodes" sharing one would collide). Needs root."""
     script = 'mount -t tmpfs tmpfs /dev/shm && exec "$@"'
     return ["unshare", "--mount", "--", "sh", "-c", script, "_", *cmd]
+
+
+def tiny_run_flags(
+    data: Path, tokenizer: Path, out: Path, *, steps: int, num_workers: int
+) -> list[str]:
+    """train.py flags of a small, fast fp32 run on the suite's data: the tiny shape, 64-token
+    sequences, a global batch of 8, a loss logged every step, no checkpoints."""
+    from tests.conftest import DATA_CANONICAL_NODES, DATA_SEQ_LEN
+
+    return [
+        f"--data_dir={data}",
+        f"--tokenizer_dir={tokenizer}",
+        "--config=tiny",
+        f"--seq_len={DATA_SEQ_LEN}",
+        "--global_batch=8",
+        f"--train_steps={steps}",
+        "--log_every=1",
+        "--warmup=2",
+        "--lr=1e-2",
+        "--min_lr=1e-3",
+        "--save_every=0",
+        f"--num_workers={num_workers}",
+        f"--num_canonical_nodes={DATA_CANONICAL_NODES}",
+        f"--output_dir={out}",
+    ]

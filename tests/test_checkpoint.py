@@ -17,32 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import DATA_CANONICAL_NODES, DATA_SEQ_LEN
-from tests.helpers import REPO, child_env, torchrun
+from tests.helpers import REPO, child_env, tiny_run_flags, torchrun
 
 STEPS = 12
 
 
 def flags(data: Path, tokenizer: Path, out: Path, name: str, *extra: str) -> list[str]:
-    return [
-        f"--data_dir={data}",
-        f"--tokenizer_dir={tokenizer}",
-        "--config=tiny",
-        f"--seq_len={DATA_SEQ_LEN}",
-        "--global_batch=8",
-        "--local_batch=2",
-        f"--train_steps={STEPS}",
-        "--log_every=1",
-        "--warmup=2",
-        "--lr=1e-2",
-        "--min_lr=1e-3",
-        "--save_every=0",
-        "--num_workers=1",
-        f"--num_canonical_nodes={DATA_CANONICAL_NODES}",
-        f"--output_dir={out}",
-        f"--run_name={name}",
-        *extra,
-    ]
+    flags = tiny_run_flags(data, tokenizer, out, steps=STEPS, num_workers=1)
+    return [*flags, "--local_batch=2", f"--run_name={name}", *extra]
 
 
 def losses_by_step(run_dir: Path) -> dict[int, float]:

@@ -15,29 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DATA_CANONICAL_NODES, DATA_SEQ_LEN
-from tests.helpers import REPO, child_env, free_port, on_own_node, torchrun
+from tests.conftest import DATA_SEQ_LEN
+from tests.helpers import REPO, child_env, free_port, on_own_node, tiny_run_flags, torchrun
 
 STEPS = 8
 
 
 def common_flags(data: Path, tokenizer: Path, out: Path, run_name: str | None) -> list[str]:
-    flags = [
-        f"--data_dir={data}",
-        f"--tokenizer_dir={tokenizer}",
-        "--config=tiny",
-        f"--seq_len={DATA_SEQ_LEN}",
-        "--global_batch=8",
-        f"--train_steps={STEPS}",
-        "--log_every=1",
-        "--warmup=2",
-        "--lr=1e-2",
-        "--min_lr=1e-3",
-        "--save_every=0",
-        "--num_workers=0",
-        f"--num_canonical_nodes={DATA_CANONICAL_NODES}",
-        f"--output_dir={out}",
-    ]
+    flags = tiny_run_flags(data, tokenizer, out, steps=STEPS, num_workers=0)
     return flags + ([f"--run_name={run_name}"] if run_name else [])
 
 

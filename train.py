@@ -100,7 +100,7 @@ def run(args: Namespace, env: DistEnv) -> None:
         try:
             start_step = checkpointer.load(
                 resume_dir, model, optimizer, scheduler, scaler, loader,
-                weights_only=args.skip_optimizer,
+                skip_optimizer=args.skip_optimizer,
             )  # fmt: skip
         except ArgError as err:
             exit_with_error(err)

@@ -186,9 +186,9 @@ class Checkpointer:
 
     # ---------------------------------------------------------------- load
     def load(
-        self, step_dir: Path, model, optimizer, scheduler, scaler, loader, *, weights_only=False
+        self, step_dir: Path, model, optimizer, scheduler, scaler, loader, *, skip_optimizer=False
     ) -> int:
-        """Restore a checkpoint of any format; returns its step. With `weights_only` the
+        """Restore a checkpoint of any format; returns its step. With `skip_optimizer` the
         optimizer starts fresh while the step count (hence the LR schedule position) is kept."""
         trainer = torch.load(step_dir / "trainer.pt", weights_only=True)
         same_world = trainer["world_size"] == self.env.world_size
@@ -198,10 +198,10 @@ class Checkpointer:
         rank_file = step_dir / f"rank_{self.env.rank if same_world else 0:05d}.pt"
         rank_state = torch.load(rank_file, weights_only=True)
         load_weights_and_optimizer(
-            step_dir, trainer["ckpt_type"], model, None if weights_only else optimizer, rank_state
+            step_dir, trainer["ckpt_type"], model, None if skip_optimizer else optimizer, rank_state
         )
         scheduler.last_epoch = trainer["step"]
-        if not weights_only:
+        if not skip_optimizer:
             scheduler.load_state_dict(trainer["scheduler"])
             if scaler and trainer["scaler"]:
                 scaler.load_state_dict(trainer["scaler"])

@@ -27,9 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from utils.checkpoint import Checkpointer
+from utils.checkpoint import Checkpointer, local_tensor
 from utils.distributed import DistEnv, broadcast_from_main, build_mesh, init_distributed, shutdown
 from utils.model import build_meta_model, count_parameters, init_weights, load_model_config
 from utils.optim import build_lr_schedule, build_optimizer
@@ -101,16 +100,12 @@ def build_training(env: DistEnv, config_name: str, layers: int):
     return config, model, optimizer, scheduler
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
 def local_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """This rank's shards as plain tensors: what a format has to write, with no format."""
     optim = optimizer.state_dict()["state"]
     return {
-        "model": {name: _local(p).detach() for name, p in model.named_parameters()},
-        "optim": {i: {k: _local(v) for k, v in entry.items()} for i, entry in optim.items()},
+        "model": {name: local_tensor(p).detach() for name, p in model.named_parameters()},
+        "optim": {i: {k: local_tensor(v) for k, v in entry.items()} for i, entry in optim.items()},
     }
 
 

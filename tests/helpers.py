@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -98,3 +99,9 @@ def tiny_run_flags(
         f"--num_canonical_nodes={DATA_CANONICAL_NODES}",
         f"--output_dir={out}",
     ]
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    """Step -> loss from a run's metrics.jsonl; a resumed run appends, so the last one wins."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, child_env, tiny_run_flags, torchrun
+from tests.helpers import REPO, child_env, logged_losses, tiny_run_flags, torchrun
 
 STEPS = 12
 
@@ -25,12 +25,6 @@ STEPS = 12
 def flags(data: Path, tokenizer: Path, out: Path, name: str, *extra: str) -> list[str]:
     flags = tiny_run_flags(data, tokenizer, out, steps=STEPS, num_workers=1)
     return [*flags, "--local_batch=2", f"--run_name={name}", *extra]
-
-
-def losses_by_step(run_dir: Path) -> dict[int, float]:
-    """The last logged loss of each step (a resumed run appends to the same file)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def python_train(*args: str) -> None:
@@ -53,13 +47,13 @@ def out(tmp_path_factory) -> Path:
 def text_baseline(out, mds_text, tokenizer_dir) -> dict[int, float]:
     """Uninterrupted 2-rank run on text packed on the fly (loader buffers and skips in play)."""
     torchrun("train.py", *flags(mds_text, tokenizer_dir, out, "text_baseline"))
-    return losses_by_step(out / "text_baseline")
+    return logged_losses(out / "text_baseline")
 
 
 @pytest.fixture(scope="module")
 def token_baseline(out, mds_tokens, tokenizer_dir) -> dict[int, float]:
     torchrun("train.py", *flags(mds_tokens, tokenizer_dir, out, "token_baseline"))
-    return losses_by_step(out / "token_baseline")
+    return logged_losses(out / "token_baseline")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +81,7 @@ def interrupted(out, mds_text, tokenizer_dir):
 @pytest.mark.parametrize("ckpt_type", ["full", "local"])
 def test_exit_interval_then_auto_resume_is_bit_identical(ckpt_type, interrupted, text_baseline):
     run_dir = interrupted(ckpt_type)
-    assert losses_by_step(run_dir) == text_baseline  # exact equality, every step
+    assert logged_losses(run_dir) == text_baseline  # exact equality, every step
     kept = sorted(p.name for p in run_dir.glob("step_*"))
     assert kept == [f"step_{STEPS - 2:06d}", f"step_{STEPS:06d}"]  # --keep_last 2
 
@@ -113,7 +107,7 @@ def sigterm_run(out, mds_text, tokenizer_dir) -> Path:
 
 
 def test_sigterm_saves_and_exits_then_resume_is_bit_identical(sigterm_run, text_baseline):
-    assert losses_by_step(sigterm_run) == text_baseline
+    assert logged_losses(sigterm_run) == text_baseline
 
 
 @pytest.mark.parametrize("ckpt_type", ["shard", "full"])
@@ -124,7 +118,7 @@ def test_elastic_resume_from_two_ranks_on_one(
     run = flags(mds_tokens, tokenizer_dir, out, name, f"--ckpt_type={ckpt_type}")
     torchrun("train.py", *run, "--exit_interval=4")
     python_train(*run, "--local_batch=4", f"--resume_dir={out / name / 'step_000004'}")
-    resumed = losses_by_step(out / name)
+    resumed = logged_losses(out / name)
     assert resumed.keys() == token_baseline.keys()
     for step, loss in token_baseline.items():
         assert abs(resumed[step] - loss) <= 1e-4 * loss, (step, resumed[step], loss)
@@ -148,7 +142,7 @@ def test_sigkill_of_a_rank_during_a_save_then_resubmit_recovers_exactly(
     assert killed_step not in complete and max(complete) == killed_step - 1, output[-2000:]
     resumed = torchrun("train.py", *run)
     assert f"resumed from {out / name / f'step_{killed_step - 1:06d}'}" in resumed.stdout
-    assert losses_by_step(out / name) == text_baseline
+    assert logged_losses(out / name) == text_baseline
     assert not list((out / name).glob(".step_*")), "a staging directory was left behind"
 
 
@@ -214,7 +208,7 @@ def test_skip_optimizer_keeps_the_step_and_weights_but_not_the_moments(
         "train.py",
         *flags(mds_text, tokenizer_dir, out, name, f"--resume_dir={step_dir}", "--skip_optimizer"),
     )
-    resumed = losses_by_step(out / name)
+    resumed = logged_losses(out / name)
     first = STEPS - 1
     assert sorted(resumed) == [first, STEPS]  # the step count is kept
     # Same weights and data at the first step, so the same loss; then a fresh Adam differs.
@@ -267,7 +261,7 @@ def staging_dir_after_first(run_dir: Path) -> Path | None:
 
 def losses_by_step_safe(run_dir: Path) -> dict[int, float]:
     try:
-        return losses_by_step(run_dir)
+        return logged_losses(run_dir)
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
 

@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DATA_SEQ_LEN
-from tests.helpers import REPO, child_env, free_port, on_own_node, tiny_run_flags, torchrun
+from tests.helpers import (
+    REPO,
+    child_env,
+    free_port,
+    logged_losses,
+    on_own_node,
+    tiny_run_flags,
+    torchrun,
+)
 
 STEPS = 8
 
@@ -24,11 +32,6 @@ STEPS = 8
 def common_flags(data: Path, tokenizer: Path, out: Path, run_name: str | None) -> list[str]:
     flags = tiny_run_flags(data, tokenizer, out, steps=STEPS, num_workers=0)
     return flags + ([f"--run_name={run_name}"] if run_name else [])
-
-
-def read_losses(run_dir: Path) -> list[float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    return [r["loss"] for r in records if "loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,10 @@ def runs(tmp_path_factory, mds_tokens, tokenizer_dir):
     return launch
 
 
+def list_losses(run_dir: Path) -> list[float]:
+    return list(logged_losses(run_dir).values())
+
+
 def assert_same_curve(a: list[float], b: list[float], rel: float) -> None:
     assert len(a) == len(b) == STEPS
     for step, (x, y) in enumerate(zip(a, b, strict=True), start=1):
@@ -62,18 +69,18 @@ def assert_same_curve(a: list[float], b: list[float], rel: float) -> None:
 
 def test_global_batch_split_does_not_change_the_loss_curve(runs):
     # 2 ranks x 2 sequences x 2 micro-steps vs plain `python train.py`: 1 rank x 4 x 2.
-    two = read_losses(runs("baseline", "--local_batch=2"))
-    one = read_losses(runs("one_rank", "--local_batch=4", nproc=1))
+    two = list_losses(runs("baseline", "--local_batch=2"))
+    one = list_losses(runs("one_rank", "--local_batch=4", nproc=1))
     assert_same_curve(two, one, rel=1e-4)
     assert two[-1] < two[0] - 0.3, f"loss did not fall: {two}"
 
 
 def test_sharding_strategies_and_activation_checkpointing_match_full_shard(runs):
-    baseline = read_losses(runs("baseline", "--local_batch=2"))
-    zero2 = read_losses(
+    baseline = list_losses(runs("baseline", "--local_batch=2"))
+    zero2 = list_losses(
         runs("zero2_ac", "--local_batch=2", "--sharding_strategy=shard_grad_op", "--enable_ckpt")
     )
-    replicated = read_losses(runs("no_shard", "--local_batch=2", "--sharding_strategy=no_shard"))
+    replicated = list_losses(runs("no_shard", "--local_batch=2", "--sharding_strategy=no_shard"))
     assert_same_curve(baseline, zero2, rel=1e-5)
     assert_same_curve(baseline, replicated, rel=1e-5)
 
@@ -82,7 +89,7 @@ def test_two_nodes_on_localhost_match_one_node(runs, mds_tokens, tokenizer_dir, 
     """`torchrun --nnodes=2` with a c10d rendezvous, one process per "node", hybrid sharding.
 
     Each "node" gets its own /dev/shm, temp dir and local cache, as real nodes have."""
-    baseline = read_losses(runs("baseline", "--local_batch=2"))
+    baseline = list_losses(runs("baseline", "--local_batch=2"))
     port = free_port()
     flags = common_flags(mds_tokens, tokenizer_dir, tmp_path, "two_nodes")
     flags += ["--local_batch=2", "--sharding_strategy=hybrid_shard"]
@@ -108,7 +115,7 @@ def test_two_nodes_on_localhost_match_one_node(runs, mds_tokens, tokenizer_dir, 
         )
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), outputs[0][-3000:] + outputs[1][-3000:]
-    assert_same_curve(baseline, read_losses(tmp_path / "two_nodes"), rel=1e-5)
+    assert_same_curve(baseline, list_losses(tmp_path / "two_nodes"), rel=1e-5)
 
 
 def test_mixed_precision_text_strategies_eval_and_logging(runs, mds_text, docstrings, tmp_path):
@@ -140,7 +147,7 @@ def test_mixed_precision_text_strategies_eval_and_logging(runs, mds_text, docstr
         data=mds_text,
     )
     for run_dir in (bf16, fp16):
-        losses = read_losses(run_dir)
+        losses = list_losses(run_dir)
         assert len(losses) == STEPS and losses[-1] < losses[0], losses
     records = [json.loads(line) for line in (bf16 / "metrics.jsonl").open()]
     record = [r for r in records if "loss" in r][-1]

@@ -251,8 +251,7 @@ def save_transformers_weights(config: PretrainedConfig, state: dict, out_dir: Pa
         shell = AutoModelForCausalLM.from_config(config)
     shell.load_state_dict(state, assign=True, strict=False)
     shell.save_pretrained(str(out_dir), safe_serialization=True, max_shard_size="5GB")
-    (out_dir / "config.json").unlink()  # the caller's config is already there
-    config.save_pretrained(str(out_dir))
+    config.save_pretrained(str(out_dir))  # the run's config, not the meta shell's copy
 
 
 def load_transformers_weights(step_dir: Path) -> dict[str, torch.Tensor]:
@@ -265,11 +264,13 @@ def load_transformers_weights(step_dir: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- local format
 def _local_shards(model: nn.Module, optimizer) -> dict[str, Any]:
     """This rank's slices of every parameter and optimizer state, as plain tensors."""
-    params = {canonical_name(n): _local(p).detach().cpu() for n, p in model.named_parameters()}
+    params = {
+        canonical_name(n): local_tensor(p).detach().cpu() for n, p in model.named_parameters()
+    }
     shapes = {canonical_name(n): list(p.shape) for n, p in model.named_parameters()}
     optim = optimizer.state_dict()
     optim_state = {
-        index: {key: _local(value).cpu() for key, value in entry.items()}
+        index: {key: local_tensor(value).cpu() for key, value in entry.items()}
         for index, entry in optim["state"].items()
     }
     return {
@@ -283,7 +284,7 @@ def _local_shards(model: nn.Module, optimizer) -> dict[str, Any]:
 def _load_local_shards(model: nn.Module, optimizer, rank_state: dict) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
-            _local(param).copy_(rank_state["model"][canonical_name(name)])
+            local_tensor(param).copy_(rank_state["model"][canonical_name(name)])
     if optimizer is None:
         return
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -295,7 +296,8 @@ def _load_local_shards(model: nn.Module, optimizer, rank_state: dict) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (the tensor itself when it is not sharded)."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 

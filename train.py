@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from datas import get_loader_builder
 from datas.C4.c4_eval import check_eval_data, evaluate_c4_ppl
+from slt import SparseTraining, load_slt_config
 from utils.args import ArgError, grad_accum_steps, parse_args
 from utils.checkpoint import Checkpointer, resolve_resume_dir
 from utils.distributed import DistEnv, broadcast_from_main, build_mesh, init_distributed, shutdown
@@ -59,6 +60,7 @@ def run(args: Namespace, env: DistEnv) -> None:
         loader = build_loader(args, env)
         model_config = load_model_config(args.config, tokenizer_vocab=loader.vocab_size)
         check_seq_len(args, model_config)
+        slt_config = load_slt_config(args.slt_config) if args.enable_slt else None
     except SETUP_ERRORS as err:
         exit_with_error(err)
     run_name = broadcast_from_main(args.run_name or default_run_name(args, model_config))
@@ -67,6 +69,16 @@ def run(args: Namespace, env: DistEnv) -> None:
     # ---- model: built on the meta device, sharded, then each rank materializes its shards ----
     torch.manual_seed(args.seed)
     model = build_meta_model(model_config, attention_implementation(args))
+    # MFU counts the dense model's FLOPs: sparse layers still multiply by a full weight.
+    flops = flops_per_token(
+        model_config, count_parameters(model, exclude_embedding=True), args.seq_len
+    )
+    sparse = None
+    if slt_config:
+        try:
+            sparse = SparseTraining(model, slt_config)  # swaps the projections before sharding
+        except ArgError as err:
+            exit_with_error(err)
     model.require_flash_sdpa = args.enable_flash and model.config._attn_implementation == "sdpa"
     mesh = build_mesh(env, args.sharding_strategy)
     parallelize_model(
@@ -93,6 +105,7 @@ def run(args: Namespace, env: DistEnv) -> None:
         tokenizer_dir=Path(args.tokenizer_dir),
         keep_last=args.keep_last,
         async_save=args.async_save,
+        sparse=sparse,
     )
     start_step = 0
     resume_dir = resolve_resume_dir(args.resume_dir, run_dir)
@@ -114,9 +127,6 @@ def run(args: Namespace, env: DistEnv) -> None:
     logger = MetricsLogger(run_dir, tensorboard_dir, enabled=env.is_main)
     logger.write_config(vars(args) | {"run_name": run_name}, model_config)
     n_params = count_parameters(model)
-    flops = flops_per_token(
-        model_config, count_parameters(model, exclude_embedding=True), args.seq_len
-    )
     peak = peak_flops(env.device, args.peak_tflops)
     if env.is_main:
         print(
@@ -124,6 +134,8 @@ def run(args: Namespace, env: DistEnv) -> None:
             f"{accum_steps} micro-steps of {args.local_batch} x {args.seq_len} tokens per step",
             flush=True,
         )
+        if sparse:
+            print(sparse.describe(), flush=True)
 
     # ---- the loop ----
     batches = iter(loader)
@@ -139,6 +151,8 @@ def run(args: Namespace, env: DistEnv) -> None:
         micro_batches = [next(batches) for _ in range(accum_steps)]
         window.data_wait += time.perf_counter() - wait_start
         lr = optimizer.param_groups[0]["lr"]
+        if sparse:
+            sparse.before_step(step)
         loss, grad_norm = train_step(
             model, optimizer, scheduler, scaler, micro_batches, env, args.grad_clip
         )
@@ -154,6 +168,8 @@ def run(args: Namespace, env: DistEnv) -> None:
                 "mfu": flops * per_gpu / peak if peak else None,
                 "peak_mem_gb": peak_memory_gb(env.device),
             }
+            if sparse:
+                stats |= sparse.measure(step, compute_dtype(args.bf16, args.fp16))
             logger.log(step, stats)
         if args.eval_every and (step % args.eval_every == 0 or step == args.train_steps):
             eval_start = time.perf_counter()

@@ -28,8 +28,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from utils.checkpoint import Checkpointer, local_tensor
-from utils.distributed import DistEnv, broadcast_from_main, build_mesh, init_distributed, shutdown
+from utils.checkpoint import Checkpointer
+from utils.distributed import (
+    DistEnv,
+    broadcast_from_main,
+    build_mesh,
+    init_distributed,
+    local_tensor,
+    shutdown,
+)
 from utils.model import build_meta_model, count_parameters, init_weights, load_model_config
 from utils.optim import build_lr_schedule, build_optimizer
 from utils.parallelize import parallelize_model

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--sharding_strategy", default="full_shard", choices=SHARDING_STRATEGIES)
     model.add_argument("--bf16", action="store_true", help="bf16 compute, fp32 master/reduce")
     model.add_argument("--fp16", action="store_true", help="fp16 compute with a grad scaler")
+    model.add_argument(
+        "--enable_slt", action="store_true", help="sparse projections (slt), see --slt_config"
+    )
+    model.add_argument("--slt_config", help="JSON file: slt method and settings (README, slt)")
 
     opt = p.add_argument_group("optimization")
     opt.add_argument("--global_batch", type=int, default=256, help="sequences per optimizer step")
@@ -150,6 +154,8 @@ def check_args(args: argparse.Namespace) -> None:
             )
     if args.eval_every and not args.eval_data:
         raise ArgError("--eval_every needs --eval_data (C4 validation files; see README)")
+    if args.enable_slt != bool(args.slt_config):
+        raise ArgError("--enable_slt and --slt_config go together; give both or neither")
     if args.async_save and args.ckpt_type != "shard":
         raise ArgError("--async_save works with --ckpt_type shard only")
 

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -45,8 +45,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
+from slt.export import SIDECAR, effective_dense_state, sparse_part, with_sparse_state
+from slt.training import SparseTraining
 from utils.args import ArgError
-from utils.distributed import DistEnv
+from utils.distributed import DistEnv, local_tensor
 from utils.model import canonical_name
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -94,6 +96,7 @@ class Checkpointer:
         tokenizer_dir: Path,
         keep_last: int = 0,
         async_save: bool = False,
+        sparse: SparseTraining | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.ckpt_type = ckpt_type
@@ -103,6 +106,7 @@ class Checkpointer:
         self.tokenizer_dir = tokenizer_dir
         self.keep_last = keep_last
         self.async_save = async_save
+        self.sparse = sparse
         # Background DCP writes need their own group so they never interleave with training's.
         self._async_group = dist.new_group(backend="gloo") if async_save else None
         self._pending: tuple[Any, Path, Path] | None = None
@@ -155,6 +159,7 @@ class Checkpointer:
             "world_size": self.env.world_size,
             "sharding_strategy": self.sharding_strategy,
             "ckpt_type": self.ckpt_type,
+            "slt": self.sparse.state_dict() if self.sparse else None,
         }
         _save_durably(trainer, staging / "trainer.pt")
         (staging / "args.json").write_text(json.dumps(args, indent=2, default=str))
@@ -167,9 +172,14 @@ class Checkpointer:
     def _save_full(self, model: nn.Module, optimizer, staging: Path) -> None:
         model_state = get_model_state_dict(model, options=FULL_STATE)
         optim_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
-        if self.env.is_main:
-            save_transformers_weights(self.model_config, model_state, staging)
-            _save_durably(optim_state, staging / "optimizer.pt")
+        if not self.env.is_main:
+            return
+        if self.sparse:
+            save_file(sparse_part(model_state, self.sparse.layers), str(staging / SIDECAR))
+            sparse_state = self.sparse.state_dict()
+            model_state = effective_dense_state(self.model_config, sparse_state, model_state)
+        save_transformers_weights(self.model_config, model_state, staging)
+        _save_durably(optim_state, staging / "optimizer.pt")
 
     def _publish(self, staging: Path, final: Path) -> None:
         dist.barrier()
@@ -192,6 +202,7 @@ class Checkpointer:
         optimizer starts fresh while the step count (hence the LR schedule position) is kept."""
         trainer = torch.load(step_dir / "trainer.pt", weights_only=True)
         same_world = trainer["world_size"] == self.env.world_size
+        self._check_sparse_compatible(step_dir, trainer)
         check_shapes_match(saved_shapes(step_dir, trainer["ckpt_type"]), model)
         if trainer["ckpt_type"] == "local":
             self._check_local_compatible(step_dir, trainer)
@@ -205,10 +216,19 @@ class Checkpointer:
             scheduler.load_state_dict(trainer["scheduler"])
             if scaler and trainer["scaler"]:
                 scaler.load_state_dict(trainer["scaler"])
+        if self.sparse:
+            self.sparse.load_state_dict(trainer.get("slt"), str(step_dir))
         loader.load_state_dict(rank_state["loader"])
         if same_world:
             _set_rng_state(rank_state["rng"])
         return trainer["step"]
+
+    def _check_sparse_compatible(self, step_dir: Path, trainer: dict) -> None:
+        if trainer.get("slt") and not self.sparse:
+            raise ArgError(
+                f"--resume_dir {step_dir} was trained with --enable_slt; resume with the same "
+                "--enable_slt --slt_config, or export it to a dense model with utils.convert"
+            )
 
     def _check_local_compatible(self, step_dir: Path, trainer: dict) -> None:
         saved = (trainer["world_size"], trainer["sharding_strategy"])
@@ -235,7 +255,7 @@ def load_weights_and_optimizer(step_dir: Path, ckpt_type: str, model, optimizer,
         )
     elif ckpt_type == "full":
         is_main = dist.get_rank() == 0
-        weights = load_transformers_weights(step_dir) if is_main else {}
+        weights = _full_checkpoint_weights(step_dir) if is_main else {}
         set_model_state_dict(model, weights, options=FULL_STATE_FROM_RANK0)
         if optimizer:
             optim = torch.load(step_dir / "optimizer.pt", weights_only=True) if is_main else {}
@@ -256,9 +276,21 @@ def save_transformers_weights(config: PretrainedConfig, state: dict, out_dir: Pa
 
 def load_transformers_weights(step_dir: Path) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
-    for file in sorted(step_dir.glob("*.safetensors")):
+    for file in _transformers_weight_files(step_dir):
         weights |= load_file(str(file))
     return weights
+
+
+def _transformers_weight_files(step_dir: Path) -> list[Path]:
+    return sorted(f for f in step_dir.glob("*.safetensors") if f.name != SIDECAR)
+
+
+def _full_checkpoint_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The training model's state from a `full` checkpoint: a sparse run's layers come from
+    the sidecar, not from their exported effective weights."""
+    weights = load_transformers_weights(step_dir)
+    sidecar = step_dir / SIDECAR
+    return with_sparse_state(weights, load_file(str(sidecar))) if sidecar.is_file() else weights
 
 
 # ---------------------------------------------------------------- local format
@@ -296,11 +328,6 @@ def _load_local_shards(model: nn.Module, optimizer, rank_state: dict) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a sharded tensor (the tensor itself when it is not sharded)."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
 def _like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """Optimizer moments are sharded like their parameter; scalars such as `step` are not."""
     if isinstance(param, DTensor) and value.shape == param.to_local().shape and value.ndim > 0:
@@ -332,13 +359,20 @@ def saved_shapes(step_dir: Path, ckpt_type: str) -> dict[str, tuple[int, ...]]:
             k[len(prefix) :]: tuple(v.size) for k, v in metadata.items() if k.startswith(prefix)
         }
     if ckpt_type == "full":
-        shapes = {}
-        for file in sorted(step_dir.glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as f:
-                shapes |= {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-        return shapes
+        shapes: dict[str, tuple[int, ...]] = {}
+        for file in _transformers_weight_files(step_dir):
+            shapes |= _safetensors_shapes(file)
+        sidecar = step_dir / SIDECAR
+        return (
+            with_sparse_state(shapes, _safetensors_shapes(sidecar)) if sidecar.is_file() else shapes
+        )
     rank0 = torch.load(step_dir / "rank_00000.pt", weights_only=True)
     return {k: tuple(v) for k, v in rank0["shapes"].items()}
+
+
+def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    with safe_open(str(file), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
 
 
 def check_shapes_match(saved: dict[str, tuple[int, ...]], model: nn.Module) -> None:

@@ -4,7 +4,8 @@
 
 `full` checkpoints already are one (this copies them without optimizer and loader files);
 `shard` (DCP) and `local` (per-rank shards) checkpoints are consolidated in one process, no
-process group needed. The result loads with `AutoModelForCausalLM.from_pretrained`.
+process group needed. A sparse (slt) run is written as its effective dense weights. The
+result loads with `AutoModelForCausalLM.from_pretrained`.
 """
 
 from __future__ import annotations
@@ -15,31 +16,36 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig, GenerationConfig
 
+from slt.export import effective_dense_state, meta_model
 from utils.checkpoint import TOKENIZER_FILES, load_transformers_weights, save_transformers_weights
 
 
-def checkpoint_type(step_dir: Path) -> str:
+def read_trainer_state(step_dir: Path) -> dict:
     trainer = step_dir / "trainer.pt"
     if not trainer.is_file():
         raise FileNotFoundError(f"{step_dir} is not a training checkpoint (no trainer.pt)")
-    return torch.load(trainer, weights_only=True)["ckpt_type"]
+    return torch.load(trainer, weights_only=True)
 
 
 def read_full_weights(step_dir: Path) -> dict[str, torch.Tensor]:
-    """Full (unsharded) model weights of a checkpoint of any format, on the CPU."""
-    kind = checkpoint_type(step_dir)
-    if kind == "full":
-        return load_transformers_weights(step_dir)
-    if kind == "shard":
-        return _read_dcp_weights(step_dir)
-    return _stitch_local_shards(step_dir)
+    """Full (unsharded) dense model weights of a checkpoint of any format, on the CPU."""
+    trainer = read_trainer_state(step_dir)
+    if trainer["ckpt_type"] == "full":
+        return load_transformers_weights(step_dir)  # sparse layers already effective
+    slt_state = trainer.get("slt")
+    if trainer["ckpt_type"] == "shard":
+        weights = _read_dcp_weights(step_dir, slt_state)
+    else:
+        weights = _stitch_local_shards(step_dir)
+    if slt_state is None:
+        return weights
+    return effective_dense_state(AutoConfig.from_pretrained(str(step_dir)), slt_state, weights)
 
 
-def _read_dcp_weights(step_dir: Path) -> dict[str, torch.Tensor]:
-    with torch.device("meta"):
-        shell = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(step_dir)))
+def _read_dcp_weights(step_dir: Path, slt_state: dict | None) -> dict[str, torch.Tensor]:
+    shell = meta_model(AutoConfig.from_pretrained(str(step_dir)), slt_state)
     weights = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shell.state_dict().items()}
     dcp.load({"model": weights}, checkpoint_id=step_dir, no_dist=True)
     return weights

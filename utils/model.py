@@ -88,22 +88,30 @@ def init_weights(model: nn.Module, seed: int, device: torch.device) -> None:
     model.to_empty(device=device)
     std = model.config.initializer_range
     for name, param in model.named_parameters():
-        full = _initial_value(canonical_name(name), tuple(param.shape), seed, std, device)
+        owner = model.get_submodule(name.rpartition(".")[0])
+        full = _initial_value(owner, canonical_name(name), tuple(param.shape), seed, std, device)
         if isinstance(param, DTensor):
             full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
             param.to_local().copy_(full.to_local())
         else:
             param.copy_(full)
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):  # sparse layers (slt) set their thresholds
+            module.reset_buffers()
     _rebuild_rotary_buffers(model, device)
 
 
-def _initial_value(name: str, shape: tuple, seed: int, std: float, device) -> torch.Tensor:
+def _initial_value(owner, name: str, shape: tuple, seed: int, std: float, device) -> torch.Tensor:
+    """A module with its own `initial_value` (a sparse layer) initializes its parameters;
+    the others follow HF Llama: normal(0, std) matrices, unit norms, zero biases."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    if hasattr(owner, "initial_value"):
+        return owner.initial_value(name.rpartition(".")[2], generator, std)
     if name.endswith("norm.weight"):
         return torch.ones(shape, device=device)
     if name.endswith(".bias"):
         return torch.zeros(shape, device=device)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)
 
 

@@ -1,0 +1,102 @@
+"""The run's sparse layers as one object: schedule, measured sparsity, checkpoint state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from slt.config import SLTConfig
+from slt.layers import SLTLinear, ThresholdedLinear
+from slt.patch import patch_llama
+from slt.schedule import last_refresh, refresh_due, scheduled_sparsity
+from utils.args import ArgError
+
+
+class SparseTraining:
+    """Patches the model on construction (meta device, before sharding), then, per step,
+    tells the thresholded layers when to recompute their threshold; no host sync is added."""
+
+    def __init__(self, model: nn.Module, config: SLTConfig) -> None:
+        self.config = config
+        self.layers = patch_llama(model, config)
+        self.thresholded = [
+            layer for layer in self.layers.values() if isinstance(layer, ThresholdedLinear)
+        ]
+        self._has_thresholds = False
+
+    def before_step(self, step: int) -> None:
+        """Before the forward of optimizer step `step`: schedule a mask refresh if due (also at
+        the first step of a run whose thresholds did not come from a checkpoint)."""
+        if self.thresholded and (
+            refresh_due(step, self.config.settings) or not self._has_thresholds
+        ):
+            sparsity = scheduled_sparsity(step, self.config.settings)
+            for layer in self.thresholded:
+                layer.pending_sparsity = sparsity
+            self._has_thresholds = True
+
+    @torch.no_grad()
+    def measure(self, step: int, compute_dtype: torch.dtype) -> dict[str, float]:
+        """The fraction of zeros in the effective weights of all sparse layers as the forward
+        sees them, counted on each rank's shards and summed (a collective)."""
+        counts = torch.zeros(2, dtype=torch.float64, device=_device_of(self.layers))
+        for layer in self.layers.values():
+            weight = layer.local_effective_weight(compute_dtype)
+            counts[0] += (weight == 0).sum()
+            counts[1] += weight.numel()
+        dist.all_reduce(counts)
+        zeros, total = counts.tolist()
+        metrics = {"sparsity": zeros / total, "slt/trainable_params": self.trainable_parameters()}
+        if self.thresholded:
+            metrics["slt/target_sparsity"] = scheduled_sparsity(
+                last_refresh(step, self.config.settings), self.config.settings
+            )
+        if self.config.method == "nm":
+            metrics["slt/target_sparsity"] = (
+                1 - self.config.settings["n"] / self.config.settings["m"]
+            )
+        return metrics
+
+    def trainable_parameters(self) -> int:
+        return sum(layer.trainable_parameters() for layer in self.layers.values())
+
+    def describe(self) -> str:
+        dense = sum(layer.in_features * layer.out_features for layer in self.layers.values())
+        trainable = self.trainable_parameters()
+        return (
+            f"slt {self.config.method}: {len(self.layers)} projections replaced; they train "
+            f"{trainable / 1e6:.2f}M parameters where dense ones would train {dense / 1e6:.2f}M "
+            f"({100 * trainable / dense:.1f}%)"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "thresholds": {
+                name: layer.threshold.detach().cpu()
+                for name, layer in self.layers.items()
+                if isinstance(layer, ThresholdedLinear)
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any] | None, source: str) -> None:
+        """Restore the thresholds of a checkpoint trained with the same config. A dense
+        checkpoint (no sparse state) is accepted: its weights are then pruned from here on."""
+        if state is None:
+            return
+        saved = SLTConfig.from_dict(state["config"], source=f"in {source}")
+        if saved != self.config:
+            raise ArgError(
+                f"--resume_dir {source} was trained with slt config {saved.to_dict()}, not "
+                f"{self.config.to_dict()}; resume with the same --slt_config"
+            )
+        for name, threshold in state["thresholds"].items():
+            self.layers[name].threshold.copy_(threshold)
+        self._has_thresholds = True
+
+
+def _device_of(layers: dict[str, SLTLinear]) -> torch.device:
+    return next(next(iter(layers.values())).parameters()).device

@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt = p.add_argument_group("optimization")
     opt.add_argument("--global_batch", type=int, default=256, help="sequences per optimizer step")
     opt.add_argument(
-        "--local_batch", type=int, default=32, help="sequences per rank per micro-step"
+        "--local_batch",
+        type=int,
+        default=8,
+        help="sequences per rank per micro-step (8 x 2048 tokens: see README, Performance)",
     )
     opt.add_argument("--train_steps", type=int, default=100_000, help="optimizer steps")
     opt.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")

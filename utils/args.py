@@ -124,20 +124,20 @@ def add_layout_flags(group: argparse._ActionsContainer) -> None:
         dest="activation_checkpointing",
         action="store_const",
         const="full",
+        default=argparse.SUPPRESS,
         help="the same as --activation_checkpointing full",
     )
-    _add_switch(group, "compile", "torch.compile each decoder layer (default: on with CUDA)")
-    _add_switch(
-        group,
-        "chunked_loss",
-        "loss over chunks of tokens, never the whole batch's logits (default: on with CUDA)",
-    )
+    _add_switch(group, "compile", "torch.compile each decoder layer")
+    _add_switch(group, "chunked_loss", "loss over chunks of tokens, never the batch's logits")
 
 
 def _add_switch(group: argparse._ActionsContainer, name: str, help: str) -> None:
     """`--name` / `--no_name`, None when neither is given."""
+    help = f"{help}; None: on with CUDA, off on CPU"
     group.add_argument(f"--{name}", action="store_true", default=None, help=help)
-    group.add_argument(f"--no_{name}", dest=name, action="store_false", help=f"turn --{name} off")
+    group.add_argument(
+        f"--no_{name}", dest=name, action="store_false", default=argparse.SUPPRESS, help="off"
+    )
 
 
 def apply_device_defaults(args: argparse.Namespace, device: torch.device) -> None:

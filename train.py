@@ -19,17 +19,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from datas import get_loader_builder
 from datas.C4.c4_eval import check_eval_data, evaluate_c4_ppl
-from slt import SparseTraining, load_slt_config
-from utils.args import ArgError, grad_accum_steps, parse_args
+from slt import SLTConfig, SparseTraining, load_slt_config
+from utils.args import ArgError, apply_device_defaults, grad_accum_steps, parse_args
 from utils.checkpoint import Checkpointer, resolve_resume_dir
 from utils.distributed import DistEnv, broadcast_from_main, build_mesh, init_distributed, shutdown
-from utils.loss import next_token_nll_sum, predicted_token_count
-from utils.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gb
+from utils.loss import model_nll_sum, predicted_token_count, use_chunked_loss
+from utils.metrics import MetricsLogger, model_flops_per_token, peak_flops, peak_memory_gb
 from utils.model import build_meta_model, count_parameters, init_weights, load_model_config
 from utils.optim import build_lr_schedule, build_optimizer
 from utils.parallelize import build_grad_scaler, compute_dtype, parallelize_model
@@ -55,6 +56,7 @@ def run(args: Namespace, env: DistEnv) -> None:
     try:
         accum_steps = grad_accum_steps(args.global_batch, args.local_batch, env.world_size)
         check_hardware(args, env)
+        apply_device_defaults(args, env.device)
         if args.eval_every:
             check_eval_data(args.eval_data)
         loader = build_loader(args, env)
@@ -68,27 +70,11 @@ def run(args: Namespace, env: DistEnv) -> None:
 
     # ---- model: built on the meta device, sharded, then each rank materializes its shards ----
     torch.manual_seed(args.seed)
-    model = build_meta_model(model_config, attention_implementation(args))
-    # MFU counts the dense model's FLOPs: sparse layers still multiply by a full weight.
-    flops = flops_per_token(
-        model_config, count_parameters(model, exclude_embedding=True), args.seq_len
-    )
-    sparse = None
-    if slt_config:
-        try:
-            sparse = SparseTraining(model, slt_config)  # swaps the projections before sharding
-        except ArgError as err:
-            exit_with_error(err)
-    model.require_flash_sdpa = args.enable_flash and model.config._attn_implementation == "sdpa"
-    mesh = build_mesh(env, args.sharding_strategy)
-    parallelize_model(
-        model,
-        mesh,
-        sharding_strategy=args.sharding_strategy,
-        param_dtype=compute_dtype(args.bf16, args.fp16),
-        activation_checkpointing=args.activation_checkpointing,
-    )
-    init_weights(model, args.seed, env.device)
+    try:
+        model, sparse = build_model(args, model_config, env, slt_config)
+    except ArgError as err:  # a sparse layer that does not fit the model's shapes
+        exit_with_error(err)
+    flops = model_flops_per_token(model_config, args.seq_len)
     optimizer = build_optimizer(model, lr=args.lr, weight_decay=args.weight_decay, fp16=args.fp16)
     scheduler = build_lr_schedule(
         optimizer, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, total=args.train_steps
@@ -223,7 +209,7 @@ def train_step(model, optimizer, scheduler, scaler, micro_batches, env: DistEnv,
         # Backward too: activation checkpointing recomputes attention there, and a different
         # kernel would save tensors of other shapes than the forward did.
         with attention_context(model):
-            nll = next_token_nll_sum(model(input_ids=input_ids).logits, labels)
+            nll = model_nll_sum(model, input_ids, labels)
             loss = nll * loss_scale
             (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += nll.detach()
@@ -299,6 +285,29 @@ def build_loader(args: Namespace, env: DistEnv):
         global_rank=env.rank,
         num_canonical_nodes=args.num_canonical_nodes,
     )
+
+
+def build_model(
+    args: Namespace, model_config, env: DistEnv, slt_config: SLTConfig | None = None
+) -> tuple[nn.Module, SparseTraining | None]:
+    """Meta model (with sparse projections and the chunked-loss head if asked), laid out by
+    parallelize_model, then each rank materializes and initializes its shards.
+    bench.throughput and bench.slt time this same model."""
+    model = build_meta_model(model_config, attention_implementation(args))
+    model.require_flash_sdpa = args.enable_flash and model.config._attn_implementation == "sdpa"
+    sparse = SparseTraining(model, slt_config) if slt_config else None
+    if args.chunked_loss:
+        use_chunked_loss(model, compile_chunks=args.compile)
+    parallelize_model(
+        model,
+        build_mesh(env, args.sharding_strategy),
+        sharding_strategy=args.sharding_strategy,
+        param_dtype=compute_dtype(args.bf16, args.fp16),
+        activation_checkpointing=args.activation_checkpointing,
+        compile=args.compile,
+    )
+    init_weights(model, args.seed, env.device)
+    return model, sparse
 
 
 def check_hardware(args: Namespace, env: DistEnv) -> None:

@@ -94,7 +94,6 @@ def build_training(env: DistEnv, config_name: str, layers: int):
         build_mesh(env, STRATEGY),
         sharding_strategy=STRATEGY,
         param_dtype=torch.float32,
-        activation_checkpointing=False,
     )
     init_weights(model, seed=0, device=env.device)
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.1)

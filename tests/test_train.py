@@ -85,6 +85,21 @@ def test_sharding_strategies_and_activation_checkpointing_match_full_shard(runs)
     assert_same_curve(baseline, replicated, rel=1e-5)
 
 
+def test_chunked_loss_and_selective_checkpointing_match_full_shard(runs):
+    """Across 2 ranks the chunked head uses the gathered output weight after the root forward;
+    its loss and gradients must equal the plain head's."""
+    baseline = list_losses(runs("baseline", "--local_batch=2"))
+    chunked = list_losses(
+        runs(
+            "chunked_selective",
+            "--local_batch=2",
+            "--chunked_loss",
+            "--activation_checkpointing=selective",
+        )
+    )
+    assert_same_curve(baseline, chunked, rel=1e-5)
+
+
 def test_two_nodes_on_localhost_match_one_node(runs, mds_tokens, tokenizer_dir, tmp_path):
     """`torchrun --nnodes=2` with a c10d rendezvous, one process per "node", hybrid sharding.
 

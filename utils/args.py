@@ -8,12 +8,18 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 SHARDING_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
 CKPT_TYPES = ("shard", "full", "local")
 STRATEGIES = ("pack", "overflow", "trunc")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+SPEED_SWITCHES = ("compile", "chunked_loss")
 
 
 class ArgError(ValueError):
@@ -29,28 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--args_file", help="YAML or JSON mapping of these flags (command line wins)")
 
-    data = p.add_argument_group("data")
-    data.add_argument("--data_dir", help="MDS dataset dir or remote; mix as 'a:0.7,b:0.3'")
-    data.add_argument("--data_name", default="FineWeb-Edu", help="loader registered in datas/")
-    data.add_argument("--local_cache_dir", help="per-node cache; data_dir is then read as remote")
-    data.add_argument("--tokenizer_dir", help="transformers tokenizer directory")
-    data.add_argument("--strategy", default="pack", choices=STRATEGIES)
-    data.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence")
-    data.add_argument("--num_workers", type=int, default=2, help="loader workers per rank")
-    data.add_argument(
-        "--num_canonical_nodes", type=int, default=64, help="streaming's sample order"
-    )
+    add_data_flags(p.add_argument_group("data"))
 
     model = p.add_argument_group("model")
     model.add_argument("--config", help="HF config.json, a directory holding one, or a shape name")
     model.add_argument("--enable_flash", action="store_true", help="flash attention kernels (GPU)")
-    model.add_argument(
-        "--activation_checkpointing",
-        "--enable_ckpt",
-        action="store_true",
-        help="recompute each decoder layer in backward",
-    )
-    model.add_argument("--sharding_strategy", default="full_shard", choices=SHARDING_STRATEGIES)
+    add_layout_flags(model)
     model.add_argument("--bf16", action="store_true", help="bf16 compute, fp32 master/reduce")
     model.add_argument("--fp16", action="store_true", help="fp16 compute with a grad scaler")
     model.add_argument(
@@ -61,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt = p.add_argument_group("optimization")
     opt.add_argument("--global_batch", type=int, default=256, help="sequences per optimizer step")
     opt.add_argument(
-        "--local_batch", type=int, default=32, help="sequences per rank per micro-step"
+        "--local_batch",
+        type=int,
+        default=8,
+        help="sequences per rank per micro-step (8 x 2048 tokens: see README, Performance)",
     )
     opt.add_argument("--train_steps", type=int, default=100_000, help="optimizer steps")
     opt.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
@@ -103,6 +96,62 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_data_flags(group: argparse._ActionsContainer) -> None:
+    """The loader's flags, shared by train.py and bench.throughput."""
+    group.add_argument("--data_dir", help="MDS dataset dir or remote; mix as 'a:0.7,b:0.3'")
+    group.add_argument("--data_name", default="FineWeb-Edu", help="loader registered in datas/")
+    group.add_argument("--local_cache_dir", help="per-node cache; data_dir is then read as remote")
+    group.add_argument("--tokenizer_dir", help="transformers tokenizer directory")
+    group.add_argument("--strategy", default="pack", choices=STRATEGIES)
+    group.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence")
+    group.add_argument("--num_workers", type=int, default=2, help="loader workers per rank")
+    group.add_argument(
+        "--num_canonical_nodes", type=int, default=64, help="streaming's sample order"
+    )
+
+
+def add_layout_flags(group: argparse._ActionsContainer) -> None:
+    """Sharding and the speed options, shared by train.py and bench.throughput. The switches
+    default to None: `apply_device_defaults` turns them on for CUDA and off for CPU."""
+    group.add_argument("--sharding_strategy", default="full_shard", choices=SHARDING_STRATEGIES)
+    group.add_argument(
+        "--activation_checkpointing",
+        nargs="?",
+        const="full",
+        default="none",
+        choices=ACTIVATION_CHECKPOINTING,
+        help="recompute in backward: each whole decoder layer (full; the bare flag), or only "
+        "its element-wise operations, keeping matmul and attention outputs (selective)",
+    )
+    group.add_argument(
+        "--enable_ckpt",
+        dest="activation_checkpointing",
+        action="store_const",
+        const="full",
+        default=argparse.SUPPRESS,
+        help="the same as --activation_checkpointing full",
+    )
+    _add_switch(group, "compile", "torch.compile each decoder layer")
+    _add_switch(group, "chunked_loss", "loss over chunks of tokens, never the batch's logits")
+
+
+def _add_switch(group: argparse._ActionsContainer, name: str, help: str) -> None:
+    """`--name` / `--no_name`, None when neither is given."""
+    help = f"{help}; None: on with CUDA, off on CPU"
+    group.add_argument(f"--{name}", action="store_true", default=None, help=help)
+    group.add_argument(
+        f"--no_{name}", dest=name, action="store_false", default=argparse.SUPPRESS, help="off"
+    )
+
+
+def apply_device_defaults(args: argparse.Namespace, device: torch.device) -> None:
+    """The speed switches not given on the command line: on for CUDA, off elsewhere (compiling
+    costs more than it saves on CPU, and the chunked loss pays off with large batches)."""
+    for switch in SPEED_SWITCHES:
+        if getattr(args, switch) is None:
+            setattr(args, switch, device.type == "cuda")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -136,6 +185,11 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("global_batch", "local_batch", "seq_len", "train_steps", "log_every"):
         if getattr(args, flag) <= 0:
             raise ArgError(f"--{flag} must be positive (got {getattr(args, flag)})")
+    if args.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        raise ArgError(
+            f"--activation_checkpointing {args.activation_checkpointing} is not one of "
+            f"{', '.join(ACTIVATION_CHECKPOINTING)}"
+        )
     if args.bf16 and args.fp16:
         raise ArgError("--bf16 and --fp16 exclude each other; pick one")
     tokenizer = Path(args.tokenizer_dir)

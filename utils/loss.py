@@ -1,11 +1,27 @@
-"""The training objective: next-token cross-entropy summed over labelled tokens."""
+"""The training objective: next-token cross-entropy summed over labelled tokens.
+
+Two ways to compute it, with the same value (fp32 sums) and gradients:
+- `next_token_nll_sum` on the logits the model returns: simple, but the batch's full logits
+  exist at once, in the compute dtype and again in fp32 (a [tokens, vocab] tensor each);
+- `ChunkedLossHead`: the model's output layer, swapped in under the same parameter name
+  (`lm_head.weight`), hands its input back during training, and `chunked_next_token_nll_sum`
+  computes logits, loss and gradients a slice of tokens at a time, so only one slice of
+  logits ever exists.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = -100
+# Logit elements per chunk: 64M (256 MB in fp32), e.g. 2,097 tokens of a 32,000-token vocabulary.
+# Large enough that each chunk's matmuls keep a GPU busy, small next to the full logits.
+CHUNK_LOGITS = 1 << 26
 
 
 def predicted_token_count(labels: torch.Tensor) -> int:
@@ -22,3 +38,112 @@ def next_token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
+
+
+def model_nll_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Run the model and return its summed next-token NLL, chunked when it has the chunked head.
+
+    The root forward must run whole: under FSDP2 it is what gathers the head's weight, which
+    the root keeps unsharded after forward, so the loss can use it once the forward returns."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, ChunkedLossHead):
+        return next_token_nll_sum(model(input_ids=input_ids).logits, labels)
+    with head.returning_hidden_states():
+        hidden = model(input_ids=input_ids).logits
+    return chunked_next_token_nll_sum(hidden, head.weight, labels, head.chunk_loss)
+
+
+class ChunkedLossHead(nn.Linear):
+    """The output projection, an nn.Linear in every way (name, weight, logits) except that
+    inside `returning_hidden_states()` it returns its input: the final hidden states."""
+
+    def __init__(self, linear: nn.Linear, compile_chunks: bool) -> None:
+        super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
+        self.weight = linear.weight  # the same Parameter, so tied embeddings stay tied
+        self.chunk_loss = (
+            torch.compile(chunk_loss_and_grad) if compile_chunks else chunk_loss_and_grad
+        )
+        self._return_hidden = False
+
+    @contextmanager
+    def returning_hidden_states(self) -> Iterator[None]:
+        self._return_hidden = True
+        try:
+            yield
+        finally:
+            self._return_hidden = False
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden if self._return_hidden else super().forward(hidden)
+
+
+def use_chunked_loss(model: nn.Module, compile_chunks: bool) -> None:
+    """Swap in the chunked head, on the meta model before sharding (names do not change)."""
+    linear = model.get_output_embeddings()
+    if linear.bias is not None:
+        raise ValueError("the chunked loss supports output layers without bias only")
+    model.set_output_embeddings(ChunkedLossHead(linear, compile_chunks))
+
+
+def chunked_next_token_nll_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_loss: Callable | None = None,
+) -> torch.Tensor:
+    """`next_token_nll_sum(hidden @ weight.T, labels)` without materialising all the logits."""
+    hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))
+    targets = labels[:, 1:].reshape(-1).to(hidden.device)
+    chunk_rows = max(1, CHUNK_LOGITS // weight.size(0))
+    return _ChunkedLinearCrossEntropy.apply(
+        hidden, weight, targets, chunk_rows, chunk_loss or chunk_loss_and_grad
+    )
+
+
+def chunk_loss_and_grad(
+    logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of one chunk (fp32) and its gradient with respect to the logits (softmax
+    minus one-hot; zero on ignored rows), in the logits' dtype."""
+    dtype = logits.dtype
+    logits = logits.float()
+    valid = targets != IGNORE_INDEX
+    safe_targets = torch.where(valid, targets, 0)
+    log_norm = logits.logsumexp(dim=-1)
+    target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1)
+    loss = torch.where(valid, log_norm - target_logits, 0.0).sum()
+    grad = torch.exp(logits - log_norm[:, None]) * valid[:, None]
+    rows = torch.arange(targets.size(0), device=targets.device)
+    grad[rows, safe_targets] -= valid.float()
+    return loss, grad.to(dtype)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Loss and both input gradients are computed chunk by chunk in forward (the gradient of a
+    summed loss does not depend on anything later), so backward only scales them: three matmuls
+    per chunk, as without chunking, and no logits kept for backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows, chunk_loss):
+        needs_grad = hidden.requires_grad or weight.requires_grad
+        ctx.weight_dtype = weight.dtype
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        for start in range(0, hidden.size(0), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            chunk_loss_sum, grad_logits = chunk_loss(hidden[rows] @ weight.T, targets[rows])
+            loss += chunk_loss_sum
+            if needs_grad:
+                grad_hidden[rows] = grad_logits @ weight
+                grad_weight += grad_logits.T @ hidden[rows]
+        if needs_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # Scaled in fp32 before the cast: with fp16 the loss scale can be large.
+        weight_grad = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden * grad_loss, weight_grad, None, None, None

@@ -13,6 +13,8 @@ import torch
 from tqdm import tqdm
 from transformers import PretrainedConfig
 
+from utils.model import build_meta_model, count_parameters
+
 # Dense bf16 peak FLOP/s by GPU name (never the 2:4-sparse datasheet figure).
 PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
 
@@ -22,6 +24,13 @@ def flops_per_token(config: PretrainedConfig, non_embedding_params: int, seq_len
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     attention = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len
     return 6 * non_embedding_params + attention
+
+
+def model_flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
+    """flops_per_token of the dense model of `config`. Sparse (slt) runs count the same: their
+    layers multiply by a full-size effective weight."""
+    model = build_meta_model(config, "sdpa")
+    return flops_per_token(config, count_parameters(model, exclude_embedding=True), seq_len)
 
 
 # metrics.jsonl key -> TensorBoard tag, where they differ; other keys go to train/<key>.

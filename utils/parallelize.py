@@ -1,6 +1,9 @@
-"""How the model is laid out on the devices: activation checkpointing and FSDP2, in one place."""
+"""How the model is laid out on the devices: activation checkpointing, per-layer compile and
+FSDP2, in one place."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import nn
@@ -8,8 +11,28 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
 from utils.model import decoder_layers
+
+# Selective checkpointing keeps what is expensive to recompute (matmul and attention outputs)
+# and recomputes the cheap element-wise rest (norms, rotary, SiLU, products) in backward.
+_ATTENTION_OPS = (
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+)
+SAVED_BY_SELECTIVE_CHECKPOINTING = [
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    *(
+        getattr(torch.ops.aten, name).default
+        for name in _ATTENTION_OPS
+        if hasattr(torch.ops.aten, name)
+    ),
+]
 
 
 def compute_dtype(bf16: bool, fp16: bool) -> torch.dtype:
@@ -22,28 +45,45 @@ def parallelize_model(
     *,
     sharding_strategy: str,
     param_dtype: torch.dtype,
-    activation_checkpointing: bool,
+    activation_checkpointing: str = "none",
+    compile: bool = False,
 ) -> nn.Module:
-    """Wrap each decoder layer, then the root, with fully_shard.
+    """Checkpoint, then compile, then shard each decoder layer; finally shard the root.
 
     Parameters stay fp32 in their shards (the master weights); they are cast to `param_dtype`
     when gathered for compute, and gradients are reduced in fp32. `shard_grad_op` keeps the
     gathered layer parameters from forward to backward (ZeRO-2), the others free them after
     each layer's forward (ZeRO-3); `hybrid_shard` and `no_shard` differ only in the mesh.
+
+    Each layer is compiled on its own (the layers share one compiled graph): FSDP's hooks stay
+    outside the graph, while one graph per layer fuses its element-wise work. The compiled
+    wrapper adds `_orig_mod.` to parameter names, which checkpoints strip (`canonical_name`).
     """
     layers = decoder_layers(model)
-    if activation_checkpointing:
-        for index, layer in enumerate(layers):
-            layers[index] = checkpoint_wrapper(layer)
+    for index, layer in enumerate(layers):
+        layer = wrap_activation_checkpointing(layer, activation_checkpointing)
+        layers[index] = torch.compile(layer) if compile else layer
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    reshard_after_forward = sharding_strategy != "shard_grad_op"
-    for layer in layers:
+    for index, layer in enumerate(layers):
+        # The last layer is the first one backward needs: freeing it would only gather it again.
+        last = index == len(layers) - 1
+        reshard_after_forward = sharding_strategy != "shard_grad_op" and not last
         fully_shard(
             layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward
         )
     # The root's parameters (embeddings, final norm, head) are needed again first in backward.
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
     return model
+
+
+def wrap_activation_checkpointing(layer: nn.Module, mode: str) -> nn.Module:
+    """`full` recomputes the whole layer in backward, `selective` only its cheap operations."""
+    if mode == "full":
+        return checkpoint_wrapper(layer)
+    if mode == "selective":
+        policy = partial(create_selective_checkpoint_contexts, SAVED_BY_SELECTIVE_CHECKPOINTING)
+        return checkpoint_wrapper(layer, context_fn=policy)
+    return layer
 
 
 def build_grad_scaler(fp16: bool, device: torch.device) -> ShardedGradScaler | None:

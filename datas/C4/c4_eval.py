@@ -486,7 +486,6 @@ def load_model_for_eval(step_dir: str | Path, env: DistEnv | None = None) -> nn.
         build_mesh(env, "full_shard"),
         sharding_strategy="full_shard",
         param_dtype=torch.float32,
-        activation_checkpointing=False,
     )
 
 

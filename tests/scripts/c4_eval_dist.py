@@ -35,7 +35,6 @@ def sharded_tiny_llama(env, vocab: int) -> torch.nn.Module:
         mesh,
         sharding_strategy="full_shard",
         param_dtype=torch.float32,
-        activation_checkpointing=False,
     )
     init_weights(model, MODEL_SEED, env.device)
     return model

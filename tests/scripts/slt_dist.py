@@ -36,7 +36,7 @@ def run(env, slt: dict) -> dict:
     sparse = SparseTraining(model, SLTConfig.from_dict(slt))
     parallelize_model(
         model, build_mesh(env, "full_shard"), sharding_strategy="full_shard",
-        param_dtype=torch.float32, activation_checkpointing=False,
+        param_dtype=torch.float32,
     )  # fmt: skip
     init_weights(model, seed=0, device=env.device)
     optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1)

@@ -1,0 +1,167 @@
+"""The speed path on CPU: the throughput benchmark's smoke mode, the chunked loss against the
+plain one, and a compiled run against eager from the same checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import DATA_CANONICAL_NODES
+from tests.helpers import REPO, child_env, logged_losses, tiny_run_flags
+from utils import loss as loss_module
+from utils.args import build_parser
+from utils.loss import (
+    IGNORE_INDEX,
+    ChunkedLossHead,
+    chunked_next_token_nll_sum,
+    model_nll_sum,
+    next_token_nll_sum,
+    use_chunked_loss,
+)
+from utils.model import load_model_config
+
+
+def test_benchmark_smoke_on_real_data_prints_json_with_baseline(mds_tokens, tokenizer_dir):
+    cmd = [
+        sys.executable, "-m", "bench.throughput", "--config=tiny", "--seq_len=64",
+        "--local_batch=2", "--accum_steps=2", "--steps=3", "--warmup_steps=1", "--device=cpu",
+        "--baseline", "--json", "--peak_tflops=1", "--chunked_loss",
+        "--activation_checkpointing=selective", f"--data_dir={mds_tokens}",
+        f"--tokenizer_dir={tokenizer_dir}", "--num_workers=0",
+        f"--num_canonical_nodes={DATA_CANONICAL_NODES}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for prefix in ("", "baseline_"):
+        assert result[f"{prefix}tokens_per_s"] > 0
+        assert result[f"{prefix}tflops"] > 0
+        assert 0 < result[f"{prefix}mfu"] < 1  # of a 1 TFLOP/s peak
+        assert result[f"{prefix}peak_mem_gb"] > 0
+        assert 0 <= result[f"{prefix}data_wait_fraction"] < 1
+    assert result["tflops"] == pytest.approx(result["mfu"])  # peak 1 TFLOP/s
+    assert result["speedup"] == pytest.approx(
+        result["tokens_per_s"] / result["baseline_tokens_per_s"]
+    )
+    assert result["data"] == "mds" and result["chunked_loss"] is True
+    assert result["compile"] is False  # the CPU default
+    assert "| baseline |" in proc.stdout
+
+
+def test_benchmark_bad_input_is_one_line(capsys):
+    from bench import throughput
+
+    with pytest.raises(SystemExit) as stop:
+        throughput.main(["--config=tiny", "--steps=0"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --steps must be positive (got 0)"
+
+
+def random_case(vocab: int, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 41, 16, generator=generator, dtype=dtype, requires_grad=True)
+    weight = torch.randn(vocab, 16, generator=generator, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (3, 41), generator=generator)
+    labels[1, 5:30] = IGNORE_INDEX  # padding carries no loss
+    return hidden, weight, labels
+
+
+def loss_and_grads(loss_fn, hidden, weight, labels):
+    loss = loss_fn(hidden, weight, labels)
+    hidden.grad = weight.grad = None
+    (loss * 0.37).backward()  # train_step scales the summed loss
+    return loss.detach(), hidden.grad.clone(), weight.grad.clone()
+
+
+def test_chunked_loss_equals_plain_loss_and_gradients(monkeypatch):
+    vocab = 300
+    monkeypatch.setattr(loss_module, "CHUNK_LOGITS", 17 * vocab)  # 7 chunks, the last partial
+    hidden, weight, labels = random_case(vocab)
+    plain = loss_and_grads(lambda h, w, y: next_token_nll_sum(h @ w.T, y), hidden, weight, labels)
+    chunked = loss_and_grads(chunked_next_token_nll_sum, hidden, weight, labels)
+    assert chunked[0].dtype == torch.float32
+    assert chunked[0].item() == pytest.approx(plain[0].item(), rel=1e-6)
+    for got, want in zip(chunked[1:], plain[1:], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_head_keeps_names_and_logits_and_gives_the_models_loss():
+    config = load_model_config("tiny", tokenizer_vocab=0)
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(config)
+    chunked = AutoModelForCausalLM.from_config(config)
+    chunked.load_state_dict(plain.state_dict())
+    use_chunked_loss(chunked, compile_chunks=False)
+    assert isinstance(chunked.get_output_embeddings(), ChunkedLossHead)
+    assert list(chunked.state_dict()) == list(plain.state_dict())
+    input_ids = torch.randint(0, config.vocab_size, (2, 24))
+    with torch.no_grad():  # outside training it is an ordinary output layer (C4 eval, export)
+        torch.testing.assert_close(
+            chunked(input_ids=input_ids).logits, plain(input_ids=input_ids).logits
+        )
+    want = model_nll_sum(plain, input_ids, input_ids)
+    got = model_nll_sum(chunked, input_ids, input_ids)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(
+        chunked.lm_head.weight.grad, plain.lm_head.weight.grad, rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        chunked.model.embed_tokens.weight.grad,
+        plain.model.embed_tokens.weight.grad,
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, mode",
+    [
+        ([], "none"),
+        (["--enable_ckpt"], "full"),
+        (["--activation_checkpointing"], "full"),
+        (["--activation_checkpointing=selective"], "selective"),
+    ],
+)
+def test_activation_checkpointing_flag_keeps_the_seed_spellings(argv, mode):
+    assert build_parser().parse_args(argv).activation_checkpointing == mode
+
+
+def run_train(*flags: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "train.py", *flags], cwd=REPO, env=child_env(), capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_compiled_run_matches_eager_resumed_from_its_checkpoint(
+    mds_tokens: Path, tokenizer_dir: Path, tmp_path: Path
+):
+    """Steps 3-4 of a compiled, chunked-loss, selectively checkpointed run equal those of an
+    eager run with the plain loss resumed from the compiled run's step 2 checkpoint: the
+    compiled model saves under the plain parameter names, and computes the same loss."""
+    flags = tiny_run_flags(mds_tokens, tokenizer_dir, tmp_path, steps=4, num_workers=0)
+    flags.append("--local_batch=4")
+    run_train(
+        *flags, "--run_name=compiled", "--compile", "--chunked_loss",
+        "--activation_checkpointing=selective", "--save_every=2",
+    )  # fmt: skip
+    compiled = logged_losses(tmp_path / "compiled")
+    checkpoint = tmp_path / "compiled" / "step_000002"
+    run_train(
+        *flags, "--run_name=eager", "--no_compile", "--no_chunked_loss",
+        f"--resume_dir={checkpoint}",
+    )  # fmt: skip
+    eager = logged_losses(tmp_path / "eager")
+    assert sorted(eager) == [3, 4]
+    for step in (3, 4):
+        assert eager[step] == pytest.approx(compiled[step], rel=1e-5), (compiled, eager)
+    assert compiled[4] < compiled[1]

@@ -138,7 +138,7 @@ def run(args: Namespace, env: DistEnv) -> None:
         window.data_wait += time.perf_counter() - wait_start
         lr = optimizer.param_groups[0]["lr"]
         if sparse:
-            sparse.before_step(step)
+            sparse.before_step(step, compute_dtype(args.bf16, args.fp16))
         loss, grad_norm = train_step(
             model, optimizer, scheduler, scaler, micro_batches, env, args.grad_clip
         )

@@ -99,25 +99,29 @@ class SLTLinear(nn.Module):
 
 
 class ThresholdedLinear(SLTLinear):
-    """A mask keeping the entries whose importance exceeds one per-layer threshold; the
-    threshold is recomputed in forward when `pending_sparsity` is set (see SparseTraining)."""
+    """A mask keeping the entries whose |importance| exceeds one per-layer threshold; the
+    importance is the parameter named by `ranked_by`."""
+
+    ranked_by = "weight"
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias)
         self.register_buffer("threshold", torch.full((), -math.inf), persistent=False)
-        self.pending_sparsity: float | None = None
 
     def reset_buffers(self) -> None:
         self.threshold.fill_(-math.inf)
 
-    def importance(self) -> torch.Tensor:
-        raise NotImplementedError
+    @torch.no_grad()
+    def refresh_threshold(self, sparsity: float, dtype: torch.dtype) -> None:
+        """Set the threshold from the full importance tensor, in the dtype the forward sees.
 
-    def effective_weight(self) -> torch.Tensor:
-        if self.pending_sparsity is not None:
-            self.threshold.copy_(threshold_for(self.importance().detach(), self.pending_sparsity))
-            self.pending_sparsity = None
-        return super().effective_weight()
+        Done between steps, not in forward: a forward that sometimes computes a threshold
+        would save other tensors than its activation-checkpoint recomputation, and would
+        need two compiled graphs. Sharded, this gathers the one tensor (a collective)."""
+        importance = _cast(getattr(self, self.ranked_by), dtype)
+        if isinstance(importance, DTensor):
+            importance = importance.full_tensor()
+        self.threshold.copy_(threshold_for(importance.abs(), sparsity))
 
 
 def threshold_for(importance: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -137,9 +141,6 @@ class MagnitudeLinear(ThresholdedLinear):
         super().__init__(in_features, out_features, bias)
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
 
-    def importance(self) -> torch.Tensor:
-        return self.weight.abs()
-
     def compose(self, weight: torch.Tensor) -> torch.Tensor:
         return StraightThroughMask.apply(weight, weight.detach().abs() > self.threshold, 0.0)
 
@@ -147,6 +148,8 @@ class MagnitudeLinear(ThresholdedLinear):
 class SupermaskLinear(ThresholdedLinear):
     """Edge-popup: `weight` is frozen at its initialization, `scores` are trained; the effective
     weight is weight * (|scores| above the threshold)."""
+
+    ranked_by = "scores"
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, *, weight_init: str, score_init: str
@@ -156,9 +159,6 @@ class SupermaskLinear(ThresholdedLinear):
         self.score_init = score_init
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.scores = nn.Parameter(torch.empty(out_features, in_features))
-
-    def importance(self) -> torch.Tensor:
-        return self.scores.abs()
 
     def compose(self, weight: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         mask = scores.detach().abs() > self.threshold

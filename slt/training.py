@@ -27,15 +27,16 @@ class SparseTraining:
         ]
         self._has_thresholds = False
 
-    def before_step(self, step: int) -> None:
-        """Before the forward of optimizer step `step`: schedule a mask refresh if due (also at
-        the first step of a run whose thresholds did not come from a checkpoint)."""
-        if self.thresholded and (
-            refresh_due(step, self.config.settings) or not self._has_thresholds
-        ):
+    def before_step(self, step: int, compute_dtype: torch.dtype) -> None:
+        """Before the forward of optimizer step `step`: recompute the thresholds if due (also
+        at the first step of a run whose thresholds did not come from a checkpoint). Every
+        rank calls it: sharded importances are gathered. No host sync."""
+        if not self.thresholded:
+            return
+        if refresh_due(step, self.config.settings) or not self._has_thresholds:
             sparsity = scheduled_sparsity(step, self.config.settings)
             for layer in self.thresholded:
-                layer.pending_sparsity = sparsity
+                layer.refresh_threshold(sparsity, compute_dtype)
             self._has_thresholds = True
 
     @torch.no_grad()

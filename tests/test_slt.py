@@ -57,7 +57,7 @@ def grad_of_weight(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def test_magnitude_masks_smallest_and_passes_gradient_straight_through():
     layer = materialized(MagnitudeLinear(IN, OUT, bias=False))
-    layer.pending_sparsity = 0.25
+    layer.refresh_threshold(0.25, torch.float32)
     x, g, y = forward_backward(layer)
     w = layer.weight.detach()
     kept = w.abs() > w.abs().flatten().kthvalue(round(0.25 * w.numel())).values
@@ -66,23 +66,12 @@ def test_magnitude_masks_smallest_and_passes_gradient_straight_through():
     torch.testing.assert_close(layer.weight.grad, grad_of_weight(x, g))  # pruned ones too
 
 
-def test_threshold_is_kept_until_the_next_refresh():
-    layer = materialized(MagnitudeLinear(IN, OUT, bias=False))
-    layer.pending_sparsity = 0.5
-    layer(torch.zeros(1, IN))
-    threshold = layer.threshold.clone()
-    with torch.no_grad():
-        layer.weight.mul_(10)
-    layer(torch.zeros(1, IN))
-    assert layer.pending_sparsity is None and torch.equal(layer.threshold, threshold)
-
-
 @pytest.mark.parametrize("weight_init", ["signed_constant", "kaiming"])
 def test_supermask_keeps_top_scores_and_trains_only_scores(weight_init):
     layer = materialized(
         SupermaskLinear(IN, OUT, False, weight_init=weight_init, score_init="kaiming_uniform")
     )
-    layer.pending_sparsity = 0.5
+    layer.refresh_threshold(0.5, torch.float32)
     x, g, y = forward_backward(layer)
     w, s = layer.weight.detach(), layer.scores.detach()
     kept = s.abs() > s.abs().flatten().kthvalue(s.numel() // 2).values
@@ -216,7 +205,7 @@ def test_measured_sparsity_follows_the_schedule_during_training(tmp_path):
         sparse = SparseTraining(model, SLTConfig.from_dict(config))
         init_weights(model, seed=0, device=torch.device("cpu"))
         for step in (1, 2, 3, 4, 5):
-            sparse.before_step(step)
+            sparse.before_step(step, torch.float32)
             model(input_ids=torch.tensor([[1, 2, 3]]))
             measured = sparse.measure(step, torch.float32)
             settings = sparse.config.settings

@@ -43,7 +43,7 @@ def run(env, slt: dict) -> dict:
     batch = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
     losses, sparsity = [], []
     for step in range(1, STEPS + 1):
-        sparse.before_step(step)
+        sparse.before_step(step, torch.float32)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()

@@ -29,6 +29,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,11 +38,13 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 import train
+from slt import SLTConfig, SparseTraining
 from utils.args import ArgError, add_data_flags, add_layout_flags, apply_device_defaults
 from utils.distributed import DistEnv, build_mesh, init_distributed, shutdown
 from utils.metrics import model_flops_per_token, peak_flops, peak_memory_gb
 from utils.model import decoder_layers, load_model_config
 from utils.optim import build_lr_schedule, build_optimizer
+from utils.parallelize import compute_dtype
 
 SYNTHETIC_BATCHES = 4  # distinct random micro-batches, cycled
 
@@ -55,9 +58,16 @@ class Timing:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser("python -m bench.throughput", __doc__).parse_args(argv)
+    check_args(args)
+    return args
+
+
+def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The benchmark's flags; bench.slt adds its own to the same parser."""
     p = argparse.ArgumentParser(
-        prog="python -m bench.throughput",
-        description=__doc__.split("\n\n")[0],
+        prog=prog,
+        description=doc.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", required=True, help="shape name or HF config.json (or its dir)")
@@ -73,9 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="weights, tokens and data order")
     add_layout_flags(p.add_argument_group("training (as train.py)"))
     add_data_flags(p.add_argument_group("data (default: random tokens)"))
-    args = p.parse_args(argv)
-    check_args(args)
-    return args
+    return p
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -105,17 +113,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace, env: DistEnv) -> None:
-    apply_device_defaults(args, env.device)
-    # The names build_model and build_loader read, as train.py's flags would set them.
-    args.bf16 = env.device.type == "cuda" and not args.fp32
-    args.fp16 = args.enable_flash = False
-    try:
-        loader = train.build_loader(args, env) if args.data_dir else None
-        model_config = load_model_config(args.config, loader.vocab_size if loader else 0)
-        train.check_seq_len(args, model_config)
-    except train.SETUP_ERRORS as err:
-        train.exit_with_error(err)
-    batches = iter(loader) if loader else synthetic_batches(args, model_config, env)
+    model_config, loader, batches = prepare_inputs(args, env)
     results = {
         "device": device_name(env.device),
         "world_size": env.world_size,
@@ -130,11 +128,10 @@ def run(args: argparse.Namespace, env: DistEnv) -> None:
         "data": "mds" if loader else "random",
     }
 
-    step, model = project_step(args, model_config, env)
+    setup = project_step(args, model_config, env)
     flops = model_flops_per_token(model_config, args.seq_len)
-    del model
-    results |= rates("", time_steps(step, batches, args, env), flops, args, env)
-    del step
+    results |= rates("", time_steps(setup.step, batches, args, env), flops, args, env)
+    del setup
     release_memory(env.device)
     if args.baseline:
         step = baseline_step(args, model_config, env)
@@ -148,19 +145,52 @@ def run(args: argparse.Namespace, env: DistEnv) -> None:
             print(json.dumps(results), flush=True)
 
 
+@dataclass
+class ProjectSetup:
+    step: Callable[[list[dict]], None]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    sparse: SparseTraining | None
+
+
+def prepare_inputs(
+    args: argparse.Namespace, env: DistEnv
+) -> tuple[PretrainedConfig, Any, Iterator[dict]]:
+    """The model config, the loader (None for random tokens) and the batches to time."""
+    apply_device_defaults(args, env.device)
+    # The names build_model and build_loader read, as train.py's flags would set them.
+    args.bf16 = env.device.type == "cuda" and not args.fp32
+    args.fp16 = args.enable_flash = False
+    try:
+        loader = train.build_loader(args, env) if args.data_dir else None
+        model_config = load_model_config(args.config, loader.vocab_size if loader else 0)
+        train.check_seq_len(args, model_config)
+    except train.SETUP_ERRORS as err:
+        train.exit_with_error(err)
+    batches = iter(loader) if loader else synthetic_batches(args, model_config, env)
+    return model_config, loader, batches
+
+
 def project_step(
-    args: argparse.Namespace, model_config: PretrainedConfig, env: DistEnv
-) -> tuple[Callable[[list[dict]], None], nn.Module]:
-    """train.py's model, optimizer and step function."""
+    args: argparse.Namespace,
+    model_config: PretrainedConfig,
+    env: DistEnv,
+    slt_config: SLTConfig | None = None,
+) -> ProjectSetup:
+    """train.py's model (sparse with `slt_config`), optimizer and step function."""
     torch.manual_seed(args.seed)
-    model, _ = train.build_model(args, model_config, env)
+    model, sparse = train.build_model(args, model_config, env, slt_config)
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1)
     scheduler = build_lr_schedule(optimizer, lr=1e-4, min_lr=1e-5, warmup=10, total=1000)
+    step_numbers = itertools.count(1)
+    dtype = compute_dtype(args.bf16, args.fp16)
 
     def step(micro_batches: list[dict]) -> None:
+        if sparse:
+            sparse.before_step(next(step_numbers), dtype)
         train.train_step(model, optimizer, scheduler, None, micro_batches, env, grad_clip=1.0)
 
-    return step, model
+    return ProjectSetup(step, model, optimizer, sparse)
 
 
 def baseline_step(

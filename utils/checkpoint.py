@@ -14,6 +14,10 @@ Weights and optimizer, by `--ckpt_type`:
 - `local`: each rank's own shards of weights and optimizer in its `rank_<r>.pt`; the fastest,
   but it resumes only with the same world size and sharding strategy.
 
+A sparse (slt) run also stores its thresholds and config in `trainer.pt`; its `full`
+checkpoints hold the effective dense weights in `model.safetensors` and the sparse layers' own
+tensors, which training resumes from, in `slt_state.safetensors`.
+
 A directory is published under its final name only after every rank wrote and fsynced its
 part, so a crash mid-write leaves at most a hidden `.step_<N>.tmp` that nothing reads.
 """

@@ -170,6 +170,21 @@ def test_sigkill_of_a_rank_mid_run_under_max_restarts_recovers_exactly(
     assert logged_losses(out / name) == text_baseline
 
 
+@pytest.mark.parametrize("shared", ["True", "False"])
+def test_max_restarts_with_a_store_shared_across_restarts_warns(monkeypatch, shared):
+    import warnings
+
+    from utils.distributed import warn_if_restarts_share_a_store
+
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", shared)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_restarts_share_a_store()
+    messages = [str(w.message) for w in caught]
+    assert any("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in m for m in messages) == (shared == "True")
+
+
 def test_converter_and_full_checkpoint_load_and_generate_in_transformers(
     interrupted, sigterm_run, tmp_path
 ):

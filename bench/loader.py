@@ -1,10 +1,12 @@
 """Loader throughput against the raw batched tokenizer, on the same documents, in one run.
 
-    python -m bench.loader [--docs N] [--seq_len 512]
+    python -m bench.loader [--docs N] [--seq_len 512] [--repeats 3]
 
 Everything runs in one process (num_workers=0), so the numbers are per DataLoader worker;
 the tokenizer's own thread pool is off (TOKENIZERS_PARALLELISM=false) for the same reason.
 Documents: standard-library docstrings; tokenizer: a byte-level BPE trained on them.
+Every path is measured `--repeats` times, the paths taking turns, and its best rate is kept:
+on a shared machine a single pass compares whatever else happened to run at the time.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=2000, help="number of documents")
     parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3, help="passes over every path")
     args = parser.parse_args()
     docs = list(stdlib_docstrings())[: args.docs]
     work = Path(tempfile.mkdtemp(prefix="bench_loader_"))
@@ -85,25 +88,36 @@ def main() -> None:
         seq_len=args.seq_len,
         progress=False,
     )
-    hf_rate, fast_rate = raw_tokenizer_rate(docs, tokenizer_dir)
-    raw = max(hf_rate, fast_rate)
     # About one epoch of the text, so that every measured batch is tokenized on the fly.
     epoch_tokens = int(stats.tokens * 0.9)
-    rows = [("raw tokenizer(batch)", hf_rate, None), ("raw encode_batch_fast", fast_rate, None)]
-    for strategy in ("pack", "overflow", "trunc"):
-        rate, first = loader_rate(
-            work / "text", tokenizer_dir, strategy, args.seq_len, epoch_tokens
-        )
-        rows.append((f"loader {strategy}", rate, first))
-    rate, first = loader_rate(
-        work / "tokens", tokenizer_dir, "pack", args.seq_len, 20 * epoch_tokens
-    )
-    rows.append(("loader pre-tokenized", rate, first))
+    best: dict[str, tuple[float, float | None]] = {}
 
-    print(f"\n{len(docs)} documents, {stats.tokens} tokens, seq_len {args.seq_len}, one process")
+    def keep(name: str, rate: float, first: float | None) -> None:
+        if name not in best or rate > best[name][0]:
+            best[name] = (rate, first)
+
+    for _ in range(args.repeats):
+        hf_rate, fast_rate = raw_tokenizer_rate(docs, tokenizer_dir)
+        keep("raw tokenizer(batch)", hf_rate, None)
+        keep("raw encode_batch_fast", fast_rate, None)
+        for strategy in ("pack", "overflow", "trunc"):
+            keep(
+                f"loader {strategy}",
+                *loader_rate(work / "text", tokenizer_dir, strategy, args.seq_len, epoch_tokens),
+            )
+        keep(
+            "loader pre-tokenized",
+            *loader_rate(work / "tokens", tokenizer_dir, "pack", args.seq_len, 20 * epoch_tokens),
+        )
+
+    raw = max(best["raw tokenizer(batch)"][0], best["raw encode_batch_fast"][0])
+    print(
+        f"\n{len(docs)} documents, {stats.tokens} tokens, seq_len {args.seq_len}, one process, "
+        f"best of {args.repeats}"
+    )
     print(f"| {'path':<22} | {'tokens/s':>10} | {'vs raw':>7} | {'first batch':>11} |")
     print(f"|{'-' * 24}|{'-' * 12}|{'-' * 9}|{'-' * 13}|")
-    for name, rate, first in rows:
+    for name, (rate, first) in best.items():
         first_text = "" if first is None else f"{first:.2f} s"
         print(f"| {name:<22} | {rate:>10,.0f} | {rate / raw:>6.0%} | {first_text:>11} |")
 

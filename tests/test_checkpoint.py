@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -146,6 +147,44 @@ def test_sigkill_of_a_rank_during_a_save_then_resubmit_recovers_exactly(
     assert not list((out / name).glob(".step_*")), "a staging directory was left behind"
 
 
+def test_sigkill_of_a_rank_mid_run_under_max_restarts_recovers_exactly(
+    text_baseline, out, mds_text, tokenizer_dir
+):
+    """torchrun restarts the group in place; `auto` resumes it from the newest checkpoint.
+    With torchrun's rendezvous store shared across restarts, the restarted group read the
+    killed group's gloo addresses and failed to connect or hung; a store per round fixes it."""
+    name = "max_restarts"
+    run = flags(mds_text, tokenizer_dir, out, name, "--ckpt_type=shard", "--resume_dir=auto")
+    run += ["--save_every=2"]
+    proc = launch(
+        run,
+        extra_torchrun=("--max-restarts=1",),
+        env=child_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"),
+    )
+    wait_for(lambda: (out / name / "step_000004").is_dir(), proc, poll=0.01)
+    os.kill(worker_pids(proc.pid)[-1], signal.SIGKILL)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    resumed = re.search(rf"resumed from {out / name}/step_(\d+)", output)
+    assert resumed and 4 <= int(resumed.group(1)) < STEPS, output[-3000:]
+    assert logged_losses(out / name) == text_baseline
+
+
+@pytest.mark.parametrize("shared", ["True", "False"])
+def test_max_restarts_with_a_store_shared_across_restarts_warns(monkeypatch, shared):
+    import warnings
+
+    from utils.distributed import warn_if_restarts_share_a_store
+
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", shared)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_restarts_share_a_store()
+    messages = [str(w.message) for w in caught]
+    assert any("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in m for m in messages) == (shared == "True")
+
+
 def test_converter_and_full_checkpoint_load_and_generate_in_transformers(
     interrupted, sigterm_run, tmp_path
 ):
@@ -229,12 +268,14 @@ def test_auto_ignores_staging_directories(tmp_path):
 
 
 # ---------------------------------------------------------------- process helpers
-def launch(args: list[str], extra_torchrun: tuple[str, ...] = ()) -> subprocess.Popen:
+def launch(
+    args: list[str], extra_torchrun: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     return subprocess.Popen(
         [*cmd, *extra_torchrun, "train.py", *args],
         cwd=REPO,
-        env=child_env(),
+        env=env or child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import multiprocessing
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -123,6 +124,29 @@ def test_state_holds_only_checkpointable_types(mds_text, tokenizer_dir):
             assert isinstance(value, int | float | str | bool | torch.Tensor), type(value)
 
     check(loader.state_dict())
+
+
+def test_dropping_a_loader_mid_epoch_stops_its_workers_at_once(mds_text, tokenizer_dir):
+    before = set(multiprocessing.active_children())
+    loader = make_loader(mds_text, tokenizer_dir, num_workers=2)
+    iterator = iter(loader)
+    take(iterator, 2)
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 2
+    # No gc.collect(): a reference cycle through the loader would leave the workers to the
+    # garbage collector, whose shutdown order makes DataLoader wait 5 s for each of them.
+    del iterator, loader
+    assert not any(worker.is_alive() for worker in workers)
+
+
+@pytest.mark.parametrize("column", ["text", "tokens"])
+def test_mapped_reads_match_streamings_own_reads(mds_text, mds_tokens, tokenizer_dir, column):
+    dataset = make_loader(mds_text if column == "text" else mds_tokens, tokenizer_dir).dataset
+    for sample_id in range(dataset.num_samples):
+        shard_id, index = dataset.spanner[sample_id]
+        mapped, read = dataset.get_item(sample_id)[column], dataset.shards[shard_id][index][column]
+        assert np.array_equal(mapped, read) if column == "tokens" else mapped == read
+    assert dataset._shard_maps, "no shard was read through a memory map"
 
 
 # --- bad input -------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,21 @@ def _default_to_single_process() -> bool:
     return True
 
 
+def warn_if_restarts_share_a_store() -> None:
+    """torchrun hands its workers one rendezvous TCPStore and keeps it for every restart round
+    (static rendezvous always; c10d and --standalone unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1).
+    A restarted group then reads the killed group's keys, the gloo/NCCL addresses of dead
+    processes, and fails to connect or hangs (pytorch/pytorch#135712)."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        warnings.warn(
+            f"torchrun --max-restarts={restarts} shares one rendezvous store across restarts, "
+            "so a restarted group would fail to connect or hang; launch torchrun with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and --standalone or --rdzv-backend=c10d",
+            stacklevel=2,
+        )
+
+
 def init_distributed() -> DistEnv:
     """Join the process group: NCCL on one GPU per local rank, gloo on CPU.
 
@@ -45,6 +61,7 @@ def init_distributed() -> DistEnv:
     gathered on the host), so no collective ever needs a device round trip for them.
     """
     alone = _default_to_single_process()
+    warn_if_restarts_share_a_store()
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)

@@ -147,9 +147,11 @@ class TrainLoader:
         self.pad_token_id = pad_token_id
         self.vocab_size = vocab_size
         self.pin_memory = pin_memory and torch.cuda.is_available()
-        self.feed = DocumentFeed(
-            lambda: iter(self.dataloader), self._any_rank if world.size > 1 else None
-        )
+        # A bound method of the DataLoader, not a closure over self: a reference cycle through
+        # the loader would leave its worker iterator to the garbage collector, which may finalize
+        # the index queues first; the workers then never get the stop signal and each is killed
+        # only after DataLoader's 5 s join timeout.
+        self.feed = DocumentFeed(dataloader.__iter__, self._any_rank if world.size > 1 else None)
         self.packer: Packer = make_packer(
             strategy,
             self.feed,

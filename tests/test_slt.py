@@ -301,33 +301,16 @@ def test_slt_flags_go_together(tmp_path, flags, message):
 def test_thresholded_training_under_compile_and_selective_checkpointing_matches_eager():
     """Mask refreshes happen between steps, so a compiled, checkpointed layer saves the same
     tensors in forward and in its recomputation, and the losses are eager's."""
-    from utils.distributed import build_mesh, init_distributed, shutdown
-    from utils.optim import build_optimizer
-    from utils.parallelize import parallelize_model
+    from tests.scripts.slt_dist import sharded_sparse_llama, train_steps
+    from utils.distributed import init_distributed, shutdown
 
     env = init_distributed()
     try:
         losses = []
         for fast in (False, True):
-            model = llama()
-            sparse = SparseTraining(model, SLTConfig.from_dict({"method": "supermask"}))
-            parallelize_model(
-                model, build_mesh(env, "full_shard"), sharding_strategy="full_shard",
-                param_dtype=torch.float32, activation_checkpointing="selective" if fast else "none",
-                compile=fast,
-            )  # fmt: skip
-            init_weights(model, seed=0, device=env.device)
-            optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.0)
-            batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-            run = []
-            for step in (1, 2, 3):
-                sparse.before_step(step, torch.float32)
-                loss = model(input_ids=batch, labels=batch).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-                run.append(loss.item())
-            losses.append(run)
+            layout = {"activation_checkpointing": "selective", "compile": True} if fast else {}
+            model, sparse = sharded_sparse_llama(env, {"method": "supermask"}, **layout)
+            losses.append(train_steps(model, sparse)[0])
         assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     finally:
         shutdown()

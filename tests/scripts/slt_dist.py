@@ -31,14 +31,20 @@ METHODS = {
 STEPS = 3
 
 
-def run(env, slt: dict) -> dict:
+def sharded_sparse_llama(env, slt: dict, **layout) -> tuple[torch.nn.Module, SparseTraining]:
+    """The tiny Llama with `slt` applied, sharded over all ranks and initialized."""
     model = build_meta_model(load_model_config("tiny", 0), "sdpa")
     sparse = SparseTraining(model, SLTConfig.from_dict(slt))
     parallelize_model(
         model, build_mesh(env, "full_shard"), sharding_strategy="full_shard",
-        param_dtype=torch.float32,
+        param_dtype=torch.float32, **layout,
     )  # fmt: skip
     init_weights(model, seed=0, device=env.device)
+    return model, sparse
+
+
+def train_steps(model, sparse: SparseTraining) -> tuple[list[float], list[float]]:
+    """STEPS AdamW steps on one fixed batch; the losses and the measured sparsity."""
     optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1)
     batch = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
     losses, sparsity = [], []
@@ -50,6 +56,12 @@ def run(env, slt: dict) -> dict:
         optimizer.zero_grad()
         losses.append(loss.item())
         sparsity.append(sparse.measure(step, torch.float32)["sparsity"])
+    return losses, sparsity
+
+
+def run(env, slt: dict) -> dict:
+    model, sparse = sharded_sparse_llama(env, slt)
+    losses, sparsity = train_steps(model, sparse)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     state = sparse.state_dict()
     dense = effective_dense_state(model.config, state, full)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from dataclasses import dataclass
@@ -109,7 +110,12 @@ def broadcast_from_main(obj: Any) -> Any:
 
 
 def shutdown() -> None:
+    """Destroy the process group once nothing else holds it. A group kept alive by a leftover
+    reference cycle (a sharded model, a device mesh) is freed only at interpreter exit, where
+    its gloo worker thread can still be releasing a finished collective and abort the process
+    ("terminate called without an active exception")."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

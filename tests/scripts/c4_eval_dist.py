@@ -65,8 +65,16 @@ def record_inputs(
 
 
 def main() -> None:
-    tokenizer_dir, data_dir, cache_dir, model_dir, out_path = sys.argv[1:6]
     env = init_distributed()
+    try:
+        run(env, *sys.argv[1:6])
+    finally:
+        shutdown()
+
+
+def run(env, tokenizer_dir: str, data_dir: str, cache_dir: str, model_dir: str, out_path: str):
+    """Returns before the process group goes: the sharded models must be freed first, or their
+    groups' gloo threads outlive it and abort the interpreter at exit."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = sharded_tiny_llama(env, len(tokenizer))
     tokenizations = count_tokenizations()
@@ -105,7 +113,6 @@ def main() -> None:
         }
         with open(out_path, "w") as f:
             json.dump(result, f)
-    shutdown()
 
 
 if __name__ == "__main__":

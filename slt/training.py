@@ -16,8 +16,8 @@ from utils.args import ArgError
 
 
 class SparseTraining:
-    """Patches the model on construction (meta device, before sharding), then, per step,
-    tells the thresholded layers when to recompute their threshold; no host sync is added."""
+    """Patches the model on construction (meta device, before sharding); then, before each
+    step, recomputes the thresholded layers' thresholds when due, without a host sync."""
 
     def __init__(self, model: nn.Module, config: SLTConfig) -> None:
         self.config = config

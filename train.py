@@ -204,12 +204,11 @@ def train_step(model, optimizer, scheduler, scaler, micro_batches, env: DistEnv,
     loss_sum = torch.zeros((), device=env.device)
     for index, batch in enumerate(micro_batches):
         model.set_requires_gradient_sync(index == len(micro_batches) - 1)
-        input_ids = batch["input_ids"].to(env.device, non_blocking=True)
         labels = batch["labels"].to(env.device, non_blocking=True)
         # Backward too: activation checkpointing recomputes attention there, and a different
         # kernel would save tensors of other shapes than the forward did.
         with attention_context(model):
-            nll = model_nll_sum(model, input_ids, labels)
+            nll = model_nll_sum(model, model_inputs(batch, env.device), labels)
             loss = nll * loss_scale
             (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += nll.detach()
@@ -226,6 +225,14 @@ def train_step(model, optimizer, scheduler, scaler, micro_batches, env: DistEnv,
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum * loss_scale / env.world_size, grad_norm
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """What the model reads from a batch. With --document_masking the loader adds position_ids
+    restarting at each document, from which transformers builds a block-diagonal causal mask
+    (varlen kernels with flash-attn 2)."""
+    names = ("input_ids", "position_ids")
+    return {name: batch[name].to(device, non_blocking=True) for name in names if name in batch}
 
 
 class LogWindow:
@@ -269,6 +276,10 @@ class LogWindow:
 
 
 def build_loader(args: Namespace, env: DistEnv):
+    if args.document_masking and args.strategy != "pack":
+        raise ArgError(
+            f"--document_masking needs --strategy pack (a {args.strategy} row is one document)"
+        )
     builder = get_loader_builder(args.data_name)
     return builder(
         mds_root=args.data_dir,
@@ -284,6 +295,7 @@ def build_loader(args: Namespace, env: DistEnv):
         world_size=env.world_size,
         global_rank=env.rank,
         num_canonical_nodes=args.num_canonical_nodes,
+        emit_position_ids=args.document_masking,
     )
 
 
@@ -315,6 +327,11 @@ def check_hardware(args: Namespace, env: DistEnv) -> None:
         raise ArgError("--enable_flash needs a CUDA GPU; drop the flag on CPU")
     if args.enable_flash and not (args.bf16 or args.fp16):
         raise ArgError("--enable_flash needs --bf16 or --fp16 (flash kernels do not run in fp32)")
+    if args.enable_flash and args.document_masking and attention_implementation(args) == "sdpa":
+        raise ArgError(
+            "--document_masking with --enable_flash needs the flash-attn package (SDPA's flash "
+            "kernel takes no document mask); install flash-attn or drop --enable_flash"
+        )
     if args.bf16 and env.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ArgError("--bf16 is not supported on this GPU; use --fp16")
 

@@ -105,8 +105,8 @@ def test_chunked_head_keeps_names_and_logits_and_gives_the_models_loss():
         torch.testing.assert_close(
             chunked(input_ids=input_ids).logits, plain(input_ids=input_ids).logits
         )
-    want = model_nll_sum(plain, input_ids, input_ids)
-    got = model_nll_sum(chunked, input_ids, input_ids)
+    want = model_nll_sum(plain, {"input_ids": input_ids}, input_ids)
+    got = model_nll_sum(chunked, {"input_ids": input_ids}, input_ids)
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
     want.backward()
     got.backward()

@@ -108,6 +108,11 @@ def add_data_flags(group: argparse._ActionsContainer) -> None:
     group.add_argument(
         "--num_canonical_nodes", type=int, default=64, help="streaming's sample order"
     )
+    group.add_argument(
+        "--document_masking",
+        action="store_true",
+        help="pack: tokens attend only within their own document (positions restart there)",
+    )
 
 
 def add_layout_flags(group: argparse._ActionsContainer) -> None:

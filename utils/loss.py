@@ -40,16 +40,19 @@ def next_token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     )
 
 
-def model_nll_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Run the model and return its summed next-token NLL, chunked when it has the chunked head.
+def model_nll_sum(
+    model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+) -> torch.Tensor:
+    """Run the model on `inputs` (input_ids, and position_ids if any) and return its summed
+    next-token NLL, chunked when it has the chunked head.
 
     The root forward must run whole: under FSDP2 it is what gathers the head's weight, which
     the root keeps unsharded after forward, so the loss can use it once the forward returns."""
     head = model.get_output_embeddings()
     if not isinstance(head, ChunkedLossHead):
-        return next_token_nll_sum(model(input_ids=input_ids).logits, labels)
+        return next_token_nll_sum(model(**inputs).logits, labels)
     with head.returning_hidden_states():
-        hidden = model(input_ids=input_ids).logits
+        hidden = model(**inputs).logits
     return chunked_next_token_nll_sum(hidden, head.weight, labels, head.chunk_loss)
 
 

@@ -92,6 +92,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise ArgError(f"--{flag} must be positive (got {getattr(args, flag)})")
     if args.warmup_steps < 0:
         raise ArgError(f"--warmup_steps must not be negative (got {args.warmup_steps})")
+    if args.document_masking and not args.data_dir:
+        raise ArgError("--document_masking needs --data_dir (random tokens have no documents)")
     if args.data_dir and not args.tokenizer_dir:
         raise ArgError("--data_dir needs --tokenizer_dir (the loader tokenizes or checks EOS)")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -7,7 +7,10 @@
 #   4. a short slt training run (bf16, compile, chunked loss, full checkpoint) and its resume.
 # mosaicml-streaming is installed from wheels in .whl/ (git-ignored) when the image lacks it (download
 # them beforehand as DESIGN.md says, and carry the folder). Prints the JSON lines last.
+# STAGES="1 2" runs only those stages (all four may not fit in one 10-minute device call).
 set -uo pipefail
+STAGES=${STAGES:-1 2 3 4}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/gpu_check}
@@ -33,16 +36,23 @@ prepare_mds([assets / "corpus"], assets / "blocks256", tokenizer=str(assets / "t
 print("assets ready")
 PY
 
+if want 1; then
 echo "== 1: tinyllama-1.1b, seq 2048"
 python -m bench.throughput --config tinyllama-1.1b --seq_len 2048 --local_batch 8 --baseline \
   --json | tee "$OUT/throughput_1b.txt"
+fi
+if want 2; then
 echo "== 2: llama-130m, seq 256, real loader"
 python -m bench.throughput --config llama-130m --seq_len 256 --local_batch 128 --baseline \
   --json --data_dir "$A/blocks256" --tokenizer_dir "$A/tok" --num_workers 4 \
   --num_canonical_nodes 1 | tee "$OUT/throughput_130m.txt"
+fi
+if want 3; then
 echo "== 3: slt methods, llama-130m"
 python -m bench.slt --config llama-130m --seq_len 256 --local_batch 64 --steps 10 \
   --device cuda --json | tee "$OUT/slt.txt"
+fi
+if want 4; then
 echo "== 4: slt training, bf16 + compile + chunked loss, full checkpoint, resume"
 echo '{"method": "magnitude", "final_sparsity": 0.5, "end_step": 20, "update_every": 5}' \
   > "$A/slt.json"
@@ -57,5 +67,6 @@ for run in first resumed; do
     "${resume[@]}" 2>&1 | grep -E "error|Error|^step|resumed|slt " | tail -8
   [ "$run" = first ] && mv /tmp/gpu_runs/slt_first /tmp/gpu_runs/slt
 done
+fi
 echo "== JSON"
-tail -n 1 "$OUT"/throughput_1b.txt "$OUT"/throughput_130m.txt "$OUT"/slt.txt
+for f in "$OUT"/*.txt; do tail -n 1 "$f"; done

@@ -27,13 +27,14 @@ class StraightThroughMask(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:
         ctx.decay = decay
-        ctx.save_for_backward(weight, mask)
+        if decay:  # plain STE needs nothing: no full-size mask kept until backward
+            ctx.save_for_backward(weight, mask)
         return weight * mask
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        weight, mask = ctx.saved_tensors
         if ctx.decay:
+            weight, mask = ctx.saved_tensors
             grad = grad + ctx.decay * weight * ~mask
         return grad, None, None
 
@@ -209,7 +210,6 @@ class SLTrainLinear(SLTLinear):
         self, in_features: int, out_features: int, bias: bool, *, r: int, alpha: float, delta
     ) -> None:
         super().__init__(in_features, out_features, bias)
-        self.r, self.alpha, self.delta = r, alpha, delta
         self.scale = alpha / r
         nonzeros_per_row = max(1, round(delta * in_features))
         self.lora_A = nn.Parameter(torch.empty(r, in_features))

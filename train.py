@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     env = init_distributed()
     try:
         run(args, env)
+    except ArgError as err:  # found once the model or a checkpoint is read: still bad input
+        exit_with_error(err)
     finally:
         shutdown()
 
@@ -70,10 +72,8 @@ def run(args: Namespace, env: DistEnv) -> None:
 
     # ---- model: built on the meta device, sharded, then each rank materializes its shards ----
     torch.manual_seed(args.seed)
-    try:
-        model, sparse = build_model(args, model_config, env, slt_config)
-    except ArgError as err:  # a sparse layer that does not fit the model's shapes
-        exit_with_error(err)
+    model, sparse = build_model(args, model_config, env, slt_config)
+    dtype = compute_dtype(args.bf16, args.fp16)
     flops = model_flops_per_token(model_config, args.seq_len)
     optimizer = build_optimizer(model, lr=args.lr, weight_decay=args.weight_decay, fp16=args.fp16)
     scheduler = build_lr_schedule(
@@ -96,13 +96,10 @@ def run(args: Namespace, env: DistEnv) -> None:
     start_step = 0
     resume_dir = resolve_resume_dir(args.resume_dir, run_dir)
     if resume_dir is not None:
-        try:
-            start_step = checkpointer.load(
-                resume_dir, model, optimizer, scheduler, scaler, loader,
-                skip_optimizer=args.skip_optimizer,
-            )  # fmt: skip
-        except ArgError as err:
-            exit_with_error(err)
+        start_step = checkpointer.load(
+            resume_dir, model, optimizer, scheduler, scaler, loader,
+            skip_optimizer=args.skip_optimizer,
+        )  # fmt: skip
         if env.is_main:
             print(f"resumed from {resume_dir} at step {start_step}", flush=True)
     exit_policy = ExitPolicy(args.exit_interval, args.exit_duration_mins)
@@ -138,7 +135,7 @@ def run(args: Namespace, env: DistEnv) -> None:
         window.data_wait += time.perf_counter() - wait_start
         lr = optimizer.param_groups[0]["lr"]
         if sparse:
-            sparse.before_step(step, compute_dtype(args.bf16, args.fp16))
+            sparse.before_step(step, dtype)
         loss, grad_norm = train_step(
             model, optimizer, scheduler, scaler, micro_batches, env, args.grad_clip
         )
@@ -155,7 +152,7 @@ def run(args: Namespace, env: DistEnv) -> None:
                 "peak_mem_gb": peak_memory_gb(env.device),
             }
             if sparse:
-                stats |= sparse.measure(step, compute_dtype(args.bf16, args.fp16))
+                stats |= sparse.measure(step, dtype)
             logger.log(step, stats)
         if args.eval_every and (step % args.eval_every == 0 or step == args.train_steps):
             eval_start = time.perf_counter()

@@ -248,3 +248,14 @@ def test_tokenizer_without_eos_is_refused_for_packing(mds_tokens, tokenizer_dir,
         )
     argv = common_flags(mds_tokens, no_eos, tmp_path, "no_eos") + ["--local_batch=4"]
     assert "EOS" in run_in_process(argv, capsys)
+
+
+def test_sparse_layers_that_do_not_fit_the_model_are_refused(
+    mds_tokens, tokenizer_dir, tmp_path, capsys
+):
+    slt_config = tmp_path / "nm.json"
+    slt_config.write_text(json.dumps({"method": "nm", "m": 5}))
+    argv = common_flags(mds_tokens, tokenizer_dir, tmp_path, "bad_slt") + [
+        "--local_batch=4", "--enable_slt", f"--slt_config={slt_config}",
+    ]  # fmt: skip
+    assert "nm needs in_features divisible by m=5" in run_in_process(argv, capsys)

@@ -83,9 +83,9 @@ class SparseTraining:
             },
         }
 
-    def load_state_dict(self, state: dict[str, Any] | None, source: str) -> None:
-        """Restore the thresholds of a checkpoint trained with the same config. A dense
-        checkpoint (no sparse state) is accepted: its weights are then pruned from here on."""
+    def check_resumable_from(self, state: dict[str, Any] | None, source: str) -> None:
+        """A checkpoint trained with another slt config is refused. A dense checkpoint (no
+        sparse state) is accepted: its weights are then pruned from here on."""
         if state is None:
             return
         saved = SLTConfig.from_dict(state["config"], source=f"in {source}")
@@ -94,6 +94,11 @@ class SparseTraining:
                 f"--resume_dir {source} was trained with slt config {saved.to_dict()}, not "
                 f"{self.config.to_dict()}; resume with the same --slt_config"
             )
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore the thresholds (see check_resumable_from); None leaves them to be computed."""
+        if state is None:
+            return
         for name, threshold in state["thresholds"].items():
             self.layers[name].threshold.copy_(threshold)
         self._has_thresholds = True

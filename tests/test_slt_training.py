@@ -36,12 +36,12 @@ def slt_flags(out: Path, data: Path, tokenizer: Path, name: str, slt: dict, *ext
             f"--slt_config={config}", *extra]  # fmt: skip
 
 
-def python_train(*args: str) -> subprocess.CompletedProcess:
+def python_train(*args: str, status: int = 0) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "train.py", *args], cwd=REPO, env=child_env(), capture_output=True,
         text=True,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == status, proc.stderr[-4000:]
     return proc
 
 
@@ -213,3 +213,27 @@ def test_converter_exports_the_pruned_weights(two_ranks, tmp_path):
     zeros = sum(int((w == 0).sum()) for w in sparse) / sum(w.numel() for w in sparse)
     assert zeros == pytest.approx(0.5, abs=0.02)
     assert (model.model.embed_tokens.weight != 0).all() and (model.lm_head.weight != 0).all()
+
+
+@pytest.mark.parametrize(
+    ("slt", "message"),
+    [
+        (None, "was trained with --enable_slt; resume with the same --enable_slt --slt_config"),
+        ({**MAGNITUDE, "final_sparsity": 0.7}, "resume with the same --slt_config"),
+    ],
+)
+def test_resume_with_another_slt_setting_is_refused(
+    one_rank, out, mds_tokens, tokenizer_dir, slt, message
+):
+    name = "mag1_other"
+    flags = tiny_run_flags(mds_tokens, tokenizer_dir, out, steps=STEPS, num_workers=0)
+    flags += ["--local_batch=4", f"--run_name={name}", f"--resume_dir={one_rank / 'step_000004'}"]
+    if slt:
+        flags = slt_flags(
+            out, mds_tokens, tokenizer_dir, name, slt, f"--resume_dir={one_rank / 'step_000004'}"
+        )
+    proc = python_train(*flags, status=2)
+    errors = proc.stderr.strip().splitlines()
+    assert (
+        len(errors) == 1 and errors[0].startswith("error: --resume_dir ") and message in errors[0]
+    )

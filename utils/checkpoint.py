@@ -221,14 +221,16 @@ class Checkpointer:
             if scaler and trainer["scaler"]:
                 scaler.load_state_dict(trainer["scaler"])
         if self.sparse:
-            self.sparse.load_state_dict(trainer.get("slt"), str(step_dir))
+            self.sparse.load_state_dict(trainer.get("slt"))
         loader.load_state_dict(rank_state["loader"])
         if same_world:
             _set_rng_state(rank_state["rng"])
         return trainer["step"]
 
     def _check_sparse_compatible(self, step_dir: Path, trainer: dict) -> None:
-        if trainer.get("slt") and not self.sparse:
+        if self.sparse:
+            self.sparse.check_resumable_from(trainer.get("slt"), str(step_dir))
+        elif trainer.get("slt"):
             raise ArgError(
                 f"--resume_dir {step_dir} was trained with --enable_slt; resume with the same "
                 "--enable_slt --slt_config, or export it to a dense model with utils.convert"

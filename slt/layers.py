@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from utils.distributed import local_tensor
 
@@ -224,10 +224,16 @@ class SLTrainLinear(SLTLinear):
         return low_rank.scatter_add(1, sparse_columns.long(), sparse_values)
 
     def _local_tensors(self) -> dict[str, torch.Tensor]:
-        """lora_A is needed whole for any row of B @ A (it is small: r x in_features)."""
+        """lora_A is needed whole for any row of B @ A (it is small: r x in_features); the
+        support is whole on every rank (utils.parallelize), and this rank's rows are cut from
+        it exactly as FSDP cut the values."""
         tensors = super()._local_tensors()
-        if isinstance(self.lora_A, DTensor):
+        values = self.sparse_values
+        if isinstance(values, DTensor):
             tensors["lora_A"] = self.lora_A.full_tensor()
+            tensors["sparse_columns"] = distribute_tensor(
+                self.sparse_columns, values.device_mesh, values.placements, src_data_rank=None
+            ).to_local()
         return tensors
 
     def initial_value(self, name: str, generator: torch.Generator, std: float) -> torch.Tensor:

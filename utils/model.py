@@ -119,7 +119,8 @@ def _rebuild_rotary_buffers(model: nn.Module, device: torch.device) -> None:
     """Rotary frequencies are computed in the module's constructor, not stored: recompute them."""
     for module in model.modules():
         if hasattr(module, "inv_freq"):
-            fresh = type(module)(config=module.config, device=device)
+            with torch.device(device):
+                fresh = type(module)(config=module.config)
             module._buffers.update(fresh._buffers)
             tensors = {k: v for k, v in vars(fresh).items() if isinstance(v, torch.Tensor)}
             module.__dict__.update(tensors)

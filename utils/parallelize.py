@@ -63,17 +63,26 @@ def parallelize_model(
     for index, layer in enumerate(layers):
         layer = wrap_activation_checkpointing(layer, activation_checkpointing)
         layers[index] = torch.compile(layer) if compile else layer
-    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    shard = partial(
+        fully_shard,
+        mesh=mesh,
+        mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+        ignored_params=integer_parameters(model),
+    )
     for index, layer in enumerate(layers):
         # The last layer is the first one backward needs: freeing it would only gather it again.
         last = index == len(layers) - 1
-        reshard_after_forward = sharding_strategy != "shard_grad_op" and not last
-        fully_shard(
-            layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward
-        )
+        shard(layer, reshard_after_forward=sharding_strategy != "shard_grad_op" and not last)
     # The root's parameters (embeddings, final norm, head) are needed again first in backward.
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    shard(model, reshard_after_forward=False)
     return model
+
+
+def integer_parameters(model: nn.Module) -> set[nn.Parameter] | None:
+    """Index parameters (SLTrain's sparse support) stay whole on every rank, outside FSDP:
+    FSDP2 before torch 2.14 cannot shard a tensor that takes no gradient, and indices are
+    neither cast nor reduced. They are small (int32, a few percent of a layer's entries)."""
+    return {p for p in model.parameters() if not p.is_floating_point()} or None
 
 
 def wrap_activation_checkpointing(layer: nn.Module, mode: str) -> nn.Module:

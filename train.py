@@ -13,22 +13,22 @@ import math
 import sys
 import time
 from argparse import Namespace
-from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from datas import get_loader_builder
 from datas.C4.c4_eval import check_eval_data, evaluate_c4_ppl
 from slt import SLTConfig, SparseTraining, load_slt_config
 from utils.args import ArgError, apply_device_defaults, grad_accum_steps, parse_args
+from utils.attention import attention_context, attention_implementation, set_attention_kernels
 from utils.checkpoint import Checkpointer, resolve_resume_dir
 from utils.distributed import DistEnv, broadcast_from_main, build_mesh, init_distributed, shutdown
+from utils.float8 import check_float8, convert_to_float8
 from utils.loss import model_nll_sum, predicted_token_count, use_chunked_loss
 from utils.metrics import MetricsLogger, model_flops_per_token, peak_flops, peak_memory_gb
 from utils.model import build_meta_model, count_parameters, init_weights, load_model_config
@@ -110,7 +110,7 @@ def run(args: Namespace, env: DistEnv) -> None:
     logger = MetricsLogger(run_dir, tensorboard_dir, enabled=env.is_main)
     logger.write_config(vars(args) | {"run_name": run_name}, model_config)
     n_params = count_parameters(model)
-    peak = peak_flops(env.device, args.peak_tflops)
+    peak = None if args.float8 else peak_flops(env.device, args.peak_tflops)  # no float8 MFU
     if env.is_main:
         print(
             f"run {run_name}: {n_params / 1e6:.2f}M parameters, world size {env.world_size}, "
@@ -202,8 +202,6 @@ def train_step(model, optimizer, scheduler, scaler, micro_batches, env: DistEnv,
     for index, batch in enumerate(micro_batches):
         model.set_requires_gradient_sync(index == len(micro_batches) - 1)
         labels = batch["labels"].to(env.device, non_blocking=True)
-        # Backward too: activation checkpointing recomputes attention there, and a different
-        # kernel would save tensors of other shapes than the forward did.
         with attention_context(model):
             nll = model_nll_sum(model, model_inputs(batch, env.device), labels)
             loss = nll * loss_scale
@@ -303,8 +301,10 @@ def build_model(
     parallelize_model, then each rank materializes and initializes its shards.
     bench.throughput and bench.slt time this same model."""
     model = build_meta_model(model_config, attention_implementation(args))
-    model.require_flash_sdpa = args.enable_flash and model.config._attn_implementation == "sdpa"
+    set_attention_kernels(model, args)
     sparse = SparseTraining(model, slt_config) if slt_config else None
+    if args.float8:
+        convert_to_float8(model)
     if args.chunked_loss:
         use_chunked_loss(model, compile_chunks=args.compile)
     parallelize_model(
@@ -329,6 +329,16 @@ def check_hardware(args: Namespace, env: DistEnv) -> None:
             "--document_masking with --enable_flash needs the flash-attn package (SDPA's flash "
             "kernel takes no document mask); install flash-attn or drop --enable_flash"
         )
+    if args.attention_kernel != "auto" and env.device.type != "cuda":
+        raise ArgError(
+            f"--attention_kernel {args.attention_kernel} picks a CUDA kernel; drop it on CPU"
+        )
+    if args.enable_flash and args.attention_kernel != "auto":
+        raise ArgError(
+            f"--enable_flash and --attention_kernel {args.attention_kernel} exclude each other"
+        )
+    if args.float8:
+        check_float8(env.device)
     if args.bf16 and env.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ArgError("--bf16 is not supported on this GPU; use --fp16")
 
@@ -340,26 +350,6 @@ def check_seq_len(args: Namespace, model_config) -> None:
             f"--seq_len {args.seq_len} exceeds the model's max_position_embeddings {limit} "
             f"({args.config}); lower --seq_len or raise it in the config"
         )
-
-
-def attention_implementation(args: Namespace) -> str:
-    """flash-attn 2 when asked for and installed; PyTorch SDPA otherwise."""
-    if args.enable_flash:
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
-
-
-def attention_context(model):
-    """With --enable_flash but no flash-attn package, SDPA must take its flash kernel (or fail
-    loudly) rather than silently fall back to another one."""
-    if getattr(model, "require_flash_sdpa", False):
-        return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
-    return nullcontext()
 
 
 def default_run_name(args: Namespace, model_config) -> str:

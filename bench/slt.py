@@ -42,6 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)  # one child's method
     args = p.parse_args(argv)
     throughput.check_args(args)
+    if args.float8:
+        raise ArgError(
+            "--float8: bench.slt compares bf16 sparse layers; time float8 with bench.throughput"
+        )
     unknown = sorted(set(args.methods.split(",")) - set(METHODS))
     if unknown:
         raise ArgError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")

@@ -16,7 +16,9 @@ bf16 parameters, fp32 gradient reduction, fused AdamW and the model's own loss.
 
 `--json` makes the last line one JSON object: tokens_per_s (per GPU), tflops (per GPU), mfu,
 peak_mem_gb, data_wait_fraction, step_time_s and, with --baseline, baseline_tokens_per_s,
-baseline_mfu, baseline_peak_mem_gb and speedup.
+baseline_mfu, baseline_peak_mem_gb and speedup. `--profile N` then runs N more steps of each
+setup under torch.profiler and reports where their time goes (bench/profile.py), under
+`profile` and `baseline_profile`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 import train
+from bench.profile import print_profile, profile_steps
 from slt import SLTConfig, SparseTraining
 from utils.args import ArgError, add_data_flags, add_layout_flags, apply_device_defaults
 from utils.distributed import DistEnv, build_mesh, init_distributed, shutdown
@@ -79,6 +82,9 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--fp32", action="store_true", help="fp32 compute (default: bf16 on CUDA)")
     p.add_argument("--baseline", action="store_true", help="also time plain transformers")
     p.add_argument("--json", action="store_true", help="last line: the results as JSON")
+    p.add_argument(
+        "--profile", type=int, default=0, help="then profile N steps: time by kernel kind"
+    )
     p.add_argument("--peak_tflops", type=float, help="peak for MFU (default: by GPU name)")
     p.add_argument("--seed", type=int, default=0, help="weights, tokens and data order")
     add_layout_flags(p.add_argument_group("training (as train.py)"))
@@ -90,8 +96,9 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("local_batch", "accum_steps", "steps", "seq_len"):
         if getattr(args, flag) <= 0:
             raise ArgError(f"--{flag} must be positive (got {getattr(args, flag)})")
-    if args.warmup_steps < 0:
-        raise ArgError(f"--warmup_steps must not be negative (got {args.warmup_steps})")
+    for flag in ("warmup_steps", "profile"):
+        if getattr(args, flag) < 0:
+            raise ArgError(f"--{flag} must not be negative (got {getattr(args, flag)})")
     if args.document_masking and not args.data_dir:
         raise ArgError("--document_masking needs --data_dir (random tokens have no documents)")
     if args.data_dir and not args.tokenizer_dir:
@@ -127,22 +134,32 @@ def run(args: argparse.Namespace, env: DistEnv) -> None:
         "compile": args.compile,
         "chunked_loss": args.chunked_loss,
         "activation_checkpointing": args.activation_checkpointing,
+        "attention_kernel": args.attention_kernel,
+        "float8": args.float8,
+        "sharding_strategy": args.sharding_strategy,
         "data": "mds" if loader else "random",
     }
 
     setup = project_step(args, model_config, env)
     flops = model_flops_per_token(model_config, args.seq_len)
-    results |= rates("", time_steps(setup.step, batches, args, env), flops, args, env)
+    peak = peak_flops(env.device, args.peak_tflops)
+    project_peak = None if args.float8 else peak  # MFU is defined for bf16 matmuls only
+    results |= rates("", time_steps(setup.step, batches, args, env), flops, project_peak)
+    results |= profile_if_asked("", setup.step, batches, args, env)
     del setup
     release_memory(env.device)
     if args.baseline:
         step = baseline_step(args, model_config, env)
-        results |= rates("baseline_", time_steps(step, batches, args, env), flops, args, env)
+        results |= rates("baseline_", time_steps(step, batches, args, env), flops, peak)
+        results |= profile_if_asked("baseline_", step, batches, args, env)
         results["speedup"] = results["tokens_per_s"] / results["baseline_tokens_per_s"]
         del step
         release_memory(env.device)
     if env.is_main:
         print_report(results)
+        for label, prefix in (("project", ""), ("baseline", "baseline_")):
+            if f"{prefix}profile" in results:
+                print_profile(label, results[f"{prefix}profile"])
         if args.json:
             print(json.dumps(results), flush=True)
 
@@ -164,6 +181,7 @@ def prepare_inputs(
     args.bf16 = env.device.type == "cuda" and not args.fp32
     args.fp16 = args.enable_flash = False
     try:
+        train.check_hardware(args, env)
         loader = train.build_loader(args, env) if args.data_dir else None
         model_config = load_model_config(args.config, loader.vocab_size if loader else 0)
         train.check_seq_len(args, model_config)
@@ -276,10 +294,21 @@ def time_steps(
     return Timing(tokens / elapsed, elapsed / args.steps, wait_fraction, peak_memory_gb(env.device))
 
 
-def rates(
-    prefix: str, timing: Timing, flops: float, args: argparse.Namespace, env: DistEnv
-) -> dict[str, float | None]:
-    peak = peak_flops(env.device, args.peak_tflops)
+def profile_if_asked(
+    prefix: str,
+    step: Callable[[list[dict]], None],
+    batches: Iterator[dict],
+    args: argparse.Namespace,
+    env: DistEnv,
+) -> dict[str, dict]:
+    """After the timed steps, so the profiler's overhead never reaches the timing."""
+    if not args.profile:
+        return {}
+    summary = profile_steps(step, batches, args.profile, args.accum_steps, env.device)
+    return {f"{prefix}profile": summary}
+
+
+def rates(prefix: str, timing: Timing, flops: float, peak: float | None) -> dict[str, float | None]:
     return {
         f"{prefix}tokens_per_s": timing.tokens_per_s,
         f"{prefix}tflops": flops * timing.tokens_per_s / 1e12,
@@ -308,7 +337,8 @@ def print_report(results: dict) -> None:
         f"{results['seq_len']}, micro-batch {results['local_batch']} x {results['accum_steps']}, "
         f"{results['precision']}, compile {results['compile']}, chunked loss "
         f"{results['chunked_loss']}, checkpointing {results['activation_checkpointing']}, "
-        f"{results['data']} data"
+        f"attention {results['attention_kernel']}, {results['sharding_strategy']}, "
+        f"{'float8 matmuls, ' if results['float8'] else ''}{results['data']} data"
     )
     print(f"| {'setup':<8} | {'tokens/s/GPU':>12} | {'TFLOP/s':>8} | {'MFU':>6} | "
           f"{'peak GB':>7} | {'data wait':>9} |")  # fmt: skip

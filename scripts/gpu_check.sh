@@ -1,26 +1,47 @@
 #!/usr/bin/env bash
-# The GPU checks of issues #6 and #7 in one call on a one-GPU machine (see README, GPU check):
-#   1. bench.throughput, TinyLlama-1.1B shape, seq 2048, micro-batch 8, against the baseline;
-#   2. bench.throughput, llama-130m, seq 256, micro-batch 128, real loader on pre-tokenized
-#      blocks, against the baseline;
-#   3. bench.slt, llama-130m, seq 256, micro-batch 64, every method against dense;
-#   4. a short slt training run (bf16, compile, chunked loss, full checkpoint) and its resume.
-# mosaicml-streaming is installed from wheels in .whl/ (git-ignored) when the image lacks it (download
-# them beforehand as DESIGN.md says, and carry the folder). Prints the JSON lines last.
-# STAGES="1 2" runs only those stages (all four may not fit in one 10-minute device call).
+# The GPU checks of issues #6 and #7 on a one-GPU machine (see README, GPU check), by stage:
+#   1. tinyllama-1.1b, seq 2048, micro-batch 8: the default path against the baseline, profiled;
+#   2. llama-130m, seq 256, micro-batch 128, the real loader on pre-tokenized blocks, against
+#      the baseline, profiled;
+#   3. tinyllama-1.1b variants, project only: cuDNN attention, micro-batch 16, ZeRO-2, float8;
+#   4. llama-130m variants, project only: cuDNN attention, no_shard, micro-batch 256;
+#   5. bench.slt, llama-130m, seq 256, micro-batch 64, every method against dense;
+#   6. a short slt training run (bf16, compile, chunked loss, full checkpoint) and its resume.
+# Wheels in .whl/ (git-ignored: mosaicml-streaming and what it needs, torchao) are installed
+# when the image lacks streaming; carry the folder. STAGES="1 2" picks stages: a device call
+# lasts at most 10 minutes, and stages 1-2 and 3-4 each take about five (compiling dominates).
+# Each benchmark's JSON line goes to $OUT/<name>.json (the device tool brings back 8 files at
+# most: logs stay in /tmp/gpu_logs); a table of them all comes last.
+# EXTRA="--device cpu --config tiny --seq_len 64 --local_batch 2 --steps 1 --peak_tflops 1"
+# rehearses stages 1-4 on a CPU: it is appended to every benchmark's flags, and the last wins.
 set -uo pipefail
-STAGES=${STAGES:-1 2 3 4}
+STAGES=${STAGES:-1 2}
+read -r -a EXTRA <<< "${EXTRA:-}"
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/gpu_check}
 A=/tmp/gpu_assets
-mkdir -p "$OUT" "$A"
+LOGS=/tmp/gpu_logs
+mkdir -p "$OUT" "$A" "$LOGS"
 if ! python -c "import streaming" 2>/dev/null; then
   pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl
 fi
-python -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
+python -c "import torch, transformers; print(torch.__version__, transformers.__version__,
+  torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 
+bench() {  # bench NAME FLAGS...: one bench.throughput run, its JSON line kept as NAME.json
+  local name=$1
+  shift
+  echo "== $name: $*"
+  python -m bench.throughput --json "$@" "${EXTRA[@]}" 2>&1 | grep -v "is an Enum subclass" | tee "$LOGS/$name.log"
+  tail -n 1 "$LOGS/$name.log" | grep '^{' > "$OUT/$name.json" || rm -f "$OUT/$name.json"
+}
+B1=(--config tinyllama-1.1b --seq_len 2048)
+B130=(--config llama-130m --seq_len 256 --data_dir "$A/blocks256" --tokenizer_dir "$A/tok"
+      --num_workers 4 --num_canonical_nodes 1)
+
+if want 2 || want 4 || want 6; then
 python - <<'PY'
 from pathlib import Path
 
@@ -35,38 +56,64 @@ prepare_mds([assets / "corpus"], assets / "blocks256", tokenizer=str(assets / "t
             seq_len=256, progress=False)
 print("assets ready")
 PY
+fi
 
-if want 1; then
-echo "== 1: tinyllama-1.1b, seq 2048"
-python -m bench.throughput --config tinyllama-1.1b --seq_len 2048 --local_batch 8 --baseline \
-  --json | tee "$OUT/throughput_1b.txt"
-fi
-if want 2; then
-echo "== 2: llama-130m, seq 256, real loader"
-python -m bench.throughput --config llama-130m --seq_len 256 --local_batch 128 --baseline \
-  --json --data_dir "$A/blocks256" --tokenizer_dir "$A/tok" --num_workers 4 \
-  --num_canonical_nodes 1 | tee "$OUT/throughput_130m.txt"
-fi
+want 1 && bench 1b_default "${B1[@]}" --local_batch 8 --baseline --profile 2
+want 2 && bench 130m_default "${B130[@]}" --local_batch 128 --baseline --profile 3
 if want 3; then
-echo "== 3: slt methods, llama-130m"
-python -m bench.slt --config llama-130m --seq_len 256 --local_batch 64 --steps 10 \
-  --device cuda --json | tee "$OUT/slt.txt"
+  bench 1b_cudnn "${B1[@]}" --local_batch 8 --attention_kernel cudnn
+  bench 1b_mb16 "${B1[@]}" --local_batch 16
+  bench 1b_zero2 "${B1[@]}" --local_batch 8 --sharding_strategy shard_grad_op
+  bench 1b_float8 "${B1[@]}" --local_batch 8 --float8
 fi
 if want 4; then
-echo "== 4: slt training, bf16 + compile + chunked loss, full checkpoint, resume"
-echo '{"method": "magnitude", "final_sparsity": 0.5, "end_step": 20, "update_every": 5}' \
-  > "$A/slt.json"
-for run in first resumed; do
-  resume=()
-  [ "$run" = resumed ] && resume=(--resume_dir /tmp/gpu_runs/slt/step_000020)
-  torchrun --standalone --nproc_per_node=1 train.py --data_dir "$A/blocks256" \
-    --tokenizer_dir "$A/tok" --config llama-60m --seq_len 256 --global_batch 64 \
-    --local_batch 64 --train_steps 40 --warmup 5 --lr 3e-3 --bf16 --enable_slt \
-    --slt_config "$A/slt.json" --ckpt_type full --save_every 20 --log_every 10 \
-    --num_canonical_nodes 1 --output_dir /tmp/gpu_runs --run_name "slt_$run" \
-    "${resume[@]}" 2>&1 | grep -E "error|Error|^step|resumed|slt " | tail -8
-  [ "$run" = first ] && mv /tmp/gpu_runs/slt_first /tmp/gpu_runs/slt
-done
+  bench 130m_cudnn "${B130[@]}" --local_batch 128 --attention_kernel cudnn
+  bench 130m_noshard "${B130[@]}" --local_batch 128 --sharding_strategy no_shard
+  bench 130m_mb256 "${B130[@]}" --local_batch 256
 fi
-echo "== JSON"
-for f in "$OUT"/*.txt; do tail -n 1 "$f"; done
+if want 5; then
+  echo "== 5: slt methods, llama-130m"
+  python -m bench.slt --config llama-130m --seq_len 256 --local_batch 64 --steps 10 \
+    --device cuda --json | tee "$LOGS/slt.log"
+fi
+if want 6; then
+  echo "== 6: slt training, bf16 + compile + chunked loss, full checkpoint, resume"
+  echo '{"method": "magnitude", "final_sparsity": 0.5, "end_step": 20, "update_every": 5}' \
+    > "$A/slt.json"
+  for run in first resumed; do
+    resume=()
+    [ "$run" = resumed ] && resume=(--resume_dir /tmp/gpu_runs/slt/step_000020)
+    torchrun --standalone --nproc_per_node=1 train.py --data_dir "$A/blocks256" \
+      --tokenizer_dir "$A/tok" --config llama-60m --seq_len 256 --global_batch 64 \
+      --local_batch 64 --train_steps 40 --warmup 5 --lr 3e-3 --bf16 --enable_slt \
+      --slt_config "$A/slt.json" --ckpt_type full --save_every 20 --log_every 10 \
+      --num_canonical_nodes 1 --output_dir /tmp/gpu_runs --run_name "slt_$run" \
+      "${resume[@]}" 2>&1 | grep -E "error|Error|^step|resumed|slt " | tail -8
+    [ "$run" = first ] && mv /tmp/gpu_runs/slt_first /tmp/gpu_runs/slt
+  done
+fi
+
+echo "== summary (tokens/s per GPU; MFU of 989 TFLOP/s; float8 has none)"
+python - "$OUT" <<'PY'
+import json
+import sys
+from pathlib import Path
+
+def cell(value, form):
+    return "-" if value is None else format(value, form)
+
+print("| run | tokens/s | MFU | peak GB | data wait | baseline tokens/s | baseline MFU | baseline GB | speedup |")
+print("|---|---|---|---|---|---|---|---|---|")
+for path in sorted(Path(sys.argv[1]).glob("*.json")):
+    r = json.loads(path.read_text())
+    print(f"| {path.stem} | {cell(r['tokens_per_s'], ',.0f')} | {cell(r['mfu'], '.1%')} | "
+          f"{cell(r['peak_mem_gb'], '.1f')} | {cell(r['data_wait_fraction'], '.2%')} | "
+          f"{cell(r.get('baseline_tokens_per_s'), ',.0f')} | {cell(r.get('baseline_mfu'), '.1%')} | "
+          f"{cell(r.get('baseline_peak_mem_gb'), '.1f')} | {cell(r.get('speedup'), '.3f')} |")
+    for prefix in ("", "baseline_"):
+        profile = r.get(f"{prefix}profile")
+        if profile:
+            kinds = ", ".join(f"{k} {v / profile['step_ms']:.0%}" for k, v in profile["kinds_ms"].items())
+            print(f"|   {prefix or 'project '}profile | {profile['step_ms']:.0f} ms/step: {kinds}, "
+                  f"uncovered {profile['uncovered_fraction']:.0%} | | | | | | | |")
+PY

@@ -32,7 +32,7 @@ def test_benchmark_smoke_on_real_data_prints_json_with_baseline(mds_tokens, toke
         sys.executable, "-m", "bench.throughput", "--config=tiny", "--seq_len=64",
         "--local_batch=2", "--accum_steps=2", "--steps=3", "--warmup_steps=1", "--device=cpu",
         "--baseline", "--json", "--peak_tflops=1", "--chunked_loss",
-        "--activation_checkpointing=selective", f"--data_dir={mds_tokens}",
+        "--activation_checkpointing=selective", "--profile=1", f"--data_dir={mds_tokens}",
         f"--tokenizer_dir={tokenizer_dir}", "--num_workers=0",
         f"--num_canonical_nodes={DATA_CANONICAL_NODES}",
     ]  # fmt: skip
@@ -52,6 +52,34 @@ def test_benchmark_smoke_on_real_data_prints_json_with_baseline(mds_tokens, toke
     assert result["data"] == "mds" and result["chunked_loss"] is True
     assert result["compile"] is False  # the CPU default
     assert "| baseline |" in proc.stdout
+    for prefix in ("", "baseline_"):
+        profile = result[f"{prefix}profile"]
+        assert profile["step_ms"] > 0 and 0 <= profile["uncovered_fraction"] < 1
+        assert profile["kinds_ms"]["matmul"] > 0 and profile["kinds_ms"]["attention"] > 0
+        assert sum(profile["kinds_ms"].values()) <= profile["step_ms"]
+        assert "aten::mm" in dict(profile["top_ms"])
+    assert "project:" in proc.stdout and "ms per step (profiled)" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "kernel, kind",
+    [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
+        ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", "matmul"),
+        ("aten::addmm", "matmul"),
+        ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits", "attention"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64", "attention"),
+        ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
+        ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor", "optimizer"),
+        ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "compiled element-wise"),
+        ("Memcpy DtoD (Device -> Device)", "copies"),
+        ("void at::native::elementwise_kernel<128, 2, ...>", "other"),
+    ],
+)  # fmt: skip
+def test_profile_sorts_real_kernel_names_into_kinds(kernel, kind):
+    from bench.profile import kind_of
+
+    assert kind_of(kernel) == kind
 
 
 def test_benchmark_bad_input_is_one_line(capsys):

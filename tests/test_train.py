@@ -219,9 +219,11 @@ def run_in_process(argv: list[str], capsys) -> str:
         (["--data_name=Nope"], "--data_name Nope is unknown"),
         (["--output_dir=/proc/forbidden"], "--output_dir /proc/forbidden is not writable"),
         (["--enable_flash"], "--enable_flash needs a CUDA GPU"),
+        (["--attention_kernel=cudnn"], "--attention_kernel cudnn picks a CUDA kernel"),
         (["--resume_dir=auto", "--run_name="], "--resume_dir auto needs --run_name"),
         (["--ckpt_type=full", "--async_save"], "--async_save works with --ckpt_type shard"),
         (["--bf16", "--fp16"], "--bf16 and --fp16 exclude each other"),
+        (["--float8", "--enable_slt", "--slt_config=x.json"], "--float8 and --enable_slt exclude"),
     ],
 )
 def test_bad_input_fails_fast_with_one_line(

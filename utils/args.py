@@ -19,6 +19,7 @@ SHARDING_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard"
 CKPT_TYPES = ("shard", "full", "local")
 STRATEGIES = ("pack", "overflow", "trunc")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+ATTENTION_KERNELS = ("auto", "flash", "cudnn", "efficient")  # utils/attention.py maps them
 SPEED_SWITCHES = ("compile", "chunked_loss")
 
 
@@ -136,6 +137,18 @@ def add_layout_flags(group: argparse._ActionsContainer) -> None:
         default=argparse.SUPPRESS,
         help="the same as --activation_checkpointing full",
     )
+    group.add_argument(
+        "--attention_kernel",
+        default="auto",
+        choices=ATTENTION_KERNELS,
+        help="SDPA backend tried first (CUDA); auto: PyTorch's order (flash, efficient, math, "
+        "cudnn)",
+    )
+    group.add_argument(
+        "--float8",
+        action="store_true",
+        help="decoder-layer matmuls in float8 through torchao (H100/H200; MFU not reported)",
+    )
     _add_switch(group, "compile", "torch.compile each decoder layer")
     _add_switch(group, "chunked_loss", "loss over chunks of tokens, never the batch's logits")
 
@@ -215,6 +228,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ArgError("--eval_every needs --eval_data (C4 validation files; see README)")
     if args.enable_slt != bool(args.slt_config):
         raise ArgError("--enable_slt and --slt_config go together; give both or neither")
+    if args.enable_slt and args.float8:
+        raise ArgError(
+            "--float8 and --enable_slt exclude each other (sparse layers are not float8)"
+        )
     if args.async_save and args.ckpt_type != "shard":
         raise ArgError("--async_save works with --ckpt_type shard only")
 

@@ -1,0 +1,58 @@
+"""Which attention kernel runs: the transformers implementation (flash-attn 2 or PyTorch SDPA)
+and, for SDPA, which of its backends, in forward and in the recomputation of backward."""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from contextlib import AbstractContextManager, nullcontext
+
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# `--attention_kernel` names; "auto" keeps PyTorch's own order (flash, efficient, math, cuDNN).
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
+
+
+def flash_attn_installed() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attention_implementation(args: Namespace) -> str:
+    """flash-attn 2 when --enable_flash asks for it and it is installed; PyTorch SDPA otherwise."""
+    return "flash_attention_2" if args.enable_flash and flash_attn_installed() else "sdpa"
+
+
+def sdpa_backends(args: Namespace, implementation: str) -> list[SDPBackend] | None:
+    """SDPA's backends for this run, first choice first; None leaves PyTorch's choice.
+
+    --enable_flash without the flash-attn package allows SDPA's flash kernel only, so a call
+    it cannot run fails loudly instead of silently taking a slower kernel. --attention_kernel
+    only moves its backend to the front: a call it cannot run (a document mask, say) falls
+    back to the next."""
+    if implementation != "sdpa":
+        return None
+    if args.enable_flash:
+        return [SDPBackend.FLASH_ATTENTION]
+    if args.attention_kernel == "auto":
+        return None
+    first = SDPA_BACKENDS[args.attention_kernel]
+    return [first, *(b for b in (*SDPA_BACKENDS.values(), SDPBackend.MATH) if b != first)]
+
+
+def set_attention_kernels(model: nn.Module, args: Namespace) -> None:
+    model.sdpa_backends = sdpa_backends(args, model.config._attn_implementation)
+
+
+def attention_context(model: nn.Module) -> AbstractContextManager:
+    """Around forward and backward: activation checkpointing recomputes attention in backward,
+    and another kernel there would save tensors of other shapes than forward did."""
+    backends = getattr(model, "sdpa_backends", None)
+    return sdpa_kernel(backends, set_priority=True) if backends else nullcontext()

@@ -27,6 +27,7 @@ SAVED_BY_SELECTIVE_CHECKPOINTING = [
     torch.ops.aten.mm.default,
     torch.ops.aten.addmm.default,
     torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_mm.default,  # --float8 matmuls, as a compiled graph names them
     *(
         getattr(torch.ops.aten, name).default
         for name in _ATTENTION_OPS

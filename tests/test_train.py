@@ -75,29 +75,25 @@ def test_global_batch_split_does_not_change_the_loss_curve(runs):
     assert two[-1] < two[0] - 0.3, f"loss did not fall: {two}"
 
 
-def test_sharding_strategies_and_activation_checkpointing_match_full_shard(runs):
+def test_sharding_strategies_and_speed_options_match_full_shard(runs):
+    """Two runs cover ZeRO-2, replication, both checkpointing modes and the chunked head; the
+    chunked head uses the output weight gathered by the root forward across 2 ranks, and its
+    loss and gradients must equal the plain head's."""
     baseline = list_losses(runs("baseline", "--local_batch=2"))
     zero2 = list_losses(
-        runs("zero2_ac", "--local_batch=2", "--sharding_strategy=shard_grad_op", "--enable_ckpt")
-    )
-    replicated = list_losses(runs("no_shard", "--local_batch=2", "--sharding_strategy=no_shard"))
-    assert_same_curve(baseline, zero2, rel=1e-5)
-    assert_same_curve(baseline, replicated, rel=1e-5)
-
-
-def test_chunked_loss_and_selective_checkpointing_match_full_shard(runs):
-    """Across 2 ranks the chunked head uses the gathered output weight after the root forward;
-    its loss and gradients must equal the plain head's."""
-    baseline = list_losses(runs("baseline", "--local_batch=2"))
-    chunked = list_losses(
         runs(
-            "chunked_selective",
+            "zero2_chunked_selective",
             "--local_batch=2",
+            "--sharding_strategy=shard_grad_op",
             "--chunked_loss",
             "--activation_checkpointing=selective",
         )
     )
-    assert_same_curve(baseline, chunked, rel=1e-5)
+    replicated = list_losses(
+        runs("no_shard_ac", "--local_batch=2", "--sharding_strategy=no_shard", "--enable_ckpt")
+    )
+    assert_same_curve(baseline, zero2, rel=1e-5)
+    assert_same_curve(baseline, replicated, rel=1e-5)
 
 
 def test_two_nodes_on_localhost_match_one_node(runs, mds_tokens, tokenizer_dir, tmp_path):

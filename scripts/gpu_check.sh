@@ -50,7 +50,9 @@ from datas.prepare import prepare_mds
 
 assets = Path("/tmp/gpu_assets")
 docs = list(stdlib_docstrings())
-write_jsonl(docs, assets / "corpus" / "docs.jsonl")
+# 12 copies: about 20,000 blocks of 256 tokens, so the timed steps of stage 2 never cross an
+# epoch boundary (one copy is 1,680 blocks, 13 steps of 128).
+write_jsonl(docs * 12, assets / "corpus" / "docs.jsonl")
 train_byte_bpe(docs, assets / "tok", vocab_size=2048)
 prepare_mds([assets / "corpus"], assets / "blocks256", tokenizer=str(assets / "tok"),
             seq_len=256, progress=False)

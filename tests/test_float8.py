@@ -49,7 +49,7 @@ def test_float8_run_trains_on_two_ranks_and_a_plain_run_resumes_from_it(
     torchrun(REPO / "train.py", *flags, "--run_name=plain", f"--resume_dir={checkpoint}")
     float8, plain = logged_losses(tmp_path / "f8"), logged_losses(tmp_path / "plain")
     assert sorted(plain) == [3, 4]
-    assert float8[3] != plain[3] and float8[3] == pytest.approx(plain[3], rel=2e-2)
+    assert float8[3] != plain[3] and float8[3] == pytest.approx(plain[3], rel=1e-3)
     assert float8[4] < float8[1]
     assert all(r["mfu"] is None for r in metrics(tmp_path / "f8") if "loss" in r)
     assert all(r["mfu"] > 0 for r in metrics(tmp_path / "plain") if "loss" in r)

@@ -101,7 +101,21 @@ def tiny_run_flags(
     ]
 
 
+def python_train(*args: str, status: int = 0) -> subprocess.CompletedProcess:
+    """`python train.py args...` in one process (no torchrun), expected to exit with `status`."""
+    proc = subprocess.run(
+        [sys.executable, "train.py", *args], cwd=REPO, env=child_env(), capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert proc.returncode == status, proc.stderr[-4000:]
+    return proc
+
+
+def metrics_records(run_dir: Path) -> list[dict]:
+    """Every line of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+
+
 def logged_losses(run_dir: Path) -> dict[int, float]:
     """Step -> loss from a run's metrics.jsonl; a resumed run appends, so the last one wins."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return {r["step"]: r["loss"] for r in metrics_records(run_dir) if "loss" in r}

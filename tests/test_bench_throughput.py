@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import DATA_CANONICAL_NODES
-from tests.helpers import REPO, child_env, logged_losses, tiny_run_flags
+from tests.helpers import REPO, child_env, logged_losses, python_train, tiny_run_flags
 from utils import loss as loss_module
 from utils.args import build_parser
 from utils.loss import (
@@ -162,14 +162,6 @@ def test_activation_checkpointing_flag_keeps_the_seed_spellings(argv, mode):
     assert build_parser().parse_args(argv).activation_checkpointing == mode
 
 
-def run_train(*flags: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "train.py", *flags], cwd=REPO, env=child_env(), capture_output=True,
-        text=True,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-
 def test_compiled_run_matches_eager_resumed_from_its_checkpoint(
     mds_tokens: Path, tokenizer_dir: Path, tmp_path: Path
 ):
@@ -178,13 +170,13 @@ def test_compiled_run_matches_eager_resumed_from_its_checkpoint(
     compiled model saves under the plain parameter names, and computes the same loss."""
     flags = tiny_run_flags(mds_tokens, tokenizer_dir, tmp_path, steps=4, num_workers=0)
     flags.append("--local_batch=4")
-    run_train(
+    python_train(
         *flags, "--run_name=compiled", "--compile", "--chunked_loss",
         "--activation_checkpointing=selective", "--save_every=2",
     )  # fmt: skip
     compiled = logged_losses(tmp_path / "compiled")
     checkpoint = tmp_path / "compiled" / "step_000002"
-    run_train(
+    python_train(
         *flags, "--run_name=eager", "--no_compile", "--no_chunked_loss",
         f"--resume_dir={checkpoint}",
     )  # fmt: skip

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, child_env, logged_losses, tiny_run_flags, torchrun
+from tests.helpers import REPO, child_env, logged_losses, python_train, tiny_run_flags, torchrun
 
 STEPS = 12
 
@@ -26,17 +26,6 @@ STEPS = 12
 def flags(data: Path, tokenizer: Path, out: Path, name: str, *extra: str) -> list[str]:
     flags = tiny_run_flags(data, tokenizer, out, steps=STEPS, num_workers=1)
     return [*flags, "--local_batch=2", f"--run_name={name}", *extra]
-
-
-def python_train(*args: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "train.py", *args],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")

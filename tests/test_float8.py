@@ -4,7 +4,6 @@ run resumes from, which then computes slightly differently, and selective checkp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchao.float8 import convert_to_float8_training
 
-from tests.helpers import REPO, logged_losses, tiny_run_flags, torchrun
+from tests.helpers import REPO, logged_losses, metrics_records, tiny_run_flags, torchrun
 from utils.float8 import convert_to_float8
 from utils.model import build_meta_model, load_model_config
 from utils.parallelize import wrap_activation_checkpointing
@@ -33,10 +32,6 @@ def test_only_the_decoder_projections_become_float8_and_names_stay():
     assert list(model.state_dict()) == names_before  # checkpoints are format-compatible
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-
-
 def test_float8_run_trains_on_two_ranks_and_a_plain_run_resumes_from_it(
     mds_tokens: Path, tokenizer_dir: Path, tmp_path: Path
 ):
@@ -51,8 +46,8 @@ def test_float8_run_trains_on_two_ranks_and_a_plain_run_resumes_from_it(
     assert sorted(plain) == [3, 4]
     assert float8[3] != plain[3] and float8[3] == pytest.approx(plain[3], rel=1e-3)
     assert float8[4] < float8[1]
-    assert all(r["mfu"] is None for r in metrics(tmp_path / "f8") if "loss" in r)
-    assert all(r["mfu"] > 0 for r in metrics(tmp_path / "plain") if "loss" in r)
+    assert all(r["mfu"] is None for r in metrics_records(tmp_path / "f8") if "loss" in r)
+    assert all(r["mfu"] > 0 for r in metrics_records(tmp_path / "plain") if "loss" in r)
 
 
 class CountFloat8Matmuls(TorchDispatchMode):

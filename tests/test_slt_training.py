@@ -4,8 +4,6 @@ and 2 ranks, exact resume in every checkpoint format, and export to a transforme
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,14 @@ from safetensors.torch import load_file
 
 from slt import SLTConfig, scheduled_sparsity
 from slt.schedule import last_refresh
-from tests.helpers import REPO, child_env, logged_losses, tiny_run_flags, torchrun
+from tests.helpers import (
+    REPO,
+    logged_losses,
+    metrics_records,
+    python_train,
+    tiny_run_flags,
+    torchrun,
+)
 from utils.convert import convert, read_full_weights
 
 STEPS = 8
@@ -34,15 +39,6 @@ def slt_flags(out: Path, data: Path, tokenizer: Path, name: str, slt: dict, *ext
     flags = tiny_run_flags(data, tokenizer, out, steps=STEPS, num_workers=0)
     return [*flags, "--local_batch=4", f"--run_name={name}", "--save_every=4", "--enable_slt",
             f"--slt_config={config}", *extra]  # fmt: skip
-
-
-def python_train(*args: str, status: int = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "train.py", *args], cwd=REPO, env=child_env(), capture_output=True,
-        text=True,
-    )  # fmt: skip
-    assert proc.returncode == status, proc.stderr[-4000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +109,7 @@ def test_training_on_one_and_two_ranks_agrees(two_ranks, one_rank):
 def test_measured_sparsity_is_logged(one_rank):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    records = [json.loads(line) for line in (one_rank / "metrics.jsonl").open()]
+    records = metrics_records(one_rank)
     settings = SLTConfig.from_dict(MAGNITUDE).settings
     for record in records:
         target = scheduled_sparsity(last_refresh(record["step"], settings), settings)

@@ -21,7 +21,9 @@ from tests.helpers import (
     child_env,
     free_port,
     logged_losses,
+    metrics_records,
     on_own_node,
+    python_train,
     tiny_run_flags,
     torchrun,
 )
@@ -44,11 +46,7 @@ def runs(tmp_path_factory, mds_tokens, tokenizer_dir):
         if name not in done:
             flags = common_flags(data, tokenizer_dir, out, name) + list(extra)
             if nproc == 1:
-                cmd = [sys.executable, "train.py", *flags]
-                proc = subprocess.run(
-                    cmd, cwd=REPO, env=child_env(), capture_output=True, text=True
-                )
-                assert proc.returncode == 0, proc.stderr[-4000:]
+                python_train(*flags)
             else:
                 torchrun("train.py", *flags, nproc=nproc)
             done[name] = out / name
@@ -160,11 +158,11 @@ def test_mixed_precision_text_strategies_eval_and_logging(runs, mds_text, docstr
     for run_dir in (bf16, fp16):
         losses = list_losses(run_dir)
         assert len(losses) == STEPS and losses[-1] < losses[0], losses
-    records = [json.loads(line) for line in (bf16 / "metrics.jsonl").open()]
+    records = metrics_records(bf16)
     record = [r for r in records if "loss" in r][-1]
     assert set(record) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gb"}
     assert 0 < record["mfu"] < 1  # from --peak_tflops; without it MFU is undefined on CPU:
-    fp16_records = [json.loads(line) for line in (fp16 / "metrics.jsonl").open()]
+    fp16_records = metrics_records(fp16)
     assert fp16_records[-1]["mfu"] is None
     config = json.loads((bf16 / "config.json").read_text())
     assert config["args"]["strategy"] == "overflow" and config["args"]["bf16"] is True

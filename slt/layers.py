@@ -3,8 +3,8 @@
 Every layer computes its effective weight in forward from its FULL parameters (FSDP2 has
 gathered them by then), so masks never depend on how the parameters are sharded. No mask is
 stored: thresholded methods keep one scalar threshold per layer, N:M derives its mask from
-the weight each time, and SLTrain keeps its sparse support as an integer parameter that is
-sharded with its values.
+the weight each time, and SLTrain keeps its sparse support as an integer parameter, whole on
+every rank (utils.parallelize), beside its sharded values.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
 class SLTrainLinear(SLTLinear):
     """SLTrain: W = (alpha / r) * lora_B @ lora_A + S, where S holds `sparse_values` at the
     fixed columns `sparse_columns`: round(delta * in_features) random columns per output row
-    (the same count in every row, so the support is sharded with the rows)."""
+    (the same count in every row, so the support is a rectangular tensor)."""
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, *, r: int, alpha: float, delta

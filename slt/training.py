@@ -22,9 +22,11 @@ class SparseTraining:
     def __init__(self, model: nn.Module, config: SLTConfig) -> None:
         self.config = config
         self.layers = patch_llama(model, config)
-        self.thresholded = [
-            layer for layer in self.layers.values() if isinstance(layer, ThresholdedLinear)
-        ]
+        self.thresholded = {
+            name: layer
+            for name, layer in self.layers.items()
+            if isinstance(layer, ThresholdedLinear)
+        }
         self._has_thresholds = False
 
     def before_step(self, step: int, compute_dtype: torch.dtype) -> None:
@@ -35,7 +37,7 @@ class SparseTraining:
             return
         if refresh_due(step, self.config.settings) or not self._has_thresholds:
             sparsity = scheduled_sparsity(step, self.config.settings)
-            for layer in self.thresholded:
+            for layer in self.thresholded.values():
                 layer.refresh_threshold(sparsity, compute_dtype)
             self._has_thresholds = True
 
@@ -77,9 +79,7 @@ class SparseTraining:
         return {
             "config": self.config.to_dict(),
             "thresholds": {
-                name: layer.threshold.detach().cpu()
-                for name, layer in self.layers.items()
-                if isinstance(layer, ThresholdedLinear)
+                name: layer.threshold.detach().cpu() for name, layer in self.thresholded.items()
             },
         }
 
@@ -100,7 +100,7 @@ class SparseTraining:
         if state is None:
             return
         for name, threshold in state["thresholds"].items():
-            self.layers[name].threshold.copy_(threshold)
+            self.thresholded[name].threshold.copy_(threshold)
         self._has_thresholds = True
 
 

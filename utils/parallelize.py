@@ -79,11 +79,11 @@ def parallelize_model(
     return model
 
 
-def integer_parameters(model: nn.Module) -> set[nn.Parameter] | None:
+def integer_parameters(model: nn.Module) -> set[nn.Parameter]:
     """Index parameters (SLTrain's sparse support) stay whole on every rank, outside FSDP:
     FSDP2 before torch 2.14 cannot shard a tensor that takes no gradient, and indices are
     neither cast nor reduced. They are small (int32, a few percent of a layer's entries)."""
-    return {p for p in model.parameters() if not p.is_floating_point()} or None
+    return {p for p in model.parameters() if not p.is_floating_point()}
 
 
 def wrap_activation_checkpointing(layer: nn.Module, mode: str) -> nn.Module:

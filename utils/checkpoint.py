@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -292,11 +293,15 @@ def _transformers_weight_files(step_dir: Path) -> list[Path]:
 
 
 def _full_checkpoint_weights(step_dir: Path) -> dict[str, torch.Tensor]:
-    """The training model's state from a `full` checkpoint: a sparse run's layers come from
-    the sidecar, not from their exported effective weights."""
-    weights = load_transformers_weights(step_dir)
+    return _with_sidecar(step_dir, load_transformers_weights(step_dir), load_file)
+
+
+def _with_sidecar(step_dir: Path, dense: dict[str, Any], read: Callable) -> dict[str, Any]:
+    """What a `full` checkpoint holds for the training model (tensors or their shapes, by
+    `read`): a sparse run's layers come from the sidecar, not from their exported effective
+    weights."""
     sidecar = step_dir / SIDECAR
-    return with_sparse_state(weights, load_file(str(sidecar))) if sidecar.is_file() else weights
+    return with_sparse_state(dense, read(str(sidecar))) if sidecar.is_file() else dense
 
 
 # ---------------------------------------------------------------- local format
@@ -368,15 +373,12 @@ def saved_shapes(step_dir: Path, ckpt_type: str) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {}
         for file in _transformers_weight_files(step_dir):
             shapes |= _safetensors_shapes(file)
-        sidecar = step_dir / SIDECAR
-        return (
-            with_sparse_state(shapes, _safetensors_shapes(sidecar)) if sidecar.is_file() else shapes
-        )
+        return _with_sidecar(step_dir, shapes, _safetensors_shapes)
     rank0 = torch.load(step_dir / "rank_00000.pt", weights_only=True)
     return {k: tuple(v) for k, v in rank0["shapes"].items()}
 
 
-def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+def _safetensors_shapes(file: Path | str) -> dict[str, tuple[int, ...]]:
     with safe_open(str(file), framework="pt") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
 

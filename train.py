@@ -25,7 +25,12 @@ from datas import get_loader_builder
 from datas.C4.c4_eval import check_eval_data, evaluate_c4_ppl
 from slt import SLTConfig, SparseTraining, load_slt_config
 from utils.args import ArgError, apply_device_defaults, grad_accum_steps, parse_args
-from utils.attention import attention_context, attention_implementation, set_attention_kernels
+from utils.attention import (
+    attention_context,
+    attention_implementation,
+    check_attention_flags,
+    set_attention_kernels,
+)
 from utils.checkpoint import Checkpointer, resolve_resume_dir
 from utils.distributed import DistEnv, broadcast_from_main, build_mesh, init_distributed, shutdown
 from utils.float8 import check_float8, convert_to_float8
@@ -320,23 +325,7 @@ def build_model(
 
 
 def check_hardware(args: Namespace, env: DistEnv) -> None:
-    if args.enable_flash and env.device.type != "cuda":
-        raise ArgError("--enable_flash needs a CUDA GPU; drop the flag on CPU")
-    if args.enable_flash and not (args.bf16 or args.fp16):
-        raise ArgError("--enable_flash needs --bf16 or --fp16 (flash kernels do not run in fp32)")
-    if args.enable_flash and args.document_masking and attention_implementation(args) == "sdpa":
-        raise ArgError(
-            "--document_masking with --enable_flash needs the flash-attn package (SDPA's flash "
-            "kernel takes no document mask); install flash-attn or drop --enable_flash"
-        )
-    if args.attention_kernel != "auto" and env.device.type != "cuda":
-        raise ArgError(
-            f"--attention_kernel {args.attention_kernel} picks a CUDA kernel; drop it on CPU"
-        )
-    if args.enable_flash and args.attention_kernel != "auto":
-        raise ArgError(
-            f"--enable_flash and --attention_kernel {args.attention_kernel} exclude each other"
-        )
+    check_attention_flags(args, env.device)
     if args.float8:
         check_float8(env.device)
     if args.bf16 and env.device.type == "cuda" and not torch.cuda.is_bf16_supported():

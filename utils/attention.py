@@ -6,8 +6,11 @@ from __future__ import annotations
 from argparse import Namespace
 from contextlib import AbstractContextManager, nullcontext
 
+import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from utils.args import ArgError
 
 # `--attention_kernel` names; "auto" keeps PyTorch's own order (flash, efficient, math, cuDNN).
 SDPA_BACKENDS = {
@@ -28,6 +31,27 @@ def flash_attn_installed() -> bool:
 def attention_implementation(args: Namespace) -> str:
     """flash-attn 2 when --enable_flash asks for it and it is installed; PyTorch SDPA otherwise."""
     return "flash_attention_2" if args.enable_flash and flash_attn_installed() else "sdpa"
+
+
+def check_attention_flags(args: Namespace, device: torch.device) -> None:
+    """Before anything is built: the attention flags against each other and the device."""
+    if args.enable_flash and device.type != "cuda":
+        raise ArgError("--enable_flash needs a CUDA GPU; drop the flag on CPU")
+    if args.enable_flash and not (args.bf16 or args.fp16):
+        raise ArgError("--enable_flash needs --bf16 or --fp16 (flash kernels do not run in fp32)")
+    if args.enable_flash and args.document_masking and attention_implementation(args) == "sdpa":
+        raise ArgError(
+            "--document_masking with --enable_flash needs the flash-attn package (SDPA's flash "
+            "kernel takes no document mask); install flash-attn or drop --enable_flash"
+        )
+    if args.attention_kernel != "auto" and device.type != "cuda":
+        raise ArgError(
+            f"--attention_kernel {args.attention_kernel} picks a CUDA kernel; drop it on CPU"
+        )
+    if args.enable_flash and args.attention_kernel != "auto":
+        raise ArgError(
+            f"--enable_flash and --attention_kernel {args.attention_kernel} exclude each other"
+        )
 
 
 def sdpa_backends(args: Namespace, implementation: str) -> list[SDPBackend] | None:

@@ -1,20 +1,75 @@
-"""The attention kernel choice: which SDPA backends a run allows, in which order, and that the
-order holds inside the training step's context only."""
+"""The attention kernel choice: flash-attn 3 or 2 or SDPA, which SDPA backends a run allows, in
+which order, that the order holds inside the training step's context only, and that selective
+checkpointing keeps flash-attn's outputs as it keeps SDPA's."""
 
 from __future__ import annotations
 
 from argparse import Namespace
+from collections import Counter
 
 import pytest
 import torch
+from torch import nn
 from torch.nn.attention import SDPBackend
 
+from utils import attention
 from utils.attention import attention_context, sdpa_backends, set_attention_kernels
 from utils.model import build_meta_model, load_model_config
+from utils.parallelize import wrap_activation_checkpointing
 
 
 def flags(kernel: str = "auto", enable_flash: bool = False) -> Namespace:
     return Namespace(attention_kernel=kernel, enable_flash=enable_flash)
+
+
+@pytest.mark.parametrize(
+    "enable_flash, fa3, fa2, capability, expected",
+    [
+        (True, True, True, (9, 0), "flash_attention_3"),
+        (True, True, True, (8, 0), "flash_attention_2"),  # FA3 runs on Hopper only
+        (True, True, False, (10, 0), "sdpa"),
+        (True, False, True, (9, 0), "flash_attention_2"),
+        (True, False, False, (9, 0), "sdpa"),
+        (False, True, True, (9, 0), "sdpa"),
+    ],
+)
+def test_enable_flash_takes_the_newest_installed_flash_attn_the_card_runs(
+    monkeypatch, enable_flash, fa3, fa2, capability, expected
+):
+    monkeypatch.setattr(attention, "is_flash_attn_3_available", lambda: fa3)
+    monkeypatch.setattr(attention, "is_flash_attn_2_available", lambda: fa2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: capability)
+    assert attention.attention_implementation(flags(enable_flash=enable_flash)) == expected
+
+
+CALLS = Counter()
+
+
+@torch.library.custom_op("flash_attn::_counting_forward", mutates_args=())
+def counting_flash_forward(x: torch.Tensor) -> torch.Tensor:
+    """Stands for flash-attn's kernel: a custom op in its namespace that counts its runs."""
+    CALLS["flash_attn"] += 1
+    return x.sin()
+
+
+counting_flash_forward.register_autograd(
+    lambda ctx, grad: grad * ctx.saved_tensors[0].cos(),
+    setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]),
+)
+
+
+class FlashLayer(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return counting_flash_forward(x * 2)
+
+
+@pytest.mark.parametrize("mode, runs", [("selective", 1), ("full", 2), ("none", 1)])
+def test_selective_checkpointing_keeps_flash_attn_outputs(mode, runs):
+    CALLS.clear()
+    x = torch.randn(4, requires_grad=True)
+    wrap_activation_checkpointing(FlashLayer(), mode)(x).sum().backward()
+    assert CALLS["flash_attn"] == runs
+    torch.testing.assert_close(x.grad, 2 * (2 * x.detach()).cos())
 
 
 def test_auto_leaves_pytorch_its_choice():

@@ -1,5 +1,5 @@
-"""Which attention kernel runs: the transformers implementation (flash-attn 2 or PyTorch SDPA)
-and, for SDPA, which of its backends, in forward and in the recomputation of backward."""
+"""Which attention kernel runs: the transformers implementation (flash-attn 3 or 2, or PyTorch
+SDPA) and, for SDPA, which of its backends, in forward and in the recomputation of backward."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
 from utils.args import ArgError
 
@@ -20,17 +21,17 @@ SDPA_BACKENDS = {
 }
 
 
-def flash_attn_installed() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def attention_implementation(args: Namespace) -> str:
-    """flash-attn 2 when --enable_flash asks for it and it is installed; PyTorch SDPA otherwise."""
-    return "flash_attention_2" if args.enable_flash and flash_attn_installed() else "sdpa"
+    """With --enable_flash, the flash-attn package when installed: FlashAttention-3
+    (`flash_attn_3`) on Hopper, the only cards it runs on, else FlashAttention-2 (`flash_attn`).
+    PyTorch SDPA otherwise."""
+    if not args.enable_flash:
+        return "sdpa"
+    if is_flash_attn_3_available() and torch.cuda.get_device_capability()[0] == 9:
+        return "flash_attention_3"
+    if is_flash_attn_2_available():
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def check_attention_flags(args: Namespace, device: torch.device) -> None:

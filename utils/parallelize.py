@@ -11,7 +11,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-from torch.utils.checkpoint import create_selective_checkpoint_contexts
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from utils.model import decoder_layers
 
@@ -23,7 +23,7 @@ _ATTENTION_OPS = (
     "_scaled_dot_product_cudnn_attention",
     "_scaled_dot_product_flash_attention_for_cpu",
 )
-SAVED_BY_SELECTIVE_CHECKPOINTING = [
+SAVED_BY_SELECTIVE_CHECKPOINTING = {
     torch.ops.aten.mm.default,
     torch.ops.aten.addmm.default,
     torch.ops.aten.bmm.default,
@@ -33,7 +33,9 @@ SAVED_BY_SELECTIVE_CHECKPOINTING = [
         for name in _ATTENTION_OPS
         if hasattr(torch.ops.aten, name)
     ),
-]
+}
+# --enable_flash with the flash-attn package: its kernels are custom ops in these namespaces.
+FLASH_ATTN_NAMESPACES = ("flash_attn", "flash_attn_3")
 
 
 def compute_dtype(bf16: bool, fp16: bool) -> torch.dtype:
@@ -86,12 +88,21 @@ def integer_parameters(model: nn.Module) -> set[nn.Parameter]:
     return {p for p in model.parameters() if not p.is_floating_point()}
 
 
+def keep_matmul_and_attention_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing's choice for each operation of a layer's forward."""
+    expensive = (
+        op in SAVED_BY_SELECTIVE_CHECKPOINTING
+        or getattr(op, "namespace", None) in FLASH_ATTN_NAMESPACES
+    )
+    return CheckpointPolicy.MUST_SAVE if expensive else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def wrap_activation_checkpointing(layer: nn.Module, mode: str) -> nn.Module:
     """`full` recomputes the whole layer in backward, `selective` only its cheap operations."""
     if mode == "full":
         return checkpoint_wrapper(layer)
     if mode == "selective":
-        policy = partial(create_selective_checkpoint_contexts, SAVED_BY_SELECTIVE_CHECKPOINTING)
+        policy = partial(create_selective_checkpoint_contexts, keep_matmul_and_attention_outputs)
         return checkpoint_wrapper(layer, context_fn=policy)
     return layer
 

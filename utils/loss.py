@@ -4,7 +4,7 @@ Two ways to compute it, with the same value (fp32 sums) and gradients:
 - `next_token_nll_sum` on the logits the model returns: simple, but the batch's full logits
   exist at once, in the compute dtype and again in fp32 (a [tokens, vocab] tensor each);
 - `ChunkedLossHead`: the model's output layer, swapped in under the same parameter name
-  (`lm_head.weight`), hands its input back during training, and `chunked_next_token_nll_sum`
+  (`lm_head.weight`), hands (a copy of) its input back during training, and `chunked_next_token_nll_sum`
   computes logits, loss and gradients a slice of tokens at a time, so only one slice of
   logits ever exists.
 """
@@ -58,7 +58,7 @@ def model_nll_sum(
 
 class ChunkedLossHead(nn.Linear):
     """The output projection, an nn.Linear in every way (name, weight, logits) except that
-    inside `returning_hidden_states()` it returns its input: the final hidden states."""
+    inside `returning_hidden_states()` it returns (a copy of) its input: the final hidden states."""
 
     def __init__(self, linear: nn.Linear, compile_chunks: bool) -> None:
         super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
@@ -77,7 +77,12 @@ class ChunkedLossHead(nn.Linear):
             self._return_hidden = False
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden if self._return_hidden else super().forward(hidden)
+        if not self._return_hidden:
+            return super().forward(hidden)
+        # A copy, not the slice transformers hands in: the root would return a view, which FSDP2
+        # warns about (an in-place op on it would skip its backward hook). Costs what the
+        # next-token slice used to: chunked_next_token_nll_sum shifts the labels instead.
+        return hidden.clone()
 
 
 def use_chunked_loss(model: nn.Module, compile_chunks: bool) -> None:
@@ -94,9 +99,12 @@ def chunked_next_token_nll_sum(
     labels: torch.Tensor,
     chunk_loss: Callable | None = None,
 ) -> torch.Tensor:
-    """`next_token_nll_sum(hidden @ weight.T, labels)` without materialising all the logits."""
-    hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))
-    targets = labels[:, 1:].reshape(-1).to(hidden.device)
+    """`next_token_nll_sum(hidden @ weight.T, labels)` without materialising all the logits.
+
+    Position t predicts label t + 1; the last position of each row, with nothing to predict,
+    gets an ignored target (no loss, no gradient), so the hidden states need no slicing copy."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1).to(hidden.device)
+    hidden = hidden.reshape(-1, hidden.size(-1))
     chunk_rows = max(1, CHUNK_LOGITS // weight.size(0))
     return _ChunkedLinearCrossEntropy.apply(
         hidden, weight, targets, chunk_rows, chunk_loss or chunk_loss_and_grad

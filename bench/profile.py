@@ -1,5 +1,5 @@
 """Where a training step's time goes: a few steps under torch.profiler, their kernel time (on
-CPU: operator time) summed by kind, and the share of the step no kernel covers.
+CPU: operator time) summed by kind, and the share of the step during which no kernel runs.
 
 bench.throughput runs this after its timed steps with `--profile N`; the kinds are the ones
 the speed work argues about (matmuls, attention, compiled element-wise kernels, FSDP's copies,
@@ -58,37 +58,68 @@ def profile_steps(
         if on_cuda:
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - start
-    return summarize(_self_times(prof, on_cuda), wall_ms=1e3 * wall, steps=steps)
-
-
-def _self_times(prof: profile, on_cuda: bool) -> dict[str, float]:
-    """Milliseconds of self time by kernel name (CPU operator name without CUDA)."""
     wanted = DeviceType.CUDA if on_cuda else DeviceType.CPU
+    return summarize(
+        _self_times(prof, wanted), busy_ms=_busy_ms(prof, wanted), wall_ms=1e3 * wall, steps=steps
+    )
+
+
+def _self_times(prof: profile, wanted: DeviceType) -> dict[str, float]:
+    """Milliseconds of self time by kernel name (CPU operator name without CUDA)."""
     times: dict[str, float] = {}
     for event in prof.key_averages():
-        if event.device_type != wanted:
+        if not is_kernel(event, wanted):
             continue
-        micros = event.self_device_time_total if on_cuda else event.self_cpu_time_total
+        micros = (
+            event.self_device_time_total if wanted == DeviceType.CUDA else event.self_cpu_time_total
+        )
         if micros > 0:
             times[event.key] = times.get(event.key, 0.0) + micros / 1e3
     return times
 
 
-def summarize(times_ms: dict[str, float], *, wall_ms: float, steps: int) -> dict:
-    """Per step. Collectives run on their own stream and overlap compute, so they are left out
-    of the covered time; what remains uncovered is the device waiting (launches, the host,
-    data) or, on CPU, Python and framework time outside operators."""
+def _busy_ms(prof: profile, wanted: DeviceType) -> float:
+    """Milliseconds during which at least one kernel (operator on CPU) other than a collective
+    runs: the union of their intervals, so kernels overlapping on several streams (FSDP's
+    copies beside the matmuls) or nested CPU operators count once. Collectives are left out: a
+    collective waiting for a slower rank keeps a stream busy without computing anything."""
+    intervals = sorted(
+        (event.time_range.start, event.time_range.end)
+        for event in prof.events()
+        if is_kernel(event, wanted) and kind_of(event.key) != "communication"
+    )
+    return union_length(intervals) / 1e3
+
+
+def is_kernel(event, wanted: DeviceType) -> bool:
+    """A kernel or operator on the wanted device, not a `record_function` range (FSDP's and the
+    optimizer's annotations, which the profiler also projects onto the GPU's timeline)."""
+    return event.device_type == wanted and not event.is_user_annotation
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by intervals sorted by start."""
+    covered, reach = 0.0, float("-inf")
+    for start, end in intervals:
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return covered
+
+
+def summarize(times_ms: dict[str, float], *, busy_ms: float, wall_ms: float, steps: int) -> dict:
+    """Per step: time by kind (kernels on different streams overlap, so kinds can add up to
+    more than the step), and the uncovered share: the device waiting (launches, the host, data)
+    or, on CPU, Python and framework time outside operators."""
     by_kind: dict[str, float] = {}
     for name, ms in times_ms.items():
         kind = kind_of(name)
         by_kind[kind] = by_kind.get(kind, 0.0) + ms / steps
-    step_ms = wall_ms / steps
-    covered = sum(ms for kind, ms in by_kind.items() if kind != "communication")
     top = sorted(times_ms.items(), key=lambda item: -item[1])[:TOP_KERNELS]
     return {
-        "step_ms": step_ms,
+        "step_ms": wall_ms / steps,
         "kinds_ms": dict(sorted(by_kind.items(), key=lambda item: -item[1])),
-        "uncovered_fraction": max(0.0, 1.0 - covered / step_ms),
+        "uncovered_fraction": max(0.0, 1.0 - busy_ms / wall_ms),
         "top_ms": [[name[:120], ms / steps] for name, ms in top],
     }
 

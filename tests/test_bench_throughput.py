@@ -3,9 +3,11 @@ plain one, and a compiled run against eager from the same checkpoint."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,30 @@ def test_profile_sorts_real_kernel_names_into_kinds(kernel, kind):
     from bench.profile import kind_of
 
     assert kind_of(kernel) == kind
+
+
+def test_busy_time_counts_overlapping_and_nested_kernels_once():
+    from bench.profile import union_length
+
+    # a kernel, one inside it (a nested CPU operator), one overlapping it on another stream,
+    # then one after a gap
+    assert union_length([(0.0, 10.0), (2.0, 5.0), (8.0, 12.0), (20.0, 21.0)]) == 13.0
+
+
+def test_profile_counts_kernels_not_annotated_ranges():
+    from bench.profile import profile_steps
+
+    x = torch.randn(64, 64)
+
+    def step(micro_batches: list[dict]) -> None:
+        with torch.profiler.record_function("host work"):  # as FSDP and the optimizer annotate
+            time.sleep(0.05)
+            x @ x
+
+    summary = profile_steps(step, itertools.repeat({}), 2, 1, torch.device("cpu"))
+    assert summary["uncovered_fraction"] > 0.5  # the sleep is no kernel
+    assert "aten::mm" in dict(summary["top_ms"])
+    assert "host work" not in dict(summary["top_ms"])
 
 
 def test_benchmark_bad_input_is_one_line(capsys):

@@ -3,7 +3,9 @@
 #   1. tinyllama-1.1b, seq 2048, micro-batch 8: the default path against the baseline, profiled;
 #   2. llama-130m, seq 256, micro-batch 128, the real loader on pre-tokenized blocks, against
 #      the baseline, profiled;
-#   3. tinyllama-1.1b variants, project only: cuDNN attention, micro-batch 16, ZeRO-2, float8;
+#   3. tinyllama-1.1b variants, project only: cuDNN attention, micro-batch 16, ZeRO-2, float8
+#      (the cuDNN runs are profiled: their top kernels show whether cuDNN ran, as SDPA falls
+#      back to its next backend for a call cuDNN cannot take);
 #   4. llama-130m variants, project only: cuDNN attention, no_shard, micro-batch 256;
 #   5. bench.slt, llama-130m, seq 256, micro-batch 64, every method against dense;
 #   6. a short slt training run (bf16, compile, chunked loss, full checkpoint) and its resume.
@@ -63,13 +65,13 @@ fi
 want 1 && bench 1b_default "${B1[@]}" --local_batch 8 --baseline --profile 2
 want 2 && bench 130m_default "${B130[@]}" --local_batch 128 --baseline --profile 3
 if want 3; then
-  bench 1b_cudnn "${B1[@]}" --local_batch 8 --attention_kernel cudnn
+  bench 1b_cudnn "${B1[@]}" --local_batch 8 --attention_kernel cudnn --profile 1
   bench 1b_mb16 "${B1[@]}" --local_batch 16
   bench 1b_zero2 "${B1[@]}" --local_batch 8 --sharding_strategy shard_grad_op
   bench 1b_float8 "${B1[@]}" --local_batch 8 --float8
 fi
 if want 4; then
-  bench 130m_cudnn "${B130[@]}" --local_batch 128 --attention_kernel cudnn
+  bench 130m_cudnn "${B130[@]}" --local_batch 128 --attention_kernel cudnn --profile 1
   bench 130m_noshard "${B130[@]}" --local_batch 128 --sharding_strategy no_shard
   bench 130m_mb256 "${B130[@]}" --local_batch 256
 fi

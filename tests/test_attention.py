@@ -9,17 +9,24 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend
+from transformers import AutoModelForCausalLM
 
 from utils import attention
 from utils.attention import attention_context, sdpa_backends, set_attention_kernels
+from utils.metrics import model_flops_per_token
 from utils.model import build_meta_model, load_model_config
 from utils.parallelize import wrap_activation_checkpointing
 
 
-def flags(kernel: str = "auto", enable_flash: bool = False) -> Namespace:
-    return Namespace(attention_kernel=kernel, enable_flash=enable_flash)
+def flags(
+    kernel: str = "auto", enable_flash: bool = False, document_masking: bool = False
+) -> Namespace:
+    return Namespace(
+        attention_kernel=kernel, enable_flash=enable_flash, document_masking=document_masking
+    )
 
 
 @pytest.mark.parametrize(
@@ -27,10 +34,10 @@ def flags(kernel: str = "auto", enable_flash: bool = False) -> Namespace:
     [
         (True, True, True, (9, 0), "flash_attention_3"),
         (True, True, True, (8, 0), "flash_attention_2"),  # FA3 runs on Hopper only
-        (True, True, False, (10, 0), "sdpa"),
+        (True, True, False, (10, 0), "causal_sdpa"),
         (True, False, True, (9, 0), "flash_attention_2"),
-        (True, False, False, (9, 0), "sdpa"),
-        (False, True, True, (9, 0), "sdpa"),
+        (True, False, False, (9, 0), "causal_sdpa"),
+        (False, True, True, (9, 0), "causal_sdpa"),
     ],
 )
 def test_enable_flash_takes_the_newest_installed_flash_attn_the_card_runs(
@@ -40,6 +47,45 @@ def test_enable_flash_takes_the_newest_installed_flash_attn_the_card_runs(
     monkeypatch.setattr(attention, "is_flash_attn_2_available", lambda: fa2)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: capability)
     assert attention.attention_implementation(flags(enable_flash=enable_flash)) == expected
+
+
+def test_training_attention_is_sdpa_with_is_causal_and_no_mask(monkeypatch):
+    model = AutoModelForCausalLM.from_config(
+        load_model_config("tiny", 0),
+        attn_implementation=attention.attention_implementation(flags()),
+    )
+    plain = AutoModelForCausalLM.from_config(
+        load_model_config("tiny", 0), attn_implementation="sdpa"
+    )
+    plain.load_state_dict(model.state_dict())
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    input_ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+        assert calls == [(None, True)] * model.config.num_hidden_layers
+        torch.testing.assert_close(logits, plain(input_ids=input_ids).logits)
+    assert "causal_sdpa" not in model.config.to_json_string()  # checkpoints name no such thing
+
+
+def test_another_model_built_from_the_same_config_leaves_the_attention_as_it_was():
+    config = load_model_config("tiny", 0)
+    model = build_meta_model(config, attention.attention_implementation(flags()))
+    model_flops_per_token(config, 64)  # builds a plain "sdpa" model from the run's config
+    assert model.model.layers[0].self_attn.config._attn_implementation == "causal_sdpa"
+
+
+def test_document_masking_keeps_transformers_sdpa_which_builds_the_mask():
+    assert attention.attention_implementation(flags(document_masking=True)) == "sdpa"
+    assert sdpa_backends(flags("cudnn", document_masking=True), "sdpa")[0] == (
+        SDPBackend.CUDNN_ATTENTION
+    )
 
 
 CALLS = Counter()
@@ -96,7 +142,7 @@ def test_a_chosen_kernel_goes_first_and_the_others_stay_as_fallbacks(kernel, fir
 
 
 def test_enable_flash_without_flash_attn_allows_sdpa_flash_only():
-    assert sdpa_backends(flags(enable_flash=True), "sdpa") == [SDPBackend.FLASH_ATTENTION]
+    assert sdpa_backends(flags(enable_flash=True), "causal_sdpa") == [SDPBackend.FLASH_ATTENTION]
     assert sdpa_backends(flags(enable_flash=True), "flash_attention_2") is None
 
 

@@ -13,6 +13,7 @@ import train
 from datas.SmolLM.load_data import build_train_loader
 from tests.conftest import DATA_CANONICAL_NODES
 from utils.args import ArgError
+from utils.attention import attention_implementation
 from utils.loss import model_nll_sum, next_token_nll_sum
 from utils.model import load_model_config
 
@@ -27,7 +28,10 @@ def test_packed_documents_see_only_themselves(mds_text, tokenizer_dir):
     torch.manual_seed(0)
     config = load_model_config("tiny", loader.vocab_size)
     config.initializer_range = 0.2  # sharper attention than an untrained 0.02 model's
-    model = AutoModelForCausalLM.from_config(config)
+    implementation = attention_implementation(
+        Namespace(enable_flash=False, document_masking=True)
+    )  # as train.py picks it
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
     row = {key: value[:1] for key, value in batch.items()}
     starts = (row["position_ids"][0] == 0).nonzero().flatten().tolist()
     assert len(starts) >= 2 and starts[0] == 0  # several documents share the row

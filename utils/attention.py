@@ -1,5 +1,6 @@
 """Which attention kernel runs: the transformers implementation (flash-attn 3 or 2, or PyTorch
-SDPA) and, for SDPA, which of its backends, in forward and in the recomputation of backward."""
+SDPA, with or without a mask) and, for SDPA, which of its backends, in forward and in the
+recomputation of backward."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
 from utils.args import ArgError
@@ -21,17 +24,28 @@ SDPA_BACKENDS = {
 }
 
 
+# transformers' SDPA attention under a name with no mask function: transformers then builds no
+# mask and SDPA runs with is_causal=True, which its flash and cuDNN kernels take. Under the name
+# "sdpa", transformers 4.57 materializes a [batch, 1, seq, seq] mask in every training forward
+# (it reads the default position ids as a packed batch), which rules those kernels out, and 5.17
+# copies a device tensor to the host in every forward to find out that it need not. Every model
+# call of this project passes whole causal rows (no padding mask), so the mask adds nothing.
+CAUSAL_SDPA = "causal_sdpa"
+AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+SDPA_IMPLEMENTATIONS = ("sdpa", CAUSAL_SDPA)
+
+
 def attention_implementation(args: Namespace) -> str:
     """With --enable_flash, the flash-attn package when installed: FlashAttention-3
     (`flash_attn_3`) on Hopper, the only cards it runs on, else FlashAttention-2 (`flash_attn`).
-    PyTorch SDPA otherwise."""
-    if not args.enable_flash:
-        return "sdpa"
-    if is_flash_attn_3_available() and torch.cuda.get_device_capability()[0] == 9:
-        return "flash_attention_3"
-    if is_flash_attn_2_available():
-        return "flash_attention_2"
-    return "sdpa"
+    PyTorch SDPA otherwise: causal without a mask, or with --document_masking transformers' own,
+    which builds the block-diagonal mask from the position ids."""
+    if args.enable_flash:
+        if is_flash_attn_3_available() and torch.cuda.get_device_capability()[0] == 9:
+            return "flash_attention_3"
+        if is_flash_attn_2_available():
+            return "flash_attention_2"
+    return "sdpa" if args.document_masking else CAUSAL_SDPA
 
 
 def check_attention_flags(args: Namespace, device: torch.device) -> None:
@@ -62,7 +76,7 @@ def sdpa_backends(args: Namespace, implementation: str) -> list[SDPBackend] | No
     it cannot run fails loudly instead of silently taking a slower kernel. --attention_kernel
     only moves its backend to the front: a call it cannot run (a document mask, say) falls
     back to the next."""
-    if implementation != "sdpa":
+    if implementation not in SDPA_IMPLEMENTATIONS:
         return None
     if args.enable_flash:
         return [SDPBackend.FLASH_ATTENTION]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import zlib
 from pathlib import Path
 
@@ -61,9 +62,15 @@ def _read_config(spec: str) -> PretrainedConfig:
 
 
 def build_meta_model(config: PretrainedConfig, attn_implementation: str) -> nn.Module:
-    """The model's structure with no storage: each rank later materializes only its shards."""
+    """The model's structure with no storage: each rank later materializes only its shards.
+
+    The model gets its own copy of the config: transformers writes the attention implementation
+    into the config it is given, and every layer reads it there at each call, so a second model
+    built from a shared config (the FLOP count's) would switch the first one's attention."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        return AutoModelForCausalLM.from_config(
+            copy.deepcopy(config), attn_implementation=attn_implementation
+        )
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -47,7 +47,7 @@ def profile_steps(
     device: torch.device,
 ) -> dict:
     """Run `steps` optimizer steps under the profiler; per step: wall time, time by kind, the
-    uncovered share, and the costliest kernels (operators on CPU)."""
+    uncovered share, the costliest kernels (operators on CPU) and the copies back to the host."""
     on_cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     micro_batches = [[next(batches) for _ in range(accum_steps)] for _ in range(steps)]
@@ -59,9 +59,22 @@ def profile_steps(
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - start
     wanted = DeviceType.CUDA if on_cuda else DeviceType.CPU
-    return summarize(
-        _self_times(prof, wanted), busy_ms=_busy_ms(prof, wanted), wall_ms=1e3 * wall, steps=steps
+    host_reads = sum(
+        1 for event in prof.events() if is_kernel(event, wanted) and is_host_read(event.key)
     )
+    return summarize(
+        _self_times(prof, wanted),
+        busy_ms=_busy_ms(prof, wanted),
+        wall_ms=1e3 * wall,
+        steps=steps,
+        host_reads=host_reads,
+    )
+
+
+def is_host_read(name: str) -> bool:
+    """A device-to-host copy: what `.item()`, `bool()` or `.tolist()` of a GPU tensor costs,
+    a stall in which the host stops queueing work until the GPU has caught up."""
+    return "DtoH" in name
 
 
 def _self_times(prof: profile, wanted: DeviceType) -> dict[str, float]:
@@ -107,10 +120,12 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
     return covered
 
 
-def summarize(times_ms: dict[str, float], *, busy_ms: float, wall_ms: float, steps: int) -> dict:
+def summarize(
+    times_ms: dict[str, float], *, busy_ms: float, wall_ms: float, steps: int, host_reads: int = 0
+) -> dict:
     """Per step: time by kind (kernels on different streams overlap, so kinds can add up to
-    more than the step), and the uncovered share: the device waiting (launches, the host, data)
-    or, on CPU, Python and framework time outside operators."""
+    more than the step), the uncovered share (the device waiting: launches, the host, data; on
+    CPU, Python and framework time outside operators) and the device-to-host copies."""
     by_kind: dict[str, float] = {}
     for name, ms in times_ms.items():
         kind = kind_of(name)
@@ -121,6 +136,7 @@ def summarize(times_ms: dict[str, float], *, busy_ms: float, wall_ms: float, ste
         "kinds_ms": dict(sorted(by_kind.items(), key=lambda item: -item[1])),
         "uncovered_fraction": max(0.0, 1.0 - busy_ms / wall_ms),
         "top_ms": [[name[:120], ms / steps] for name, ms in top],
+        "host_reads_per_step": host_reads / steps,
     }
 
 
@@ -130,5 +146,6 @@ def print_profile(label: str, summary: dict) -> None:
     for kind, ms in summary["kinds_ms"].items():
         print(f"  {kind:<22} {ms:>9.2f} ms  {100 * ms / step_ms:5.1f}%")
     print(f"  {'uncovered':<22} {'':>9}     {100 * summary['uncovered_fraction']:5.1f}%")
+    print(f"  device-to-host copies per step: {summary['host_reads_per_step']:g}")
     for name, ms in summary["top_ms"]:
         print(f"    {ms:>8.2f} ms  {name[:90]}")

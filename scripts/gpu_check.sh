@@ -119,5 +119,6 @@ for path in sorted(Path(sys.argv[1]).glob("*.json")):
         if profile:
             kinds = ", ".join(f"{k} {v / profile['step_ms']:.0%}" for k, v in profile["kinds_ms"].items())
             print(f"|   {prefix or 'project '}profile | {profile['step_ms']:.0f} ms/step: {kinds}, "
-                  f"uncovered {profile['uncovered_fraction']:.0%} | | | | | | | |")
+                  f"uncovered {profile['uncovered_fraction']:.0%}, "
+                  f"{profile['host_reads_per_step']:g} device-to-host copies | | | | | | | |")
 PY

@@ -61,6 +61,7 @@ def test_benchmark_smoke_on_real_data_prints_json_with_baseline(mds_tokens, toke
         assert profile["kinds_ms"]["matmul"] > 0 and profile["kinds_ms"]["attention"] > 0
         assert sum(profile["kinds_ms"].values()) <= profile["step_ms"]
         assert "aten::mm" in dict(profile["top_ms"])
+        assert "host_reads_per_step" in profile
     assert "project:" in proc.stdout and "ms per step (profiled)" in proc.stdout
 
 
@@ -83,6 +84,21 @@ def test_profile_sorts_real_kernel_names_into_kinds(kernel, kind):
     from bench.profile import kind_of
 
     assert kind_of(kernel) == kind
+
+
+@pytest.mark.parametrize(
+    "name, read",
+    [
+        ("Memcpy DtoH (Device -> Pinned)", True),
+        ("Memcpy DtoH (Device -> Pageable)", True),
+        ("Memcpy HtoD (Pinned -> Device)", False),
+        ("Memcpy DtoD (Device -> Device)", False),
+    ],
+)
+def test_profile_counts_copies_back_to_the_host(name, read):
+    from bench.profile import is_host_read
+
+    assert is_host_read(name) == read
 
 
 def test_busy_time_counts_overlapping_and_nested_kernels_once():

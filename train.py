@@ -29,6 +29,7 @@ from utils.attention import (
     attention_context,
     attention_implementation,
     check_attention_flags,
+    document_attention_kwargs,
     set_attention_kernels,
 )
 from utils.checkpoint import Checkpointer, resolve_resume_dir
@@ -208,7 +209,8 @@ def train_step(model, optimizer, scheduler, scaler, micro_batches, env: DistEnv,
         model.set_requires_gradient_sync(index == len(micro_batches) - 1)
         labels = batch["labels"].to(env.device, non_blocking=True)
         with attention_context(model):
-            nll = model_nll_sum(model, model_inputs(batch, env.device), labels)
+            inputs = model_inputs(batch, env.device, model.config._attn_implementation)
+            nll = model_nll_sum(model, inputs, labels)
             loss = nll * loss_scale
             (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += nll.detach()
@@ -227,12 +229,17 @@ def train_step(model, optimizer, scheduler, scaler, micro_batches, env: DistEnv,
     return loss_sum * loss_scale / env.world_size, grad_norm
 
 
-def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def model_inputs(
+    batch: dict[str, torch.Tensor], device: torch.device, attn_implementation: str
+) -> dict[str, torch.Tensor | int]:
     """What the model reads from a batch. With --document_masking the loader adds position_ids
     restarting at each document, from which transformers builds a block-diagonal causal mask
-    (varlen kernels with flash-attn 2)."""
+    for SDPA; flash-attn gets the document boundaries for its variable-length kernel."""
     names = ("input_ids", "position_ids")
-    return {name: batch[name].to(device, non_blocking=True) for name in names if name in batch}
+    inputs = {name: batch[name].to(device, non_blocking=True) for name in names if name in batch}
+    if "position_ids" in batch:
+        inputs |= document_attention_kwargs(batch["position_ids"], attn_implementation, device)
+    return inputs
 
 
 class LogWindow:

@@ -33,6 +33,7 @@ SDPA_BACKENDS = {
 CAUSAL_SDPA = "causal_sdpa"
 AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
 SDPA_IMPLEMENTATIONS = ("sdpa", CAUSAL_SDPA)
+FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 
 
 def attention_implementation(args: Namespace) -> str:
@@ -46,6 +47,29 @@ def attention_implementation(args: Namespace) -> str:
         if is_flash_attn_2_available():
             return "flash_attention_2"
     return "sdpa" if args.document_masking else CAUSAL_SDPA
+
+
+def document_attention_kwargs(
+    position_ids: torch.Tensor, implementation: str, device: torch.device
+) -> dict[str, torch.Tensor | int]:
+    """What flash-attn needs for --document_masking: where each document starts in the flattened
+    micro-batch (`cu_seqlens`) and the longest one, for its variable-length kernel.
+
+    transformers derives them from position ids only for a micro-batch of one row; with more
+    rows it would run plain causal attention, across documents, without a word. They are
+    computed here on the host from the loader's position ids (which restart at 0 at every row
+    and document start), so nothing is read back from the GPU. SDPA needs none of this:
+    transformers builds its mask from the position ids."""
+    if implementation not in FLASH_IMPLEMENTATIONS:
+        return {}
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().flatten()
+    bounds = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+    longest = int((bounds[1:] - bounds[:-1]).max())
+    bounds = bounds.to(device)
+    return dict(
+        cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest
+    )
 
 
 def check_attention_flags(args: Namespace, device: torch.device) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
 from utils.args import ArgError
@@ -56,17 +57,15 @@ def document_attention_kwargs(
     micro-batch (`cu_seqlens`) and the longest one, for its variable-length kernel.
 
     transformers derives them from position ids only for a micro-batch of one row; with more
-    rows it would run plain causal attention, across documents, without a word. They are
-    computed here on the host from the loader's position ids (which restart at 0 at every row
-    and document start), so nothing is read back from the GPU. SDPA needs none of this:
-    transformers builds its mask from the position ids."""
+    rows it would run plain causal attention, across documents, without a word. Its own helper
+    computes them here from the loader's position ids while they are still on the host, so
+    nothing is read back from the GPU. SDPA needs none of this: transformers builds its mask
+    from the position ids."""
     if implementation not in FLASH_IMPLEMENTATIONS:
         return {}
-    flat = position_ids.reshape(-1)
-    starts = (flat == 0).nonzero().flatten()
-    bounds = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
-    longest = int((bounds[1:] - bounds[:-1]).max())
-    bounds = bounds.to(device)
+    (bounds, _), (longest, _) = prepare_fa_kwargs_from_position_ids(position_ids)
+    bounds = bounds.to(device, non_blocking=True)
+    longest = int(longest)  # an int in transformers 4.57, a 0-d tensor in 5.x
     return dict(
         cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest
     )

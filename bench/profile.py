@@ -59,15 +59,13 @@ def profile_steps(
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - start
     wanted = DeviceType.CUDA if on_cuda else DeviceType.CPU
-    host_reads = sum(
-        1 for event in prof.events() if is_kernel(event, wanted) and is_host_read(event.key)
-    )
+    kernels = [event for event in prof.events() if is_kernel(event, wanted)]
     return summarize(
         _self_times(prof, wanted),
-        busy_ms=_busy_ms(prof, wanted),
+        busy_ms=_busy_ms(kernels),
         wall_ms=1e3 * wall,
         steps=steps,
-        host_reads=host_reads,
+        host_reads=sum(is_host_read(event.key) for event in kernels),
     )
 
 
@@ -91,15 +89,15 @@ def _self_times(prof: profile, wanted: DeviceType) -> dict[str, float]:
     return times
 
 
-def _busy_ms(prof: profile, wanted: DeviceType) -> float:
+def _busy_ms(kernels: list) -> float:
     """Milliseconds during which at least one kernel (operator on CPU) other than a collective
     runs: the union of their intervals, so kernels overlapping on several streams (FSDP's
     copies beside the matmuls) or nested CPU operators count once. Collectives are left out: a
     collective waiting for a slower rank keeps a stream busy without computing anything."""
     intervals = sorted(
         (event.time_range.start, event.time_range.end)
-        for event in prof.events()
-        if is_kernel(event, wanted) and kind_of(event.key) != "communication"
+        for event in kernels
+        if kind_of(event.key) != "communication"
     )
     return union_length(intervals) / 1e3
 
@@ -121,7 +119,7 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
 
 
 def summarize(
-    times_ms: dict[str, float], *, busy_ms: float, wall_ms: float, steps: int, host_reads: int = 0
+    times_ms: dict[str, float], *, busy_ms: float, wall_ms: float, steps: int, host_reads: int
 ) -> dict:
     """Per step: time by kind (kernels on different streams overlap, so kinds can add up to
     more than the step), the uncovered share (the device waiting: launches, the host, data; on

@@ -111,6 +111,21 @@ def python_train(*args: str, status: int = 0) -> subprocess.CompletedProcess:
     return proc
 
 
+def train_in_process(*args: str) -> None:
+    """train.py's main in this process, a world of one as `python train.py args...` runs it,
+    without the 7 s a fresh interpreter spends importing torch and transformers and shutting
+    down. The environment variables it sets for that world are taken back afterwards, so the
+    processes that later tests launch do not inherit them."""
+    import train
+
+    saved = dict(os.environ)
+    try:
+        train.main(list(args))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def metrics_records(run_dir: Path) -> list[dict]:
     """Every line of a run's metrics.jsonl, in order."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import REPO, child_env
+from bench.slt import main, parse_args
+from tests.helpers import REPO
 from utils.args import ArgError
 from utils.model import build_meta_model, count_parameters, load_model_config
 
 
-def test_slt_benchmark_reports_each_method():
-    cmd = [sys.executable, "-m", "bench.slt", "--config=tiny", "--seq_len=64", "--local_batch=2",
-           "--steps=2", "--warmup_steps=1", "--device=cpu", "--sltrain_r=8", "--json",
-           "--methods=supermask,sltrain"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = {r["method"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+def test_slt_benchmark_reports_each_method(capsys, monkeypatch):
+    """The parent runs in this process; each method runs in its own child, from the checkout."""
+    monkeypatch.chdir(REPO)
+    main(["--config=tiny", "--seq_len=64", "--local_batch=2", "--steps=2", "--warmup_steps=1",
+          "--device=cpu", "--sltrain_r=8", "--json", "--methods=supermask,sltrain"])  # fmt: skip
+    stdout = capsys.readouterr().out
+    results = {r["method"]: r for r in json.loads(stdout.strip().splitlines()[-1])}
     assert sorted(results) == ["sltrain", "supermask"]
     supermask, sltrain = results["supermask"], results["sltrain"]
     dense = count_parameters(build_meta_model(load_model_config("tiny", 0), "sdpa"))
@@ -31,12 +30,10 @@ def test_slt_benchmark_reports_each_method():
     assert dense < supermask["parameters"] < 2 * dense
     assert supermask["sparsity"] == 0.5 or abs(supermask["sparsity"] - 0.5) < 1e-3
     assert sltrain["trainable_parameters"] < dense / 2
-    assert "| supermask |" in proc.stdout
+    assert "| supermask |" in stdout
 
 
 def test_slt_benchmark_rejects_unknown_methods():
-    from bench.slt import parse_args
-
     message = (
         "--methods: unknown ['lottery']; choose from "
         "['dense', 'magnitude', 'supermask', 'nm', 'sltrain']"

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import DATA_CANONICAL_NODES
-from tests.helpers import REPO, child_env, logged_losses, python_train, tiny_run_flags
+from tests.helpers import REPO, child_env, logged_losses, tiny_run_flags, train_in_process
 from utils import loss as loss_module
 from utils.args import build_parser
 from utils.loss import (
@@ -213,13 +213,13 @@ def test_compiled_run_matches_eager_resumed_from_its_checkpoint(
     compiled model saves under the plain parameter names, and computes the same loss."""
     flags = tiny_run_flags(mds_tokens, tokenizer_dir, tmp_path, steps=4, num_workers=0)
     flags.append("--local_batch=4")
-    python_train(
+    train_in_process(
         *flags, "--run_name=compiled", "--compile", "--chunked_loss",
         "--activation_checkpointing=selective", "--save_every=2",
     )  # fmt: skip
     compiled = logged_losses(tmp_path / "compiled")
     checkpoint = tmp_path / "compiled" / "step_000002"
-    python_train(
+    train_in_process(
         *flags, "--run_name=eager", "--no_compile", "--no_chunked_loss",
         f"--resume_dir={checkpoint}",
     )  # fmt: skip

@@ -19,6 +19,7 @@ from tests.helpers import (
     python_train,
     tiny_run_flags,
     torchrun,
+    train_in_process,
 )
 from utils.convert import convert, read_full_weights
 
@@ -51,7 +52,7 @@ def two_ranks(out, mds_tokens, tokenizer_dir) -> Path:
 @pytest.fixture(scope="module")
 def one_rank(out, mds_tokens, tokenizer_dir) -> Path:
     """The same run in one process (two micro-steps per step), `local` checkpoints."""
-    python_train(
+    train_in_process(
         *slt_flags(out, mds_tokens, tokenizer_dir, "mag1", MAGNITUDE, "--ckpt_type=local"),
         "--enable_tensorboard",
     )
@@ -137,7 +138,7 @@ def test_resume_local_is_exact(one_rank, out, mds_tokens, tokenizer_dir):
     flags = slt_flags(
         out, mds_tokens, tokenizer_dir, "mag1_resumed", MAGNITUDE, "--ckpt_type=local"
     )
-    python_train(*flags, f"--resume_dir={one_rank / 'step_000004'}")
+    train_in_process(*flags, f"--resume_dir={one_rank / 'step_000004'}")
     resumed, original = logged_losses(out / "mag1_resumed"), logged_losses(one_rank)
     assert all(resumed[s] == original[s] for s in range(5, STEPS + 1))
 
@@ -155,7 +156,7 @@ def sltrain_full(out, mds_tokens, tokenizer_dir) -> Path:
         "--bf16",
         "--enable_ckpt",
     )
-    python_train(*flags)
+    train_in_process(*flags)
     return out / "slt_full"
 
 
@@ -172,7 +173,7 @@ def test_resume_full_is_exact_with_bf16_and_activation_checkpointing(
         "--bf16",
         "--enable_ckpt",
     )
-    python_train(*flags, f"--resume_dir={sltrain_full / 'step_000004'}")
+    train_in_process(*flags, f"--resume_dir={sltrain_full / 'step_000004'}")
     resumed, original = logged_losses(out / "slt_full_resumed"), logged_losses(sltrain_full)
     assert all(resumed[s] == original[s] for s in range(5, STEPS + 1))
     assert original[STEPS] < original[1] - 0.3

@@ -61,7 +61,7 @@ def profile_steps(
     wanted = DeviceType.CUDA if on_cuda else DeviceType.CPU
     kernels = [event for event in prof.events() if is_kernel(event, wanted)]
     return summarize(
-        _self_times(prof, wanted),
+        _self_times(kernels, on_cuda),
         busy_ms=_busy_ms(kernels),
         wall_ms=1e3 * wall,
         steps=steps,
@@ -75,15 +75,11 @@ def is_host_read(name: str) -> bool:
     return "DtoH" in name
 
 
-def _self_times(prof: profile, wanted: DeviceType) -> dict[str, float]:
+def _self_times(kernels: list, on_cuda: bool) -> dict[str, float]:
     """Milliseconds of self time by kernel name (CPU operator name without CUDA)."""
     times: dict[str, float] = {}
-    for event in prof.key_averages():
-        if not is_kernel(event, wanted):
-            continue
-        micros = (
-            event.self_device_time_total if wanted == DeviceType.CUDA else event.self_cpu_time_total
-        )
+    for event in kernels:
+        micros = event.self_device_time_total if on_cuda else event.self_cpu_time_total
         if micros > 0:
             times[event.key] = times.get(event.key, 0.0) + micros / 1e3
     return times

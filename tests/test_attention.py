@@ -15,6 +15,7 @@ from torch.nn.attention import SDPBackend
 from transformers import AutoModelForCausalLM
 
 from utils import attention
+from utils.args import ArgError
 from utils.attention import attention_context, sdpa_backends, set_attention_kernels
 from utils.metrics import model_flops_per_token
 from utils.model import build_meta_model, load_model_config
@@ -79,6 +80,22 @@ def test_another_model_built_from_the_same_config_leaves_the_attention_as_it_was
     model = build_meta_model(config, attention.attention_implementation(flags()))
     model_flops_per_token(config, 64)  # builds a plain "sdpa" model from the run's config
     assert model.model.layers[0].self_attn.config._attn_implementation == "causal_sdpa"
+
+
+def test_document_masking_under_enable_flash_needs_the_flash_attn_package(monkeypatch):
+    monkeypatch.setattr(attention, "is_flash_attn_3_available", lambda: False)
+    monkeypatch.setattr(attention, "is_flash_attn_2_available", lambda: False)
+    args = Namespace(
+        enable_flash=True, bf16=True, fp16=False, document_masking=True, attention_kernel="auto"
+    )
+    with pytest.raises(ArgError) as refused:
+        attention.check_attention_flags(args, torch.device("cuda"))
+    assert str(refused.value) == (
+        "--document_masking with --enable_flash needs the flash-attn package (SDPA's flash "
+        "kernel takes no document mask); install flash-attn or drop --enable_flash"
+    )
+    monkeypatch.setattr(attention, "is_flash_attn_2_available", lambda: True)
+    attention.check_attention_flags(args, torch.device("cuda"))  # its varlen kernel takes them
 
 
 def test_document_masking_keeps_transformers_sdpa_which_builds_the_mask():

@@ -77,7 +77,11 @@ def check_attention_flags(args: Namespace, device: torch.device) -> None:
         raise ArgError("--enable_flash needs a CUDA GPU; drop the flag on CPU")
     if args.enable_flash and not (args.bf16 or args.fp16):
         raise ArgError("--enable_flash needs --bf16 or --fp16 (flash kernels do not run in fp32)")
-    if args.enable_flash and args.document_masking and attention_implementation(args) == "sdpa":
+    if (
+        args.enable_flash
+        and args.document_masking
+        and attention_implementation(args) not in FLASH_IMPLEMENTATIONS
+    ):
         raise ArgError(
             "--document_masking with --enable_flash needs the flash-attn package (SDPA's flash "
             "kernel takes no document mask); install flash-attn or drop --enable_flash"

@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from bench.profile import is_host_read, kind_of, profile_steps, union_length
 from tests.conftest import DATA_CANONICAL_NODES
 from tests.helpers import REPO, child_env, logged_losses, tiny_run_flags, train_in_process
 from utils import loss as loss_module
@@ -81,8 +82,6 @@ def test_benchmark_smoke_on_real_data_prints_json_with_baseline(mds_tokens, toke
     ],
 )  # fmt: skip
 def test_profile_sorts_real_kernel_names_into_kinds(kernel, kind):
-    from bench.profile import kind_of
-
     assert kind_of(kernel) == kind
 
 
@@ -96,22 +95,16 @@ def test_profile_sorts_real_kernel_names_into_kinds(kernel, kind):
     ],
 )
 def test_profile_counts_copies_back_to_the_host(name, read):
-    from bench.profile import is_host_read
-
     assert is_host_read(name) == read
 
 
 def test_busy_time_counts_overlapping_and_nested_kernels_once():
-    from bench.profile import union_length
-
     # a kernel, one inside it (a nested CPU operator), one overlapping it on another stream,
     # then one after a gap
     assert union_length([(0.0, 10.0), (2.0, 5.0), (8.0, 12.0), (20.0, 21.0)]) == 13.0
 
 
 def test_profile_counts_kernels_not_annotated_ranges():
-    from bench.profile import profile_steps
-
     x = torch.randn(64, 64)
 
     def step(micro_batches: list[dict]) -> None:

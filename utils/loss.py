@@ -4,9 +4,9 @@ Two ways to compute it, with the same value (fp32 sums) and gradients:
 - `next_token_nll_sum` on the logits the model returns: simple, but the batch's full logits
   exist at once, in the compute dtype and again in fp32 (a [tokens, vocab] tensor each);
 - `ChunkedLossHead`: the model's output layer, swapped in under the same parameter name
-  (`lm_head.weight`), hands (a copy of) its input back during training, and `chunked_next_token_nll_sum`
-  computes logits, loss and gradients a slice of tokens at a time, so only one slice of
-  logits ever exists.
+  (`lm_head.weight`), hands (a copy of) its input back during training, and
+  `chunked_next_token_nll_sum` computes logits, loss and gradients a slice of tokens at a
+  time, so only one slice of logits ever exists.
 """
 
 from __future__ import annotations

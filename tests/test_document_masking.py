@@ -15,7 +15,6 @@ from datas.SmolLM.load_data import build_train_loader
 from tests.conftest import DATA_CANONICAL_NODES
 from utils import attention
 from utils.args import ArgError
-from utils.attention import attention_implementation
 from utils.loss import model_nll_sum, next_token_nll_sum
 from utils.model import load_model_config
 
@@ -30,7 +29,7 @@ def test_packed_documents_see_only_themselves(mds_text, tokenizer_dir):
     torch.manual_seed(0)
     config = load_model_config("tiny", loader.vocab_size)
     config.initializer_range = 0.2  # sharper attention than an untrained 0.02 model's
-    implementation = attention_implementation(
+    implementation = attention.attention_implementation(
         Namespace(enable_flash=False, document_masking=True)
     )  # as train.py picks it
     model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation)

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from datas import get_loader_builder
 from datas.C4.c4_eval import check_eval_data, evaluate_c4_ppl
 from slt import SLTConfig, SparseTraining, load_slt_config
-from utils.args import ArgError, apply_device_defaults, grad_accum_steps, parse_args
+from utils.args import apply_device_defaults, grad_accum_steps, parse_args
 from utils.attention import (
     attention_context,
     attention_implementation,
@@ -34,57 +35,53 @@ from utils.attention import (
 )
 from utils.checkpoint import Checkpointer, resolve_resume_dir
 from utils.distributed import DistEnv, broadcast_from_main, build_mesh, init_distributed, shutdown
+from utils.errors import UserError, exit_on_user_error
 from utils.float8 import check_float8, convert_to_float8
 from utils.loss import model_nll_sum, predicted_token_count, use_chunked_loss
 from utils.metrics import MetricsLogger, model_flops_per_token, peak_flops, peak_memory_gb
-from utils.model import build_meta_model, count_parameters, init_weights, load_model_config
-from utils.optim import build_lr_schedule, build_optimizer
+from utils.model import (
+    build_meta_model,
+    dense_parameters,
+    init_weights,
+    load_model_config,
+    trainable_parameters,
+)
+from utils.nonfinite import NonFiniteGuard
+from utils.optim import build_optimizer, lr_at, set_lr, skip_update_if
 from utils.parallelize import build_grad_scaler, compute_dtype, parallelize_model
 from utils.preemption import ExitPolicy
 
-SETUP_ERRORS = (ArgError, ValueError, FileNotFoundError, PermissionError)
-
 
 def main(argv: list[str] | None = None) -> None:
-    try:
+    """Bad input, found at any point, ends the run with one line and status 2 (utils.errors)."""
+    with exit_on_user_error():
         args = parse_args(argv)
-    except ArgError as err:
-        exit_with_error(err)
-    env = init_distributed()
-    try:
-        run(args, env)
-    except ArgError as err:  # found once the model or a checkpoint is read: still bad input
-        exit_with_error(err)
-    finally:
-        shutdown()
+        env = init_distributed()
+        try:
+            run(args, env)
+        finally:
+            shutdown()
 
 
 def run(args: Namespace, env: DistEnv) -> None:
     # ---- inputs: everything a bad flag can break is checked before the model is built ----
-    try:
-        accum_steps = grad_accum_steps(args.global_batch, args.local_batch, env.world_size)
-        check_hardware(args, env)
-        apply_device_defaults(args, env.device)
-        if args.eval_every:
-            check_eval_data(args.eval_data)
-        loader = build_loader(args, env)
-        model_config = load_model_config(args.config, tokenizer_vocab=loader.vocab_size)
-        check_seq_len(args, model_config)
-        slt_config = load_slt_config(args.slt_config) if args.enable_slt else None
-    except SETUP_ERRORS as err:
-        exit_with_error(err)
+    accum_steps = grad_accum_steps(args.global_batch, args.local_batch, env.world_size)
+    check_hardware(args, env)
+    apply_device_defaults(args, env.device)
+    if args.eval_every:
+        check_eval_data(args.eval_data)
+    loader = build_loader(args, env)
+    model_config = load_model_config(args.config, tokenizer_vocab=loader.vocab_size)
+    check_seq_len(args, model_config)
+    slt_config = load_slt_config(args.slt_config) if args.enable_slt else None
     run_name = broadcast_from_main(args.run_name or default_run_name(args, model_config))
     run_dir = Path(args.output_dir) / run_name
 
     # ---- model: built on the meta device, sharded, then each rank materializes its shards ----
     torch.manual_seed(args.seed)
     model, sparse = build_model(args, model_config, env, slt_config)
-    dtype = compute_dtype(args.bf16, args.fp16)
     flops = model_flops_per_token(model_config, args.seq_len)
     optimizer = build_optimizer(model, lr=args.lr, weight_decay=args.weight_decay, fp16=args.fp16)
-    scheduler = build_lr_schedule(
-        optimizer, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, total=args.train_steps
-    )
     scaler = build_grad_scaler(args.fp16, env.device)
 
     # ---- run state: resume, logging ----
@@ -103,9 +100,8 @@ def run(args: Namespace, env: DistEnv) -> None:
     resume_dir = resolve_resume_dir(args.resume_dir, run_dir)
     if resume_dir is not None:
         start_step = checkpointer.load(
-            resume_dir, model, optimizer, scheduler, scaler, loader,
-            skip_optimizer=args.skip_optimizer,
-        )  # fmt: skip
+            resume_dir, model, optimizer, scaler, loader, skip_optimizer=args.skip_optimizer
+        )
         if env.is_main:
             print(f"resumed from {resume_dir} at step {start_step}", flush=True)
     exit_policy = ExitPolicy(args.exit_interval, args.exit_duration_mins)
@@ -114,12 +110,17 @@ def run(args: Namespace, env: DistEnv) -> None:
         tensorboard_dir = Path(args.tensorboard_dir or Path(args.output_dir) / "tensorboard")
         tensorboard_dir = tensorboard_dir / run_name
     logger = MetricsLogger(run_dir, tensorboard_dir, enabled=env.is_main)
-    logger.write_config(vars(args) | {"run_name": run_name}, model_config)
-    n_params = count_parameters(model)
+    parameters = {"trainable": trainable_parameters(model)}
+    if sparse:  # a sparse model's trainable count says little without its dense size
+        parameters["dense_model"] = dense_parameters(model_config)
+    logger.write_config(vars(args) | {"run_name": run_name}, model_config, parameters)
+    guard = NonFiniteGuard(
+        args.nonfinite, args.max_skipped, logger.event, checkpointer.checkpoint_before
+    )
     peak = None if args.float8 else peak_flops(env.device, args.peak_tflops)  # no float8 MFU
     if env.is_main:
         print(
-            f"run {run_name}: {n_params / 1e6:.2f}M parameters, world size {env.world_size}, "
+            f"run {run_name}: {describe_parameters(parameters)}, world size {env.world_size}, "
             f"{accum_steps} micro-steps of {args.local_batch} x {args.seq_len} tokens per step",
             flush=True,
         )
@@ -139,13 +140,15 @@ def run(args: Namespace, env: DistEnv) -> None:
         wait_start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(accum_steps)]
         window.data_wait += time.perf_counter() - wait_start
-        lr = optimizer.param_groups[0]["lr"]
+        lr = lr_at(step, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, total=args.train_steps)
+        set_lr(optimizer, lr)
         if sparse:
-            sparse.before_step(step, dtype)
-        loss, grad_norm = train_step(
-            model, optimizer, scheduler, scaler, micro_batches, env, args.grad_clip
+            sparse.before_step(step)
+        loss, grad_norm, nonfinite = train_step(
+            model, optimizer, scaler, micro_batches, env, args.grad_clip, sparse
         )
-        window.add(loss, grad_norm, sum(b["input_ids"].numel() for b in micro_batches))
+        guard.record(step, nonfinite, loss, loader.position())
+        window.add(loss, grad_norm, nonfinite, sum(b["input_ids"].numel() for b in micro_batches))
         progress.update()
 
         if step % args.log_every == 0 or step == args.train_steps:
@@ -158,7 +161,7 @@ def run(args: Namespace, env: DistEnv) -> None:
                 "peak_mem_gb": peak_memory_gb(env.device),
             }
             if sparse:
-                stats |= sparse.measure(step, dtype)
+                stats |= sparse.measure(step)
             logger.log(step, stats)
         if args.eval_every and (step % args.eval_every == 0 or step == args.train_steps):
             eval_start = time.perf_counter()
@@ -173,11 +176,13 @@ def run(args: Namespace, env: DistEnv) -> None:
         stopping = exit_policy.should_exit(step)
         scheduled = args.save_every and (step % args.save_every == 0 or step == args.train_steps)
         if scheduled or stopping:
-            checkpointer.save(step, model, optimizer, scheduler, scaler, loader, vars(args))
+            guard.flush()  # a step that must stop the run is never saved
+            checkpointer.save(step, model, optimizer, scaler, loader, vars(args))
         if stopping:
             if env.is_main:
                 tqdm.write(f"stopping after step {step} ({exit_policy.reason})")
             break
+    guard.flush()
     progress.close()
     checkpointer.wait()
     logger.close()
@@ -187,19 +192,32 @@ def run(args: Namespace, env: DistEnv) -> None:
             print(f"TensorBoard: tensorboard --logdir {tensorboard_dir}", flush=True)
 
 
-def exit_with_error(err: Exception) -> None:
-    """Bad input: one line naming the flag or file, status 2, no traceback."""
-    print(f"error: {err}", file=sys.stderr, flush=True)
-    sys.exit(2)
+def describe_parameters(parameters: dict[str, int]) -> str:
+    line = f"{parameters['trainable'] / 1e6:.2f}M trainable parameters"
+    if "dense_model" in parameters:
+        line += f" ({parameters['dense_model'] / 1e6:.2f}M in the dense model)"
+    return line
 
 
-def train_step(model, optimizer, scheduler, scaler, micro_batches, env: DistEnv, grad_clip: float):
-    """One optimizer step over the global batch; returns this rank's share of the batch loss.
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler,
+    micro_batches: list[dict[str, torch.Tensor]],
+    env: DistEnv,
+    grad_clip: float,
+    sparse: SparseTraining | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step over the global batch. Returns this rank's share of the batch loss,
+    the global gradient norm, and whether the step was skipped (utils.nonfinite), all on the
+    device.
 
     Each micro-batch's summed NLL is divided by the token count of the WHOLE global batch (all
     micro-steps, all ranks, padding excluded), and multiplied by the world size because FSDP
     averages gradients over ranks: the gradient is then exactly that of the token-weighted mean
-    loss, however the batch is split. Gradients are reduced only after the last micro-step.
+    loss, however the batch is split. Gradients are reduced only after the last micro-step;
+    terms that belong to the step rather than to the data (SR-STE's decay) are added once,
+    after unscaling.
     """
     global_tokens = torch.tensor([sum(predicted_token_count(b["labels"]) for b in micro_batches)])
     dist.all_reduce(global_tokens)
@@ -216,17 +234,21 @@ def train_step(model, optimizer, scheduler, scaler, micro_batches, env: DistEnv,
         loss_sum += nll.detach()
     if scaler:
         scaler.unscale_(optimizer)
+    if sparse:
+        sparse.add_decay_gradients()
     grad_norm = torch.nn.utils.clip_grad_norm_(
         model.parameters(), grad_clip if grad_clip > 0 else float("inf")
     )
-    if scaler:
+    grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+    nonfinite = ~torch.isfinite(grad_norm)
+    if scaler:  # skips a non-finite step itself, and lowers its scale
         scaler.step(optimizer)
         scaler.update()
     else:
+        skip_update_if(optimizer, nonfinite)
         optimizer.step()
-    scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum * loss_scale / env.world_size, grad_norm
+    return loss_sum * loss_scale / env.world_size, grad_norm, nonfinite
 
 
 def model_inputs(
@@ -243,7 +265,8 @@ def model_inputs(
 
 
 class LogWindow:
-    """Sums over the steps between two log lines, kept on the device: no host sync per step."""
+    """Sums over the steps between two log lines, kept on the device: no host sync per step.
+    Skipped steps (not finite) are counted, and left out of the loss and gradient norm."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -252,28 +275,35 @@ class LogWindow:
     def _reset(self) -> None:
         self.loss = torch.zeros((), device=self.device)
         self.grad_norm_sq = torch.zeros((), device=self.device)
+        self.skipped = torch.zeros((), device=self.device)
         self.steps = 0
         self.tokens = 0
         self.data_wait = 0.0
         self.paused = 0.0  # evaluation time, not training time
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int) -> None:
-        self.loss += loss
-        norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        self.grad_norm_sq += norm.float() ** 2
+    def add(
+        self, loss: torch.Tensor, grad_norm: torch.Tensor, nonfinite: torch.Tensor, tokens: int
+    ) -> None:
+        self.loss += torch.where(nonfinite, 0.0, loss)
+        self.grad_norm_sq += torch.where(nonfinite, 0.0, grad_norm.float() ** 2)
+        self.skipped += nonfinite
         self.steps += 1
         self.tokens += tokens
 
-    def reduce_and_reset(self) -> dict[str, float]:
-        """One all-reduce for the window: the global loss and token count."""
+    def reduce_and_reset(self) -> dict[str, float | None]:
+        """One all-reduce for the window (the global loss and token count), one read."""
         totals = torch.stack([self.loss, torch.tensor(float(self.tokens), device=self.device)])
         dist.all_reduce(totals)
-        loss, tokens = totals.tolist()
+        loss, tokens, grad_norm_sq, skipped = torch.cat(
+            [totals, torch.stack([self.grad_norm_sq, self.skipped])]
+        ).tolist()
+        applied = self.steps - int(skipped)
         elapsed = time.perf_counter() - self.start - self.paused
         stats = {
-            "loss": loss / self.steps,
-            "grad_norm": (self.grad_norm_sq / self.steps).sqrt().item(),
+            "loss": loss / applied if applied else None,
+            "grad_norm": math.sqrt(grad_norm_sq / applied) if applied else None,
+            "skipped_steps": int(skipped),
             "tokens_per_s": tokens / elapsed,
             "step_time": elapsed / self.steps,
             "data_wait_fraction": self.data_wait / elapsed,
@@ -284,7 +314,7 @@ class LogWindow:
 
 def build_loader(args: Namespace, env: DistEnv):
     if args.document_masking and args.strategy != "pack":
-        raise ArgError(
+        raise UserError(
             f"--document_masking needs --strategy pack (a {args.strategy} row is one document)"
         )
     builder = get_loader_builder(args.data_name)
@@ -314,7 +344,8 @@ def build_model(
     bench.throughput and bench.slt time this same model."""
     model = build_meta_model(model_config, attention_implementation(args))
     set_attention_kernels(model, args)
-    sparse = SparseTraining(model, slt_config) if slt_config else None
+    dtype = compute_dtype(args.bf16, args.fp16)
+    sparse = SparseTraining(model, slt_config, dtype) if slt_config else None
     if args.float8:
         convert_to_float8(model)
     if args.chunked_loss:
@@ -323,7 +354,7 @@ def build_model(
         model,
         build_mesh(env, args.sharding_strategy),
         sharding_strategy=args.sharding_strategy,
-        param_dtype=compute_dtype(args.bf16, args.fp16),
+        param_dtype=dtype,
         activation_checkpointing=args.activation_checkpointing,
         compile=args.compile,
     )
@@ -336,13 +367,13 @@ def check_hardware(args: Namespace, env: DistEnv) -> None:
     if args.float8:
         check_float8(env.device)
     if args.bf16 and env.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ArgError("--bf16 is not supported on this GPU; use --fp16")
+        raise UserError("--bf16 is not supported on this GPU; use --fp16")
 
 
 def check_seq_len(args: Namespace, model_config) -> None:
     limit = model_config.max_position_embeddings
     if args.seq_len > limit:
-        raise ArgError(
+        raise UserError(
             f"--seq_len {args.seq_len} exceeds the model's max_position_embeddings {limit} "
             f"({args.config}); lower --seq_len or raise it in the config"
         )

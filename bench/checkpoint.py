@@ -38,7 +38,7 @@ from utils.distributed import (
     shutdown,
 )
 from utils.model import build_meta_model, count_parameters, init_weights, load_model_config
-from utils.optim import build_lr_schedule, build_optimizer
+from utils.optim import build_optimizer
 from utils.parallelize import parallelize_model
 
 FORMATS = ("shard", "full", "local")
@@ -85,7 +85,7 @@ def tree_mb(path: Path) -> float:
 
 
 def build_training(env: DistEnv, config_name: str, layers: int):
-    """The sharded model, optimizer and schedule, after one step so AdamW's moments exist."""
+    """The sharded model and optimizer, after one step so AdamW's moments exist."""
     config = load_model_config(config_name, tokenizer_vocab=0)
     config.num_hidden_layers = layers
     model = build_meta_model(config, "sdpa")
@@ -97,13 +97,11 @@ def build_training(env: DistEnv, config_name: str, layers: int):
     )
     init_weights(model, seed=0, device=env.device)
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.1)
-    scheduler = build_lr_schedule(optimizer, lr=1e-3, min_lr=1e-4, warmup=10, total=100)
     tokens = torch.randint(0, config.vocab_size, (1, SEQ_LEN), device=env.device)
     model(input_ids=tokens, labels=tokens).loss.backward()
     optimizer.step()
-    scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return config, model, optimizer, scheduler
+    return config, model, optimizer
 
 
 def local_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -127,17 +125,17 @@ def bench_baseline(env: DistEnv, work: Path, model, optimizer, repeats: int) -> 
 def bench_format(
     env: DistEnv, work: Path, ckpt_type: str, config, training, repeats: int, args: dict
 ) -> dict[str, float]:
-    model, optimizer, scheduler = training
+    model, optimizer = training
     loader = StubLoader(env.rank)
     checkpointer = make_checkpointer(env, work / ckpt_type, ckpt_type, config, work)
     step_dir: list[Path] = []
 
     def save() -> None:
-        step_dir[:] = [checkpointer.save(1, model, optimizer, scheduler, None, loader, args)]
+        step_dir[:] = [checkpointer.save(1, model, optimizer, None, loader, args)]
 
     save_s = timed(save, repeats)
     load_s = timed(
-        lambda: checkpointer.load(step_dir[0], model, optimizer, scheduler, None, loader),
+        lambda: checkpointer.load(step_dir[0], model, optimizer, None, loader),
         repeats,
     )
     return {"save_s": save_s, "load_s": load_s, "size_mb": tree_mb(step_dir[0])}
@@ -145,12 +143,12 @@ def bench_format(
 
 def bench_stall(env: DistEnv, work: Path, config, training, async_save: bool, args: dict):
     """Seconds until `save` returns (training resumes) and until the checkpoint is published."""
-    model, optimizer, scheduler = training
+    model, optimizer = training
     name = "shard_async" if async_save else "shard_sync"
     checkpointer = make_checkpointer(env, work / name, "shard", config, work, async_save)
     dist.barrier()
     start = time.perf_counter()
-    checkpointer.save(1, model, optimizer, scheduler, None, StubLoader(env.rank), args)
+    checkpointer.save(1, model, optimizer, None, StubLoader(env.rank), args)
     returned = time.perf_counter() - start
     checkpointer.wait()  # nothing pending for a sync save
     done = time.perf_counter() - start

@@ -20,13 +20,11 @@ import sys
 
 import torch
 
-import train
 from bench import throughput
 from slt import METHOD_DEFAULTS, SLTConfig
-from utils.args import ArgError
 from utils.distributed import DistEnv, init_distributed, shutdown
+from utils.errors import UserError, exit_on_user_error
 from utils.model import count_parameters
-from utils.parallelize import compute_dtype
 
 METHODS = ("dense", *METHOD_DEFAULTS)
 
@@ -43,28 +41,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     throughput.check_args(args)
     if args.float8:
-        raise ArgError(
+        raise UserError(
             "--float8: bench.slt compares bf16 sparse layers; time float8 with bench.throughput"
         )
     unknown = sorted(set(args.methods.split(",")) - set(METHODS))
     if unknown:
-        raise ArgError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+        raise UserError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    try:
+    with exit_on_user_error():
         args = parse_args(argv)
-    except ArgError as err:
-        train.exit_with_error(err)
-    if args.only:
-        env = init_distributed()
-        try:
-            print(json.dumps(measure(args, env)), flush=True)
-        finally:
-            shutdown()
-        return
+        if args.only:
+            env = init_distributed()
+            try:
+                print(json.dumps(measure(args, env)), flush=True)
+            finally:
+                shutdown()
+            return
     results = [run_child(argv, method) for method in args.methods.split(",")]
     print_table(results)
     if args.json:
@@ -92,14 +88,11 @@ def slt_config(args: argparse.Namespace) -> SLTConfig | None:
 
 def measure(args: argparse.Namespace, env: DistEnv) -> dict:
     model_config, _, batches = throughput.prepare_inputs(args, env)
-    try:
-        setup = throughput.project_step(args, model_config, env, slt_config(args))
-    except ArgError as err:
-        train.exit_with_error(err)
+    setup = throughput.project_step(args, model_config, env, slt_config(args))
     timing = throughput.time_steps(setup.step, batches, args, env)
     sparsity = 0.0
     if setup.sparse:
-        sparsity = setup.sparse.measure(args.steps, compute_dtype(args.bf16, args.fp16))["sparsity"]
+        sparsity = setup.sparse.measure(args.steps)["sparsity"]
     return {
         "method": args.only,
         "step_time_s": timing.step_time_s,

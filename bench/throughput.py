@@ -42,12 +42,12 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 import train
 from bench.profile import print_profile, profile_steps
 from slt import SLTConfig, SparseTraining
-from utils.args import ArgError, add_data_flags, add_layout_flags, apply_device_defaults
+from utils.args import add_data_flags, add_layout_flags, apply_device_defaults
 from utils.distributed import DistEnv, build_mesh, init_distributed, shutdown
+from utils.errors import UserError, exit_on_user_error
 from utils.metrics import model_flops_per_token, peak_flops, peak_memory_gb
 from utils.model import decoder_layers, load_model_config
-from utils.optim import build_lr_schedule, build_optimizer
-from utils.parallelize import compute_dtype
+from utils.optim import build_optimizer, set_lr
 
 SYNTHETIC_BATCHES = 4  # distinct random micro-batches, cycled
 
@@ -95,30 +95,28 @@ def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     for flag in ("local_batch", "accum_steps", "steps", "seq_len"):
         if getattr(args, flag) <= 0:
-            raise ArgError(f"--{flag} must be positive (got {getattr(args, flag)})")
+            raise UserError(f"--{flag} must be positive (got {getattr(args, flag)})")
     for flag in ("warmup_steps", "profile"):
         if getattr(args, flag) < 0:
-            raise ArgError(f"--{flag} must not be negative (got {getattr(args, flag)})")
+            raise UserError(f"--{flag} must not be negative (got {getattr(args, flag)})")
     if args.document_masking and not args.data_dir:
-        raise ArgError("--document_masking needs --data_dir (random tokens have no documents)")
+        raise UserError("--document_masking needs --data_dir (random tokens have no documents)")
     if args.data_dir and not args.tokenizer_dir:
-        raise ArgError("--data_dir needs --tokenizer_dir (the loader tokenizes or checks EOS)")
+        raise UserError("--data_dir needs --tokenizer_dir (the loader tokenizes or checks EOS)")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise ArgError("--device cuda: no CUDA GPU is visible")
+        raise UserError("--device cuda: no CUDA GPU is visible")
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
+    with exit_on_user_error():
         args = parse_args(argv)
-    except ArgError as err:
-        train.exit_with_error(err)
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything touches CUDA
-    env = init_distributed()
-    try:
-        run(args, env)
-    finally:
-        shutdown()
+        if args.device == "cpu":
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything touches CUDA
+        env = init_distributed()
+        try:
+            run(args, env)
+        finally:
+            shutdown()
 
 
 def run(args: argparse.Namespace, env: DistEnv) -> None:
@@ -180,13 +178,10 @@ def prepare_inputs(
     # The names build_model and build_loader read, as train.py's flags would set them.
     args.bf16 = env.device.type == "cuda" and not args.fp32
     args.fp16 = args.enable_flash = False
-    try:
-        train.check_hardware(args, env)
-        loader = train.build_loader(args, env) if args.data_dir else None
-        model_config = load_model_config(args.config, loader.vocab_size if loader else 0)
-        train.check_seq_len(args, model_config)
-    except train.SETUP_ERRORS as err:
-        train.exit_with_error(err)
+    train.check_hardware(args, env)
+    loader = train.build_loader(args, env) if args.data_dir else None
+    model_config = load_model_config(args.config, loader.vocab_size if loader else 0)
+    train.check_seq_len(args, model_config)
     batches = iter(loader) if loader else synthetic_batches(args, model_config, env)
     return model_config, loader, batches
 
@@ -201,14 +196,13 @@ def project_step(
     torch.manual_seed(args.seed)
     model, sparse = train.build_model(args, model_config, env, slt_config)
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1)
-    scheduler = build_lr_schedule(optimizer, lr=1e-4, min_lr=1e-5, warmup=10, total=1000)
+    set_lr(optimizer, 1e-4)
     step_numbers = itertools.count(1)
-    dtype = compute_dtype(args.bf16, args.fp16)
 
     def step(micro_batches: list[dict]) -> None:
         if sparse:
-            sparse.before_step(next(step_numbers), dtype)
-        train.train_step(model, optimizer, scheduler, None, micro_batches, env, grad_clip=1.0)
+            sparse.before_step(next(step_numbers))
+        train.train_step(model, optimizer, None, micro_batches, env, 1.0, sparse)
 
     return ProjectSetup(step, model, optimizer, sparse)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from importlib import import_module
 
+from utils.errors import UserError
+
 # --data_name -> "module:function"; FineWeb-Edu is the seed's default and is stored as MDS
 # like SmolLM, so both use the same loader.
 _BUILDERS = {
@@ -20,7 +22,7 @@ _BUILDERS = {
 def get_loader_builder(data_name: str) -> Callable:
     """The `build_train_loader` function for `--data_name`."""
     if data_name not in _BUILDERS:
-        raise ValueError(
+        raise UserError(
             f"--data_name {data_name} is unknown; choose one of: {', '.join(_BUILDERS)}"
         )
     module, function = _BUILDERS[data_name].split(":")

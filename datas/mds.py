@@ -2,7 +2,8 @@
 
 - `parse_sources`: "a:0.7,b:0.3" -> one `Source` per stream with its proportion.
 - `check_source`: one-line errors for bad input before any worker starts.
-- `clean_stale_shared_memory`: remove what a killed run left in /dev/shm and the temp dir.
+- `clean_stale_shared_memory`: remove what a killed run left in /dev/shm and the temp dir,
+  never what a live one uses.
 - `make_streaming_dataset`: one `Stream` per source, one cache directory per node.
 
 `streaming` is imported inside the functions: importing it takes seconds.
@@ -10,27 +11,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from utils.errors import UserError
 
 TEXT_COLUMN = "text"
 TOKENS_COLUMN = "tokens"
 HASH_ALGO = "sha1"
 SHM_DIR = Path("/dev/shm")
 _PREFIX = re.compile(r"^(\d{6})_")
+_MAPPED_SHM = re.compile(rf"{SHM_DIR}/(\d{{6}})_")
 # Samples streaming's ready thread may run ahead of the reader. Its default, 8 batches, is
 # reached within one of that thread's 7 ms sleeps when batches are small and samples cheap,
 # and then the reader sleeps too: profiled, the main thread idled a third of the time.
 MIN_READ_AHEAD = 4096
-
-
-class DataError(ValueError):
-    """Bad input data or settings; the message names the path or flag and the fix."""
 
 
 @dataclass
@@ -57,10 +61,10 @@ def parse_sources(mds_root: str) -> list[Source]:
             proportion = None
         sources.append(Source(path, proportion) if proportion is not None else Source(item))
     if not sources:
-        raise DataError("--data_dir is empty; give an MDS directory or a mix like a:0.7,b:0.3")
+        raise UserError("--data_dir is empty; give an MDS directory or a mix like a:0.7,b:0.3")
     with_weight = [s.proportion is not None for s in sources]
     if any(with_weight) and not all(with_weight):
-        raise DataError(
+        raise UserError(
             f"--data_dir {mds_root!r} mixes sources with and without a proportion; "
             "give every source one, like a:0.7,b:0.3"
         )
@@ -70,7 +74,7 @@ def parse_sources(mds_root: str) -> list[Source]:
 def read_index(directory: Path) -> dict[str, Any]:
     index = directory / "index.json"
     if not index.is_file():
-        raise DataError(
+        raise UserError(
             f"{directory} is not an MDS dataset: no index.json; "
             "convert it with `python -m datas.prepare --input ... --output DIR`"
         )
@@ -88,10 +92,38 @@ def data_column(index: dict[str, Any], where: str) -> str:
         return TOKENS_COLUMN
     if columns.get(TEXT_COLUMN) == "str":
         return TEXT_COLUMN
-    raise DataError(
+    raise UserError(
         f"{where} has no usable column: need `text` (str) or `tokens` (ndarray), found "
         f"{columns or 'none'}; re-create it with `python -m datas.prepare --text_field FIELD`"
     )
+
+
+def shard_file(directory: Path, shard: dict[str, Any]) -> Path:
+    """A shard's raw file if it is there, else its compressed one."""
+    raw = directory / shard["raw_data"]["basename"]
+    if raw.is_file():
+        return raw
+    zipped = shard.get("zip_data")
+    if zipped and (directory / zipped["basename"]).is_file():
+        return directory / zipped["basename"]
+    raise UserError(f"{raw} (listed in {directory}/index.json) is missing; re-copy the dataset")
+
+
+def shard_samples(directory: Path, shard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every sample of one MDS shard, decoded, in order: a plain read (decompressed in memory
+    if need be), with no StreamingDataset and so no shared memory or cache."""
+    from streaming.base.compression import decompress
+    from streaming.base.format import reader_from_json
+
+    path = shard_file(directory, shard)
+    blob = path.read_bytes()
+    if path.name != shard["raw_data"]["basename"]:
+        blob = decompress(shard["compression"], blob)
+    reader = reader_from_json(str(directory), None, shard)
+    # An MDS shard starts with its sample count, then count + 1 byte offsets.
+    offsets = np.frombuffer(blob, np.uint32, count=shard["samples"] + 1, offset=4)
+    for begin, end in zip(offsets[:-1], offsets[1:], strict=True):
+        yield reader.decode_sample(blob[begin:end])
 
 
 def _shards_to_decompress(directory: Path, index: dict[str, Any]) -> list[dict[str, Any]]:
@@ -110,7 +142,7 @@ def _check_hashes(directory: Path, shards: list[dict[str, Any]]) -> None:
         expected = zip_info.get("hashes", {}).get(HASH_ALGO)
         path = directory / zip_info["basename"]
         if expected and path.exists() and get_hash(HASH_ALGO, path.read_bytes()) != expected:
-            raise DataError(
+            raise UserError(
                 f"shard {path} is corrupt: its {HASH_ALGO} does not match index.json; "
                 "re-copy it or re-create the dataset with `python -m datas.prepare`"
             )
@@ -118,30 +150,32 @@ def _check_hashes(directory: Path, shards: list[dict[str, Any]]) -> None:
 
 @dataclass
 class SourceInfo:
-    """What the checks learned about a source: its training column (None for a remote
-    source: known only once streaming fetched its index) and whether shards carry hashes."""
+    """What the checks learned about a source: its training column and, for pre-tokenized
+    blocks, their length (None for a remote source: known only once streaming fetched it),
+    and whether shards carry hashes."""
 
     column: str | None
     has_hashes: bool
+    block_length: int | None = None
 
 
 def check_source(source: Source, cached: bool) -> SourceInfo:
     """Validate a local source. `cached`: its shards are copied to a local cache."""
     if source.is_remote:
         if not cached:
-            raise DataError(
+            raise UserError(
                 f"--data_dir {source.path} is remote; give --local_cache_dir to copy it to"
             )
         return SourceInfo(column=None, has_hashes=False)
     directory = Path(source.path)
     if not directory.is_dir():
-        raise DataError(f"--data_dir {directory} does not exist")
+        raise UserError(f"--data_dir {directory} does not exist")
     index = read_index(directory)
     column = data_column(index, str(directory))
     if not cached:
         pending = _shards_to_decompress(directory, index)
         if pending and not _is_writable(directory):
-            raise DataError(
+            raise UserError(
                 f"{directory} holds compressed shards that must be decompressed beside them, "
                 "but it is not writable; pass --local_cache_dir (local_cache=) to read it "
                 "through a writable cache"
@@ -151,14 +185,30 @@ def check_source(source: Source, cached: bool) -> SourceInfo:
         HASH_ALGO in (shard.get("zip_data") or shard["raw_data"]).get("hashes", {})
         for shard in index["shards"]
     )
-    return SourceInfo(column=column, has_hashes=has_hashes)
+    block_length = None
+    if column == TOKENS_COLUMN:
+        block_length = len(next(shard_samples(directory, index["shards"][0]))[TOKENS_COLUMN])
+    return SourceInfo(column=column, has_hashes=has_hashes, block_length=block_length)
+
+
+def check_block_length(infos: list[SourceInfo], sources: list[Source], seq_len: int) -> None:
+    """Pre-tokenized blocks are cut from a stream of documents, so their edges are mid-document:
+    rows made of two blocks (or half of one) would join unrelated text without an EOS between,
+    and attend across it. Their length must be the run's."""
+    for info, source in zip(infos, sources, strict=True):
+        if info.block_length not in (None, seq_len):
+            raise UserError(
+                f"--data_dir {source.path} holds pre-tokenized blocks of {info.block_length} "
+                f"tokens, not --seq_len {seq_len}; train with --seq_len {info.block_length} or "
+                f"prepare the data again with --seq_len {seq_len}"
+            )
 
 
 def training_column(infos: list[SourceInfo], sources: list[Source]) -> str | None:
     """The column shared by all sources; mixing text and tokens sources is an error."""
     columns = {info.column for info in infos if info.column}
     if len(columns) > 1:
-        raise DataError(
+        raise UserError(
             f"--data_dir {','.join(s.path for s in sources)} mixes text and tokens datasets; "
             "prepare them the same way (both text, or both with --tokenizer/--seq_len)"
         )
@@ -207,14 +257,29 @@ def _prefix_files() -> dict[str, list[Path]]:
     return groups
 
 
+def prefixes_in_use() -> set[str]:
+    """Prefixes whose shared memory some running process has mapped: a live job's (streaming
+    keeps its memory mapped as long as a dataset exists, in its workers too). Read from every
+    process's /proc/<pid>/maps; a process we may not read holds files we may not remove."""
+    used: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            used.update(_MAPPED_SHM.findall(maps.read_text()))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return used
+
+
 def stale_prefixes(our_locals: list[str]) -> list[str]:
-    """Prefixes registered for one of our directories, and prefixes without a registry entry
-    (orphans). Prefixes of other jobs that use other directories are left alone."""
+    """Prefixes no running process uses that are registered for one of our directories, or
+    have no registry entry (orphans). A live job's prefix stays, even on our very directory
+    (a sweep on one node); so do other directories' prefixes, live or not."""
     ours = set(our_locals)
+    in_use = prefixes_in_use()
     stale = []
     for prefix in _prefix_files():
         registered = _shm_locals(f"{prefix}_locals")
-        if registered is None or ours & set(registered):
+        if prefix not in in_use and (registered is None or ours & set(registered)):
             stale.append(prefix)
     return sorted(stale)
 
@@ -227,7 +292,8 @@ def clean_stale_shared_memory(our_locals: list[str]) -> list[str]:
     groups = _prefix_files()
     for prefix in removed:
         for path in groups.get(prefix, []):
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # gone meanwhile, or another user's
+                path.unlink()
     return removed
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
@@ -24,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from datas.mds import HASH_ALGO, TEXT_COLUMN, TOKENS_COLUMN, DataError
+from datas.mds import HASH_ALGO, TEXT_COLUMN, TOKENS_COLUMN
+from utils.errors import UserError, exit_on_user_error
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".parquet", ".txt")
 TOKENIZE_BATCH = 256
@@ -48,16 +48,16 @@ def find_files(inputs: list[str | Path]) -> list[Path]:
             files += sorted(p for p in item.rglob("*") if p.name.endswith(SUFFIXES))
         elif item.is_file():
             if not item.name.endswith(SUFFIXES):
-                raise DataError(f"--input {item}: unsupported file type; use {', '.join(SUFFIXES)}")
+                raise UserError(f"--input {item}: unsupported file type; use {', '.join(SUFFIXES)}")
             files.append(item)
         else:
-            raise DataError(f"--input {item} does not exist")
+            raise UserError(f"--input {item} does not exist")
     return files
 
 
 def _field(record: dict[str, Any], field: str, where: str) -> str:
     if field not in record:
-        raise DataError(
+        raise UserError(
             f"{where}: no field {field!r} (fields: {', '.join(record) or 'none'}); "
             "pass --text_field NAME"
         )
@@ -110,7 +110,7 @@ def _token_blocks(
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if tokenizer.eos_token_id is None:
-        raise DataError(f"--tokenizer {tokenizer_dir} has no EOS token to join documents with")
+        raise UserError(f"--tokenizer {tokenizer_dir} has no EOS token to join documents with")
     eos = (tokenizer.eos_token_id,)
     backend = tokenizer.backend_tokenizer
     buffer = np.zeros(0, dtype=np.int32)
@@ -127,7 +127,7 @@ def _token_blocks(
 
 def _check_output(output: Path) -> None:
     if output.exists() and any(output.iterdir()):
-        raise DataError(
+        raise UserError(
             f"--output {output} already holds files; choose a new directory or empty it"
         )
 
@@ -139,10 +139,10 @@ def _validate(output: Path, column: str, first: Any, last: Any, samples: int) ->
     dataset = StreamingDataset(local=str(output), batch_size=1)
     try:
         if dataset.num_samples != samples:
-            raise DataError(f"{output}: wrote {samples} samples, read back {dataset.num_samples}")
+            raise UserError(f"{output}: wrote {samples} samples, read back {dataset.num_samples}")
         for index, expected in ((0, first), (samples - 1, last)):
             if not np.array_equal(np.asarray(dataset[index][column]), np.asarray(expected)):
-                raise DataError(f"{output}: sample {index} reads back differently")
+                raise UserError(f"{output}: sample {index} reads back differently")
     finally:
         del dataset
 
@@ -160,7 +160,7 @@ def prepare_mds(
 ) -> PrepareStats:
     """Write `inputs` as MDS to `output` and validate it; returns counts."""
     if (tokenizer is None) != (seq_len is None):
-        raise DataError("--tokenizer and --seq_len go together: give both or neither")
+        raise UserError("--tokenizer and --seq_len go together: give both or neither")
     output = Path(output)
     _check_output(output)
     files = find_files(inputs)
@@ -195,7 +195,7 @@ def prepare_mds(
             last = sample
             stats.samples += 1
     if stats.samples == 0:
-        raise DataError(
+        raise UserError(
             f"--input {' '.join(map(str, inputs))}: no documents found"
             + (f" (or fewer than seq_len={seq_len} tokens)" if tokenizer else "")
         )
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compression", default="zstd", help="shard compression, or 'none'")
     parser.add_argument("--size_limit", default="64mb", help="shard size, e.g. 64mb")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_user_error():
         stats = prepare_mds(
             args.input,
             args.output,
@@ -223,8 +223,6 @@ def main(argv: list[str] | None = None) -> None:
             compression=None if args.compression == "none" else args.compression,
             size_limit=args.size_limit,
         )
-    except DataError as error:
-        sys.exit(f"error: {error}")
     summary = f"{stats.documents} documents from {stats.files} files"
     if args.tokenizer:
         summary += f", {stats.tokens} tokens in {stats.samples} blocks of {args.seq_len}"

@@ -1,6 +1,6 @@
 """The `--slt_config` JSON file: which sparse method, on which projections, with which settings.
 
-Every key has a default (METHOD_DEFAULTS); an unknown key, method or value is an ArgError that
+Every key has a default (METHOD_DEFAULTS); an unknown key, method or value is an UserError that
 names the file and the key, raised before the model is built.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from utils.args import ArgError
+from utils.errors import UserError
 
 # The Llama projections a sparse layer can replace; embeddings and lm_head always stay dense.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -91,8 +91,8 @@ class SLTConfig:
         """Validate a mapping (a parsed file, or the copy a checkpoint holds) and fill in the
         defaults."""
 
-        def bad(message: str) -> ArgError:
-            return ArgError(f"--slt_config {source}: {message}")
+        def bad(message: str) -> UserError:
+            return UserError(f"--slt_config {source}: {message}")
 
         if not isinstance(values, dict):
             raise bad("must be a JSON object")
@@ -126,11 +126,11 @@ def _check_combination(settings: dict[str, Any], bad) -> None:
 def load_slt_config(path: str) -> SLTConfig:
     file = Path(path)
     if not file.is_file():
-        raise ArgError(f"--slt_config {path} does not exist; give a JSON file (see README, slt)")
+        raise UserError(f"--slt_config {path} does not exist; give a JSON file (see README, slt)")
     try:
         values = json.loads(file.read_text())
     except json.JSONDecodeError as err:
-        raise ArgError(f"--slt_config {path} is not valid JSON ({err})") from err
+        raise UserError(f"--slt_config {path} is not valid JSON ({err})") from err
     return SLTConfig.from_dict(values, source=path)
 
 

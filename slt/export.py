@@ -56,12 +56,16 @@ def effective_dense_state(
     model_config: PretrainedConfig, slt_state: dict[str, Any], full_state: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """The dense Llama state dict: every sparse layer's tensors replaced by its effective
-    weight, computed by the layer's own code from the full (fp32 master) tensors."""
+    weight, computed by the layer's own code from the full tensors cast to the run's compute
+    dtype, as the training forward computed it (masks chosen among bf16 weights differ from
+    masks chosen among their fp32 masters where values round together). Stored in fp32; cast
+    back to the compute dtype, it is the trained weight bit for bit."""
     _, layers = _sparse_meta_model(model_config, slt_state)
+    compute_dtype = getattr(torch, slt_state.get("compute_dtype", "float32"))
     dense = {k: v for k, v in full_state.items() if not sparse_layer_of(k, layers)}
     for name, layer in layers.items():
         _fill_layer(layer, name, full_state, slt_state["thresholds"].get(name))
-        dense[f"{name}.weight"] = layer.effective_weight().contiguous()
+        dense[f"{name}.weight"] = layer.effective_weight(compute_dtype).float().contiguous()
         if layer.bias is not None:
             dense[f"{name}.bias"] = layer.bias
     return dense

@@ -22,21 +22,15 @@ from utils.distributed import local_tensor
 
 class StraightThroughMask(torch.autograd.Function):
     """weight * mask in forward; in backward the gradient reaches every entry, pruned or not
-    (straight-through), plus `decay * weight` on the pruned ones (SR-STE; 0 = plain STE)."""
+    (straight-through)."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:
-        ctx.decay = decay
-        if decay:  # plain STE needs nothing: no full-size mask kept until backward
-            ctx.save_for_backward(weight, mask)
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return weight * mask
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        if ctx.decay:
-            weight, mask = ctx.saved_tensors
-            grad = grad + ctx.decay * weight * ~mask
-        return grad, None, None
+        return grad, None
 
 
 class StraightThroughScores(torch.autograd.Function):
@@ -65,8 +59,13 @@ class SLTLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.effective_weight(), self.bias)
 
-    def effective_weight(self) -> torch.Tensor:
-        return self.compose(**self._weight_tensors())
+    def effective_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight the forward multiplies by; with `dtype`, computed from the parameters
+        cast to it, as a forward in that compute dtype computes it."""
+        tensors = self._weight_tensors()
+        if dtype is not None:
+            tensors = {k: _cast(v, dtype) for k, v in tensors.items()}
+        return self.compose(**tensors)
 
     def compose(self, **tensors: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -82,6 +81,10 @@ class SLTLinear(nn.Module):
 
     def _local_tensors(self) -> dict[str, torch.Tensor]:
         return {n: local_tensor(p) for n, p in self._weight_tensors().items()}
+
+    def add_decay_gradient(self, dtype: torch.dtype) -> None:
+        """Gradient terms of the method itself (SR-STE's decay), added once per optimizer step
+        to the accumulated, unscaled gradient; `dtype` is the compute dtype of the forward."""
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -143,7 +146,7 @@ class MagnitudeLinear(ThresholdedLinear):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
 
     def compose(self, weight: torch.Tensor) -> torch.Tensor:
-        return StraightThroughMask.apply(weight, weight.detach().abs() > self.threshold, 0.0)
+        return StraightThroughMask.apply(weight, weight.detach().abs() > self.threshold)
 
 
 class SupermaskLinear(ThresholdedLinear):
@@ -179,7 +182,9 @@ class SupermaskLinear(ThresholdedLinear):
 
 class NMLinear(SLTLinear):
     """N:M sparsity: in every group of `m` consecutive inputs of an output row, the `n` largest
-    |w| are kept. SR-STE adds `srste_lambda * w` to the gradient of pruned entries."""
+    |w| are kept. SR-STE decays the pruned entries: `srste_lambda * w` is added to their
+    gradient once per optimizer step (`add_decay_gradient`), whatever the number of micro-steps
+    or the loss scale."""
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, *, n: int, m: int, srste_lambda
@@ -189,14 +194,25 @@ class NMLinear(SLTLinear):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
 
     def compose(self, weight: torch.Tensor) -> torch.Tensor:
-        mask = nm_mask(weight.detach(), self.n, self.m)
-        return StraightThroughMask.apply(weight, mask, self.srste_lambda)
+        return StraightThroughMask.apply(weight, nm_mask(weight.detach(), self.n, self.m))
+
+    @torch.no_grad()
+    def add_decay_gradient(self, dtype: torch.dtype) -> None:
+        """The mask is this step's forward's: groups lie within a row and FSDP shards whole
+        rows, so each rank recomputes it from its own rows cast to the compute dtype."""
+        if not self.srste_lambda or self.weight.grad is None:
+            return
+        weight = local_tensor(self.weight)
+        pruned = ~nm_mask(_cast(weight, dtype), self.n, self.m)
+        local_tensor(self.weight.grad).add_(weight * pruned, alpha=self.srste_lambda)
 
 
 def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """True for the n largest-|w| entries of each group of m along the input dimension."""
+    """True for the n largest-|w| entries of each group of m along the input dimension. Of
+    equal magnitudes (frequent in bf16) the earlier entry is kept: a stable sort decides the
+    same on every device, where topk's choice among ties is the kernel's own."""
     groups = weight.abs().reshape(weight.shape[0], -1, m)
-    keep = groups.topk(n, dim=-1).indices
+    keep = groups.sort(dim=-1, descending=True, stable=True).indices[..., :n]
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
     return mask.reshape(weight.shape)
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from slt.config import SLTConfig, sltrain_rank_and_alpha
 from slt.layers import SLTLinear, layer_class_and_options
-from utils.args import ArgError
+from utils.errors import UserError
 
 
 def patch_llama(model: nn.Module, config: SLTConfig) -> dict[str, SLTLinear]:
@@ -30,7 +30,7 @@ def patch_llama(model: nn.Module, config: SLTConfig) -> dict[str, SLTLinear]:
         setattr(model.get_submodule(parent_name), leaf, layer)
         replaced[name] = layer
     if not replaced:
-        raise ArgError(f"--slt_config targets {list(config.targets)} match no linear layer")
+        raise UserError(f"--slt_config targets {list(config.targets)} match no linear layer")
     return replaced
 
 
@@ -44,13 +44,13 @@ def resolved_settings(config: SLTConfig, hidden_size: int) -> dict[str, Any]:
 
 def _check_layer_shape(name: str, module: nn.Linear, method: str, settings: dict) -> None:
     if method == "nm" and module.in_features % settings["m"]:
-        raise ArgError(
+        raise UserError(
             f"--slt_config: nm needs in_features divisible by m={settings['m']}, but {name} "
             f"has {module.in_features}; choose another m"
         )
     smallest = min(module.in_features, module.out_features)
     if method == "sltrain" and settings["r"] >= smallest:
-        raise ArgError(
+        raise UserError(
             f"--slt_config: sltrain r={settings['r']} is not below {name}'s smallest dimension "
             f"{smallest}; set a smaller r"
         )

@@ -12,15 +12,21 @@ from slt.config import SLTConfig
 from slt.layers import SLTLinear, ThresholdedLinear
 from slt.patch import patch_llama
 from slt.schedule import last_refresh, refresh_due, scheduled_sparsity
-from utils.args import ArgError
+from utils.errors import UserError
 
 
 class SparseTraining:
     """Patches the model on construction (meta device, before sharding); then, before each
-    step, recomputes the thresholded layers' thresholds when due, without a host sync."""
+    step, recomputes the thresholded layers' thresholds when due, without a host sync.
 
-    def __init__(self, model: nn.Module, config: SLTConfig) -> None:
+    `compute_dtype` is the dtype the forward computes in (the run's --bf16/--fp16): masks are
+    chosen among the weights as cast to it, and the export rebuilds them the same way."""
+
+    def __init__(
+        self, model: nn.Module, config: SLTConfig, compute_dtype: torch.dtype = torch.float32
+    ) -> None:
         self.config = config
+        self.compute_dtype = compute_dtype
         self.layers = patch_llama(model, config)
         self.thresholded = {
             name: layer
@@ -29,7 +35,7 @@ class SparseTraining:
         }
         self._has_thresholds = False
 
-    def before_step(self, step: int, compute_dtype: torch.dtype) -> None:
+    def before_step(self, step: int) -> None:
         """Before the forward of optimizer step `step`: recompute the thresholds if due (also
         at the first step of a run whose thresholds did not come from a checkpoint). Every
         rank calls it: sharded importances are gathered. No host sync."""
@@ -38,16 +44,21 @@ class SparseTraining:
         if refresh_due(step, self.config.settings) or not self._has_thresholds:
             sparsity = scheduled_sparsity(step, self.config.settings)
             for layer in self.thresholded.values():
-                layer.refresh_threshold(sparsity, compute_dtype)
+                layer.refresh_threshold(sparsity, self.compute_dtype)
             self._has_thresholds = True
 
+    def add_decay_gradients(self) -> None:
+        """Once per optimizer step, after the gradients are accumulated and unscaled (SR-STE)."""
+        for layer in self.layers.values():
+            layer.add_decay_gradient(self.compute_dtype)
+
     @torch.no_grad()
-    def measure(self, step: int, compute_dtype: torch.dtype) -> dict[str, float]:
+    def measure(self, step: int) -> dict[str, float]:
         """The fraction of zeros in the effective weights of all sparse layers as the forward
         sees them, counted on each rank's shards and summed (a collective)."""
         counts = torch.zeros(2, dtype=torch.float64, device=_device_of(self.layers))
         for layer in self.layers.values():
-            weight = layer.local_effective_weight(compute_dtype)
+            weight = layer.local_effective_weight(self.compute_dtype)
             counts[0] += (weight == 0).sum()
             counts[1] += weight.numel()
         dist.all_reduce(counts)
@@ -78,6 +89,7 @@ class SparseTraining:
     def state_dict(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
             "thresholds": {
                 name: layer.threshold.detach().cpu() for name, layer in self.thresholded.items()
             },
@@ -90,7 +102,7 @@ class SparseTraining:
             return
         saved = SLTConfig.from_dict(state["config"], source=f"in {source}")
         if saved != self.config:
-            raise ArgError(
+            raise UserError(
                 f"--resume_dir {source} was trained with slt config {saved.to_dict()}, not "
                 f"{self.config.to_dict()}; resume with the same --slt_config"
             )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import socket
@@ -69,11 +71,49 @@ def torchrun(
     return proc
 
 
+def torchrun_runs(runs: list[list[str]], work_dir: Path, nproc: int = 2) -> None:
+    """Several train.py runs (lists of flags) in one `torchrun` launch, one after the other
+    (tests/scripts/train_runs.py): the launch's start-up is paid once."""
+    plan = work_dir / f"runs_{len(list(work_dir.glob('runs_*.json')))}.json"
+    plan.write_text(json.dumps(runs))
+    torchrun(REPO / "tests/scripts/train_runs.py", str(plan), nproc=nproc)
+
+
 def on_own_node(cmd: list[str]) -> list[str]:
     """Run `cmd` with a private /dev/shm, as on a separate machine (streaming keeps its
     per-node state there, so two "nodes" sharing one would collide). Needs root."""
     script = 'mount -t tmpfs tmpfs /dev/shm && exec "$@"'
     return ["unshare", "--mount", "--", "sh", "-c", script, "_", *cmd]
+
+
+def torchrun_two_nodes(flags: list[str], work_dir: Path) -> list[str]:
+    """`train.py flags` as two "nodes" of one process each on localhost: `torchrun --nnodes=2`
+    with a c10d rendezvous, each node with its own /dev/shm, temp dir and local cache, as real
+    nodes have. Returns each node's output; both must succeed."""
+    port = free_port()
+    nodes = []
+    for rank in (0, 1):
+        node_tmp = work_dir / f"node{rank}"
+        node_tmp.mkdir()
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+            f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+            f"--rdzv_id={work_dir.name}", "train.py", *flags,
+            f"--local_cache_dir={node_tmp / 'cache'}",
+        ]  # fmt: skip
+        nodes.append(
+            subprocess.Popen(
+                on_own_node(cmd),
+                cwd=REPO,
+                env=child_env(TMPDIR=str(node_tmp)),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs[0][-3000:] + outputs[1][-3000:]
+    return outputs
 
 
 def tiny_run_flags(
@@ -111,19 +151,22 @@ def python_train(*args: str, status: int = 0) -> subprocess.CompletedProcess:
     return proc
 
 
-def train_in_process(*args: str) -> None:
+def train_in_process(*args: str) -> str:
     """train.py's main in this process, a world of one as `python train.py args...` runs it,
     without the 7 s a fresh interpreter spends importing torch and transformers and shutting
-    down. The environment variables it sets for that world are taken back afterwards, so the
-    processes that later tests launch do not inherit them."""
+    down; returns what it printed. The environment variables it sets for that world are taken
+    back afterwards, so the processes that later tests launch do not inherit them."""
     import train
 
     saved = dict(os.environ)
+    printed = io.StringIO()
     try:
-        train.main(list(args))
+        with contextlib.redirect_stdout(printed):
+            train.main(list(args))
     finally:
         os.environ.clear()
         os.environ.update(saved)
+    return printed.getvalue()
 
 
 def metrics_records(run_dir: Path) -> list[dict]:

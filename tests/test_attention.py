@@ -15,8 +15,8 @@ from torch.nn.attention import SDPBackend
 from transformers import AutoModelForCausalLM
 
 from utils import attention
-from utils.args import ArgError
 from utils.attention import attention_context, sdpa_backends, set_attention_kernels
+from utils.errors import UserError
 from utils.metrics import model_flops_per_token
 from utils.model import build_meta_model, load_model_config
 from utils.parallelize import wrap_activation_checkpointing
@@ -88,7 +88,7 @@ def test_document_masking_under_enable_flash_needs_the_flash_attn_package(monkey
     args = Namespace(
         enable_flash=True, bf16=True, fp16=False, document_masking=True, attention_kernel="auto"
     )
-    with pytest.raises(ArgError) as refused:
+    with pytest.raises(UserError) as refused:
         attention.check_attention_flags(args, torch.device("cuda"))
     assert str(refused.value) == (
         "--document_masking with --enable_flash needs the flash-attn package (SDPA's flash "

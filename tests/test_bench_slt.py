@@ -8,7 +8,7 @@ import pytest
 
 from bench.slt import main, parse_args
 from tests.helpers import REPO
-from utils.args import ArgError
+from utils.errors import UserError
 from utils.model import build_meta_model, count_parameters, load_model_config
 
 
@@ -38,6 +38,6 @@ def test_slt_benchmark_rejects_unknown_methods():
         "--methods: unknown ['lottery']; choose from "
         "['dense', 'magnitude', 'supermask', 'nm', 'sltrain']"
     )
-    with pytest.raises(ArgError) as refused:
+    with pytest.raises(UserError) as refused:
         parse_args(["--config=tiny", "--methods=dense,lottery"])
     assert str(refused.value) == message

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from datas.C4 import c4_eval
 from datas.C4.c4_eval import check_eval_data, evaluate_c4_ppl
 from tests.helpers import REPO, torchrun
+from utils.errors import UserError
 from utils.model import build_meta_model, init_weights, load_model_config
 
 SEQ_LEN = 64
@@ -285,7 +286,7 @@ def dataset_dict(root: Path) -> Path:
 
 
 BAD_INPUTS = {
-    "missing": (lambda root: root / "nowhere", FileNotFoundError, "does not exist"),
+    "missing": (lambda root: root / "nowhere", UserError, "does not exist"),
     "empty directory": (lambda root: root, ValueError, "holds no .json.gz"),
     "unknown file": (lambda root: write_bytes(root / "notes.txt", b"hi"), ValueError, "neither"),
     "no text field": (

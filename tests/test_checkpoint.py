@@ -22,8 +22,10 @@ from tests.helpers import (
     REPO,
     child_env,
     logged_losses,
+    metrics_records,
     tiny_run_flags,
     torchrun,
+    torchrun_two_nodes,
     train_in_process,
 )
 
@@ -115,13 +117,29 @@ def test_elastic_resume_from_two_ranks_on_one(
     run = flags(mds_tokens, tokenizer_dir, out, name, f"--ckpt_type={ckpt_type}")
     torchrun("train.py", *run, "--exit_interval=4")
     # Pre-tokenized blocks leave no partial buffers behind, so nothing is skipped or re-read.
-    nothing_lost = "checkpoint of 2: 0 tokens left in the saved buffers are skipped; 0 documents"
-    with pytest.warns(UserWarning, match=f"resuming on 1 ranks from a {nothing_lost}"):
+    nothing_lost = "1 node x 2 ranks: 0 tokens left in the saved buffers are skipped; 0 documents"
+    with pytest.warns(
+        UserWarning, match=f"resuming on 1 node x 1 rank from a checkpoint of {nothing_lost}"
+    ):
         train_in_process(*run, "--local_batch=4", f"--resume_dir={out / name / 'step_000004'}")
     resumed = logged_losses(out / name)
     assert resumed.keys() == token_baseline.keys()
     for step, loss in token_baseline.items():
         assert abs(resumed[step] - loss) <= 1e-4 * loss, (step, resumed[step], loss)
+
+
+def test_the_same_world_size_on_another_node_layout_resumes_elastically(
+    interrupted, mds_text, tokenizer_dir, tmp_path
+):
+    """2 ranks on 1 node, resumed as 2 nodes x 1 rank. streaming deals samples to (node, rank
+    on node): from 4 ranks up, another layout gives global ranks other samples (1 x 4 -> 2 x 2
+    swaps ranks 1 and 2), so each rank's saved skip count and leftover tokens belong to
+    another stream. Any layout change takes the elastic path, and says so."""
+    step = interrupted("full") / f"step_{STEPS - 2:06d}"
+    run = flags(mds_text, tokenizer_dir, tmp_path, "relayout", f"--resume_dir={step}")
+    output = torchrun_two_nodes([*run, "--ckpt_type=full"], tmp_path)[0]
+    assert "resuming on 2 nodes x 1 rank from a checkpoint of 1 node x 2 ranks" in output
+    assert sorted(logged_losses(tmp_path / "relayout")) == [STEPS - 1, STEPS]
 
 
 def test_sigkill_of_a_rank_during_a_save_then_resubmit_recovers_exactly(
@@ -149,17 +167,14 @@ def test_sigkill_of_a_rank_during_a_save_then_resubmit_recovers_exactly(
 def test_sigkill_of_a_rank_mid_run_under_max_restarts_recovers_exactly(
     text_baseline, out, mds_text, tokenizer_dir
 ):
-    """torchrun restarts the group in place; `auto` resumes it from the newest checkpoint.
-    With torchrun's rendezvous store shared across restarts, the restarted group read the
-    killed group's gloo addresses and failed to connect or hung; a store per round fixes it."""
+    """Plain `torchrun --standalone --max-restarts=1` restarts the group in place; `auto`
+    resumes it from the newest checkpoint. torchrun keeps one rendezvous store across
+    restarts, where the restarted group read the killed group's gloo addresses and failed to
+    connect or hung; each attempt now has a namespace of its own in it."""
     name = "max_restarts"
     run = flags(mds_text, tokenizer_dir, out, name, "--ckpt_type=shard", "--resume_dir=auto")
     run += ["--save_every=2"]
-    proc = launch(
-        run,
-        extra_torchrun=("--max-restarts=1",),
-        env=child_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"),
-    )
+    proc = launch(run, extra_torchrun=("--max-restarts=1",))
     wait_for(lambda: (out / name / "step_000004").is_dir(), proc, poll=0.01)
     os.kill(worker_pids(proc.pid)[-1], signal.SIGKILL)
     output, _ = proc.communicate(timeout=300)
@@ -167,21 +182,6 @@ def test_sigkill_of_a_rank_mid_run_under_max_restarts_recovers_exactly(
     resumed = re.search(rf"resumed from {out / name}/step_(\d+)", output)
     assert resumed and 4 <= int(resumed.group(1)) < STEPS, output[-3000:]
     assert logged_losses(out / name) == text_baseline
-
-
-@pytest.mark.parametrize("shared", ["True", "False"])
-def test_max_restarts_with_a_store_shared_across_restarts_warns(monkeypatch, shared):
-    import warnings
-
-    from utils.distributed import warn_if_restarts_share_a_store
-
-    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
-    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", shared)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        warn_if_restarts_share_a_store()
-    messages = [str(w.message) for w in caught]
-    assert any("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in m for m in messages) == (shared == "True")
 
 
 def test_converter_and_full_checkpoint_load_and_generate_in_transformers(
@@ -252,6 +252,68 @@ def test_skip_optimizer_keeps_the_step_and_weights_but_not_the_moments(
     # Same weights and data at the first step, so the same loss; then a fresh Adam differs.
     assert abs(resumed[first] - text_baseline[first]) <= 1e-4 * text_baseline[first]
     assert resumed[STEPS] != text_baseline[STEPS]
+    # The learning rate is the step's own from the first resumed step on, not warm-up's start.
+    rates = {r["step"]: r["lr"] for r in metrics_records(out / name)}
+    baseline_rates = {r["step"]: r["lr"] for r in metrics_records(out / "text_baseline")}
+    assert rates == {step: baseline_rates[step] for step in (first, STEPS)}
+
+
+def test_a_write_failure_on_one_rank_stops_every_rank_with_one_line(
+    mds_tokens, tokenizer_dir, tmp_path
+):
+    """The run directory is on a 256 kB disk: step 2's `full` weights, which rank 0 alone
+    writes, do not fit. Every rank must stop at once with the same line (rank 1 used to wait
+    in a barrier until the process-group timeout), and nothing half-written may remain."""
+    disk, logs = tmp_path / "disk", tmp_path / "logs"
+    disk.mkdir()
+    run = flags(mds_tokens, tokenizer_dir, disk, "full_disk", "--ckpt_type=full", "--save_every=2")
+    on_small_disk = f'mount -t tmpfs -o size=256k tmpfs {disk} && exec "$@"'
+    cmd = [
+        "unshare", "--mount", "--", "sh", "-c", on_small_disk, "_", sys.executable, "-m",
+        "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"--log-dir={logs}",
+        "--redirects=2", "train.py", *run,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, timeout=120)
+    assert proc.returncode != 0
+    errors = [f.read_text().strip().splitlines() for f in sorted(logs.rglob("stderr.log"))]
+    assert len(errors) == 2 and errors[0] == errors[1], errors
+    (line,) = errors[0]
+    assert line.startswith(f"error: could not save step 2 in {disk / 'full_disk'} (rank 0: ")
+    assert line.endswith("or change --output_dir; the checkpoints saved before are intact")
+
+
+def test_keep_last_never_deletes_the_checkpoint_just_saved(mds_tokens, tokenizer_dir, tmp_path):
+    """Resumed from step 4 into a run that holds steps 4 and 6, with --keep_last 1: the save
+    of step 5 prunes step 4, the only one before it, and keeps itself and step 6 (pruning by
+    step number alone deleted step 5, the checkpoint just written)."""
+    run = flags(mds_tokens, tokenizer_dir, tmp_path, "prune", "--save_every=2", "--keep_last=2")
+    run += ["--local_batch=4", "--train_steps=6", "--num_workers=0"]
+    train_in_process(*run)
+    run_dir = tmp_path / "prune"
+    resume = [f"--resume_dir={run_dir / 'step_000004'}", "--keep_last=1", "--save_every=1"]
+    train_in_process(*run, *resume, "--train_steps=5")
+    assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_000005", "step_000006"]
+    assert not list(run_dir.glob(".*")), "a hidden directory was left behind"
+
+
+def test_a_checkpoint_whose_deletion_is_interrupted_no_longer_looks_complete(
+    interrupted, tmp_path, monkeypatch
+):
+    import shutil
+
+    from utils import checkpoint
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(interrupted("full") / f"step_{STEPS:06d}", run_dir / "step_000012")
+
+    def killed_midway(path, *args, **kwargs):
+        (Path(path) / "model.safetensors").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint._delete_dir(run_dir / "step_000012")
+    assert checkpoint.complete_checkpoints(run_dir) == []
 
 
 def test_auto_ignores_staging_directories(tmp_path):

@@ -82,7 +82,7 @@ def test_elastic_resume_from_two_ranks_on_one_warns(two_ranks, mds_text, tokeniz
         loader.load_state_dict(state)
     message = " ".join(str(w.message) for w in caught)
     assert f"{state['total_leftover_tokens']} tokens left in the saved buffers" in message
-    assert "resuming on 1 ranks from a checkpoint of 2" in message
+    assert "resuming on 1 node x 1 rank from a checkpoint of 1 node x 2 ranks" in message
     assert next(iter(loader))["input_ids"].shape == (4, DATA_SEQ_LEN)
     # It continues from the global position: the dataset restarts at the saved sample.
     assert loader.feed.epoch_offset == state["dataset"]["sample_in_epoch"]

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from datas.mds import DataError
 from datas.SmolLM.load_data import build_train_loader
 from tests.conftest import DATA_CANONICAL_NODES, DATA_SEQ_LEN
+from utils.errors import UserError
 
 
 def make_loader(mds_root: Path, tokenizer_dir: Path, **kwargs):
@@ -105,7 +105,7 @@ def test_loading_a_state_with_other_num_canonical_nodes_fails(mds_text, tokenize
     loader = make_loader(mds_text, tokenizer_dir)
     state = loader.state_dict()
     state["dataset"]["num_canonical_nodes"] = 64
-    with pytest.raises(DataError, match="num_canonical_nodes=64"):
+    with pytest.raises(UserError, match="num_canonical_nodes=64"):
         loader.load_state_dict(state)
 
 
@@ -153,7 +153,7 @@ def test_mapped_reads_match_streamings_own_reads(mds_text, mds_tokens, tokenizer
 
 
 def test_directory_without_index(tmp_path, tokenizer_dir):
-    with pytest.raises(DataError, match=r"is not an MDS dataset: no index.json; convert it with"):
+    with pytest.raises(UserError, match=r"is not an MDS dataset: no index.json; convert it with"):
         make_loader(tmp_path, tokenizer_dir)
 
 
@@ -162,7 +162,7 @@ def test_no_usable_column(tmp_path, tokenizer_dir):
 
     with MDSWriter(out=str(tmp_path / "mds"), columns={"body": "str"}) as writer:
         writer.write({"body": "hello"})
-    with pytest.raises(DataError, match=r"has no usable column: need `text`.*body"):
+    with pytest.raises(UserError, match=r"has no usable column: need `text`.*body"):
         make_loader(tmp_path / "mds", tokenizer_dir)
 
 
@@ -174,7 +174,7 @@ def test_corrupt_shard_is_named(mds_text, tokenizer_dir, tmp_path):
     data = bytearray(zipped.read_bytes())
     data[-1] ^= 0xFF
     zipped.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=f"shard {zipped} is corrupt: its sha1 does not match"):
+    with pytest.raises(UserError, match=f"shard {zipped} is corrupt: its sha1 does not match"):
         make_loader(copy, tokenizer_dir)
 
 
@@ -184,7 +184,7 @@ def test_tokenizer_without_eos_in_pack_mode(mds_text, tokenizer_dir, tmp_path):
     config = json.loads(config_path.read_text())
     config["eos_token"] = None
     config_path.write_text(json.dumps(config))
-    with pytest.raises(DataError, match=r"has no EOS token, which pack needs"):
+    with pytest.raises(UserError, match=r"has no EOS token, which pack needs"):
         make_loader(mds_text, copy)
 
 
@@ -197,14 +197,27 @@ def test_read_only_directory_needing_decompression(mds_text, tokenizer_dir, tmp_
     assert datas.mds._is_writable(copy)
     # Tests run as root, for whom permission bits do not apply: simulate a read-only mount.
     monkeypatch.setattr(datas.mds, "_is_writable", lambda directory: False)
-    with pytest.raises(DataError, match=r"not writable; pass --local_cache_dir"):
+    with pytest.raises(UserError, match=r"not writable; pass --local_cache_dir"):
         make_loader(copy, tokenizer_dir)
 
 
 def test_bad_settings(mds_text, tokenizer_dir):
-    with pytest.raises(DataError, match="strategy='packed' is unknown"):
+    with pytest.raises(UserError, match="strategy='packed' is unknown"):
         make_loader(mds_text, tokenizer_dir, strategy="packed")
-    with pytest.raises(DataError, match="is remote; give --local_cache_dir"):
+    with pytest.raises(UserError, match="is remote; give --local_cache_dir"):
         make_loader("s3://bucket/data", tokenizer_dir)
-    with pytest.raises(DataError, match="mixes sources with and without a proportion"):
+    with pytest.raises(UserError, match="mixes sources with and without a proportion"):
         make_loader(f"{mds_text}:0.5,{mds_text}", tokenizer_dir)
+
+
+def test_blocks_of_another_length_than_seq_len_are_refused(mds_tokens, tokenizer_dir):
+    """Checked at start for a local dataset; for a remote one, in the workers' collate."""
+    from datas.SmolLM.load_data import TokenizeCollate
+
+    with pytest.raises(UserError, match="pre-tokenized blocks of 64 tokens, not --seq_len 48"):
+        build_train_loader(
+            mds_root=str(mds_tokens), tokenizer_name=str(tokenizer_dir), seq_len=48, num_workers=0
+        )
+    blocks = [{"tokens": np.arange(64, dtype=np.int32)}] * 2
+    with pytest.raises(UserError, match="pre-tokenized blocks of 64 tokens, not --seq_len 48"):
+        TokenizeCollate(str(tokenizer_dir), eos_id=0, seq_len=48)(blocks)

@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datas.mds import DataError
 from datas.prepare import prepare_mds
 from tests.helpers import REPO, child_env
+from utils.errors import UserError
 
 
 def test_every_input_format_is_read(tmp_path, data_docs):
@@ -57,11 +57,11 @@ def test_tokens_blocks_are_exactly_seq_len(mds_tokens, tokenizer_dir, data_docs)
 def test_missing_field_and_empty_input(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
     with pytest.raises(
-        DataError, match=r"a.jsonl:1: no field 'text' \(fields: content\); pass --text_field"
+        UserError, match=r"a.jsonl:1: no field 'text' \(fields: content\); pass --text_field"
     ):
         prepare_mds([tmp_path / "a.jsonl"], tmp_path / "out1", progress=False)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no documents found"):
+    with pytest.raises(UserError, match="no documents found"):
         prepare_mds([tmp_path / "empty"], tmp_path / "out2", progress=False)
 
 
@@ -86,7 +86,7 @@ def test_cli_prints_counts_and_one_line_errors(tmp_path, data_docs):
         capture_output=True,
         text=True,
     )
-    assert again.returncode == 1
+    assert again.returncode == 2
     assert again.stderr.strip().splitlines() == [
         f"error: --output {tmp_path / 'mds'} already holds files; choose a new directory or empty it"
     ]

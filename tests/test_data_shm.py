@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import tempfile
@@ -64,8 +65,12 @@ def test_killed_run_leaves_shared_memory_that_we_clean(mds_text, tokenizer_dir, 
     # Without cleanup a new run on the same directories fails. (streaming's helper would not
     # help when the leak sits behind a clean prefix, as here, unless it also unlinked a live
     # job's memory at a lower prefix.)
-    with pytest.raises(ValueError, match="Reused local directory"):
+    with pytest.raises(ValueError, match="Reused local directory") as refused:
         StreamingDataset(remote=str(mds_text), local=our_dir, batch_size=4)
+    # The error's traceback holds the memory streaming attached to while checking: let it go,
+    # or this process itself would count as a live user of the leak.
+    del refused
+    gc.collect()
 
     loader = build_train_loader(**loader_args(mds_text, cache, tokenizer_dir))
     assert next(iter(loader))["input_ids"].shape == (4, 64)
@@ -91,3 +96,46 @@ def test_cleanup_keeps_other_jobs_and_removes_ours_and_orphans(tmp_path):
     finally:
         for path in [*shm.glob("99900?_*"), *Path(tempfile.gettempdir()).glob("99900?_*")]:
             path.unlink(missing_ok=True)
+
+
+def test_two_runs_on_one_node_reading_the_same_data_do_not_disturb_each_other(
+    mds_text, tokenizer_dir, tmp_path
+):
+    """A sweep: run B starts on the MDS directory that run A, live, reads with a DataLoader
+    worker (A is paused meanwhile, so B's whole life falls inside A's). B's start-up cleanup
+    used to remove A's shared memory and locks, and B took over their names. It must leave
+    every file A uses in place, and both runs log the loss curve each gets alone (the same, as
+    their settings are; the in-process run has other threads, hence `approx`)."""
+    import os
+    import re
+    import signal
+    import time
+
+    from tests.helpers import logged_losses, tiny_run_flags, train_in_process
+
+    def run_flags(name: str) -> list[str]:
+        flags = tiny_run_flags(mds_text, tokenizer_dir, tmp_path, steps=8, num_workers=1)
+        return [*flags, "--local_batch=4", f"--run_name={name}"]
+
+    first = subprocess.Popen(
+        [sys.executable, "train.py", *run_flags("a")], cwd=REPO, env=child_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    metrics = tmp_path / "a" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert first.poll() is None and time.monotonic() < deadline, "run A ended first"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGSTOP)
+    try:
+        mapped = set(re.findall(r"/dev/shm/\d{6}_\w+", Path(f"/proc/{first.pid}/maps").read_text()))
+        assert mapped, "run A maps no shared memory: nothing is tested"
+        inodes = {path: os.stat(path).st_ino for path in mapped}
+        train_in_process(*run_flags("b"))
+        assert {path: os.stat(path).st_ino for path in mapped} == inodes
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    _, errors = first.communicate(timeout=120)
+    assert first.returncode == 0, errors[-3000:]
+    a, b = logged_losses(tmp_path / "a"), logged_losses(tmp_path / "b")
+    assert a == pytest.approx(b, rel=1e-5) and len(a) == 8

@@ -14,7 +14,7 @@ import train
 from datas.SmolLM.load_data import build_train_loader
 from tests.conftest import DATA_CANONICAL_NODES
 from utils import attention
-from utils.args import ArgError
+from utils.errors import UserError
 from utils.loss import model_nll_sum, next_token_nll_sum
 from utils.model import load_model_config
 
@@ -85,5 +85,5 @@ def test_flash_attn_gets_the_document_boundaries_of_the_whole_micro_batch(monkey
 
 def test_document_masking_needs_packing():
     args = Namespace(document_masking=True, strategy="trunc")
-    with pytest.raises(ArgError, match="--document_masking needs --strategy pack"):
+    with pytest.raises(UserError, match="--document_masking needs --strategy pack"):
         train.build_loader(args, env=None)

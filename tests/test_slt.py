@@ -24,8 +24,12 @@ from slt import (
 )
 from slt.export import effective_dense_state, sparse_part, with_sparse_state
 from slt.schedule import last_refresh, refresh_due
-from utils.args import ArgError, parse_args
+from utils.args import parse_args
+from utils.distributed import build_mesh
+from utils.errors import UserError
 from utils.model import build_meta_model, init_weights, load_model_config
+from utils.optim import build_optimizer
+from utils.parallelize import parallelize_model
 
 IN, OUT = 24, 16
 
@@ -83,7 +87,7 @@ def test_supermask_keeps_top_scores_and_trains_only_scores(weight_init):
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.1])
-def test_nm_keeps_n_largest_per_group_with_srste_decay(decay):
+def test_nm_keeps_n_largest_per_group_and_decays_pruned_entries_once(decay):
     layer = materialized(NMLinear(IN, OUT, False, n=2, m=4, srste_lambda=decay))
     x, g, y = forward_backward(layer)
     w = layer.weight.detach()
@@ -92,13 +96,20 @@ def test_nm_keeps_n_largest_per_group_with_srste_decay(decay):
     kept = (groups >= smallest_kept).reshape(OUT, IN)
     assert (kept.reshape(OUT, -1, 4).sum(-1) == 2).all()
     torch.testing.assert_close(y, x @ (w * kept).T)
-    expected = grad_of_weight(x, g) + decay * w * ~kept
-    torch.testing.assert_close(layer.weight.grad, expected)
+    torch.testing.assert_close(layer.weight.grad, grad_of_weight(x, g))  # straight through
+    layer.add_decay_gradient(torch.float32)
+    torch.testing.assert_close(layer.weight.grad, grad_of_weight(x, g) + decay * w * ~kept)
 
 
 def test_nm_mask_groups_run_along_the_input_dimension():
     weight = torch.tensor([[1.0, -5.0, 3.0, 0.5, 9.0, 8.0, -7.0, 0.1]])
     expected = torch.tensor([[False, True, True, False, True, True, False, False]])
+    assert torch.equal(nm_mask(weight, 2, 4), expected)
+
+
+def test_nm_mask_keeps_the_earlier_of_equal_magnitudes():
+    weight = torch.tensor([[2.0, -2.0, 2.0, 1.0, 0.5, 3.0, -0.5, 0.5]])
+    expected = torch.tensor([[True, True, False, False, True, True, False, False]])
     assert torch.equal(nm_mask(weight, 2, 4), expected)
 
 
@@ -205,9 +216,9 @@ def test_measured_sparsity_follows_the_schedule_during_training(tmp_path):
         sparse = SparseTraining(model, SLTConfig.from_dict(config))
         init_weights(model, seed=0, device=torch.device("cpu"))
         for step in (1, 2, 3, 4, 5):
-            sparse.before_step(step, torch.float32)
+            sparse.before_step(step)
             model(input_ids=torch.tensor([[1, 2, 3]]))
-            measured = sparse.measure(step, torch.float32)
+            measured = sparse.measure(step)
             settings = sparse.config.settings
             target = scheduled_sparsity(last_refresh(step, settings), settings)
             assert measured["sparsity"] == pytest.approx(target, abs=2e-3), step
@@ -256,16 +267,16 @@ def test_export_writes_effective_weights_and_sidecar_restores_training_state():
 def test_config_errors(tmp_path, values, message):
     path = tmp_path / "slt.json"
     path.write_text(json.dumps(values))
-    with pytest.raises(ArgError, match=r"--slt_config .*slt\.json: ") as err:
+    with pytest.raises(UserError, match=r"--slt_config .*slt\.json: ") as err:
         load_slt_config(str(path))
     assert message in str(err.value)
 
 
 def test_config_file_errors(tmp_path):
-    with pytest.raises(ArgError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         load_slt_config(str(tmp_path / "missing.json"))
     (tmp_path / "bad.json").write_text("{method: nm")
-    with pytest.raises(ArgError, match="is not valid JSON"):
+    with pytest.raises(UserError, match="is not valid JSON"):
         load_slt_config(str(tmp_path / "bad.json"))
 
 
@@ -277,7 +288,7 @@ def test_config_file_errors(tmp_path):
     ],
 )
 def test_config_errors_that_need_the_model(values, message):
-    with pytest.raises(ArgError, match=message):
+    with pytest.raises(UserError, match=message):
         SparseTraining(llama(), SLTConfig.from_dict(values))
 
 
@@ -294,14 +305,39 @@ def test_defaults_fill_every_key():
 )
 def test_slt_flags_go_together(tmp_path, flags, message):
     base = ["--data_dir=d", f"--tokenizer_dir={tmp_path}", "--config=tiny"]
-    with pytest.raises(ArgError, match=message):
+    with pytest.raises(UserError, match=message):
         parse_args([*base, f"--output_dir={tmp_path}", *flags])
+
+
+def sharded_sparse_llama(env, slt: dict, **layout) -> tuple[nn.Module, SparseTraining]:
+    """The tiny Llama with `slt` applied, sharded over all ranks and initialized."""
+    model = build_meta_model(load_model_config("tiny", 0), "sdpa")
+    sparse = SparseTraining(model, SLTConfig.from_dict(slt))
+    parallelize_model(
+        model, build_mesh(env, "full_shard"), sharding_strategy="full_shard",
+        param_dtype=torch.float32, **layout,
+    )  # fmt: skip
+    init_weights(model, seed=0, device=env.device)
+    return model, sparse
+
+
+def losses_on_a_fixed_batch(model: nn.Module, sparse: SparseTraining, steps: int = 3) -> list:
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1)
+    batch = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for step in range(1, steps + 1):
+        sparse.before_step(step)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
 
 
 def test_thresholded_training_under_compile_and_selective_checkpointing_matches_eager():
     """Mask refreshes happen between steps, so a compiled, checkpointed layer saves the same
     tensors in forward and in its recomputation, and the losses are eager's."""
-    from tests.scripts.slt_dist import sharded_sparse_llama, train_steps
     from utils.distributed import init_distributed, shutdown
 
     env = init_distributed()
@@ -310,7 +346,7 @@ def test_thresholded_training_under_compile_and_selective_checkpointing_matches_
         for fast in (False, True):
             layout = {"activation_checkpointing": "selective", "compile": True} if fast else {}
             model, sparse = sharded_sparse_llama(env, {"method": "supermask"}, **layout)
-            losses.append(train_steps(model, sparse)[0])
+            losses.append(losses_on_a_fixed_batch(model, sparse))
         assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     finally:
         shutdown()

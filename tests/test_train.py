@@ -9,23 +9,18 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import DATA_SEQ_LEN
 from tests.helpers import (
-    REPO,
-    child_env,
-    free_port,
     logged_losses,
     metrics_records,
-    on_own_node,
     python_train,
     tiny_run_flags,
     torchrun,
+    torchrun_two_nodes,
 )
 
 STEPS = 8
@@ -95,35 +90,10 @@ def test_sharding_strategies_and_speed_options_match_full_shard(runs):
 
 
 def test_two_nodes_on_localhost_match_one_node(runs, mds_tokens, tokenizer_dir, tmp_path):
-    """`torchrun --nnodes=2` with a c10d rendezvous, one process per "node", hybrid sharding.
-
-    Each "node" gets its own /dev/shm, temp dir and local cache, as real nodes have."""
+    """`torchrun --nnodes=2`, one process per "node", hybrid sharding."""
     baseline = list_losses(runs("baseline", "--local_batch=2"))
-    port = free_port()
     flags = common_flags(mds_tokens, tokenizer_dir, tmp_path, "two_nodes")
-    flags += ["--local_batch=2", "--sharding_strategy=hybrid_shard"]
-    nodes = []
-    for rank in (0, 1):
-        node_tmp = tmp_path / f"node{rank}"
-        node_tmp.mkdir()
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-            f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-            "--rdzv_id=two_nodes", "train.py", *flags, f"--local_cache_dir={node_tmp / 'cache'}",
-        ]  # fmt: skip
-        env = child_env(TMPDIR=str(node_tmp))
-        nodes.append(
-            subprocess.Popen(
-                on_own_node(cmd),
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert all(node.returncode == 0 for node in nodes), outputs[0][-3000:] + outputs[1][-3000:]
+    torchrun_two_nodes([*flags, "--local_batch=2", "--sharding_strategy=hybrid_shard"], tmp_path)
     assert_same_curve(baseline, list_losses(tmp_path / "two_nodes"), rel=1e-5)
 
 
@@ -209,7 +179,8 @@ def run_in_process(argv: list[str], capsys) -> str:
         (["--tokenizer_dir=nowhere"], "--tokenizer_dir nowhere is not a directory"),
         (["--data_dir=/nowhere"], "/nowhere"),
         (["--global_batch=6"], "--global_batch 6 is not divisible by --local_batch 4"),
-        (["--seq_len=4096"], "exceeds the model's max_position_embeddings 1024"),
+        (["--seq_len=32"], "holds pre-tokenized blocks of 64 tokens, not --seq_len 32"),
+        (["--seq_len=128", "--document_masking"], "blocks of 64 tokens, not --seq_len 128"),
         (["--data_name=Nope"], "--data_name Nope is unknown"),
         (["--output_dir=/proc/forbidden"], "--output_dir /proc/forbidden is not writable"),
         (["--enable_flash"], "--enable_flash needs a CUDA GPU"),
@@ -225,6 +196,12 @@ def test_bad_input_fails_fast_with_one_line(
 ):
     argv = common_flags(mds_tokens, tokenizer_dir, tmp_path, "bad") + ["--local_batch=4", *extra]
     assert message in run_in_process(argv, capsys)
+
+
+def test_seq_len_beyond_the_models_positions_is_refused(mds_text, tokenizer_dir, tmp_path, capsys):
+    argv = common_flags(mds_text, tokenizer_dir, tmp_path, "long") + ["--seq_len=4096"]
+    message = "--seq_len 4096 exceeds the model's max_position_embeddings 1024"
+    assert message in run_in_process(argv + ["--local_batch=4"], capsys)
 
 
 def test_tokenizer_without_eos_is_refused_for_packing(mds_tokens, tokenizer_dir, tmp_path, capsys):

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from utils.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -21,10 +23,7 @@ STRATEGIES = ("pack", "overflow", "trunc")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 ATTENTION_KERNELS = ("auto", "flash", "cudnn", "efficient")  # utils/attention.py maps them
 SPEED_SWITCHES = ("compile", "chunked_loss")
-
-
-class ArgError(ValueError):
-    """A bad flag or input file; train.py prints it as one line and exits with status 2."""
+NONFINITE_POLICIES = ("skip", "stop")  # utils/nonfinite.py
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--weight_decay", type=float, default=0.1, help="AdamW, not on norms/biases")
     opt.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm; 0 = off")
     opt.add_argument("--seed", type=int, default=42, help="weights, data order and dropout")
+    opt.add_argument(
+        "--nonfinite",
+        default="skip",
+        choices=NONFINITE_POLICIES,
+        help="a step with NaN/inf loss or gradients is never applied; skip: go on (and stop "
+        "after --max_skipped in a row), stop: stop at once; both stop without saving",
+    )
+    opt.add_argument(
+        "--max_skipped", type=int, default=10, help="non-finite steps in a row that stop the run"
+    )
 
     out = p.add_argument_group("checkpoints and logging")
     out.add_argument("--output_dir", default="runs", help="runs go to output_dir/run_name/")
@@ -183,15 +192,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _read_args_file(path: str, parser: argparse.ArgumentParser) -> dict:
     file = Path(path)
     if not file.is_file():
-        raise ArgError(f"--args_file {path} does not exist; give a YAML or JSON file of flags")
+        raise UserError(f"--args_file {path} does not exist; give a YAML or JSON file of flags")
     text = file.read_text()
     values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
     if not isinstance(values, dict):
-        raise ArgError(f"--args_file {path} must hold a mapping of flag names to values")
+        raise UserError(f"--args_file {path} must hold a mapping of flag names to values")
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ArgError(f"--args_file {path} has unknown flags {unknown}; see train.py --help")
+        raise UserError(f"--args_file {path} has unknown flags {unknown}; see train.py --help")
     return values
 
 
@@ -199,41 +208,53 @@ def check_args(args: argparse.Namespace) -> None:
     """Checks that need only the flags: run before anything is loaded."""
     for flag in ("data_dir", "tokenizer_dir", "config"):
         if not getattr(args, flag):
-            raise ArgError(f"--{flag} is required")
-    for flag in ("global_batch", "local_batch", "seq_len", "train_steps", "log_every"):
+            raise UserError(f"--{flag} is required")
+    for flag in (
+        "global_batch",
+        "local_batch",
+        "seq_len",
+        "train_steps",
+        "log_every",
+        "max_skipped",
+    ):
         if getattr(args, flag) <= 0:
-            raise ArgError(f"--{flag} must be positive (got {getattr(args, flag)})")
+            raise UserError(f"--{flag} must be positive (got {getattr(args, flag)})")
     if args.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
-        raise ArgError(
+        raise UserError(
             f"--activation_checkpointing {args.activation_checkpointing} is not one of "
             f"{', '.join(ACTIVATION_CHECKPOINTING)}"
         )
     if args.bf16 and args.fp16:
-        raise ArgError("--bf16 and --fp16 exclude each other; pick one")
+        raise UserError("--bf16 and --fp16 exclude each other; pick one")
+    if args.fp16 and args.nonfinite == "stop":
+        raise UserError(
+            "--nonfinite stop does not go with --fp16: fp16's loss scaling skips overflowing "
+            "steps by design; use --nonfinite skip (--max_skipped bounds a run of them)"
+        )
     tokenizer = Path(args.tokenizer_dir)
     if not tokenizer.is_dir():
-        raise ArgError(
+        raise UserError(
             f"--tokenizer_dir {tokenizer} is not a directory; give a tokenizer directory"
         )
     _check_writable_dir(Path(args.output_dir), "--output_dir")
     if args.resume_dir == "auto" and not args.run_name:
-        raise ArgError("--resume_dir auto needs --run_name, to know which run to continue")
+        raise UserError("--resume_dir auto needs --run_name, to know which run to continue")
     if args.resume_dir not in (None, "auto"):
         if not (Path(args.resume_dir) / "trainer.pt").is_file():
-            raise ArgError(
+            raise UserError(
                 f"--resume_dir {args.resume_dir} is not a complete checkpoint (no trainer.pt); "
                 "give a step_<N> directory or 'auto'"
             )
     if args.eval_every and not args.eval_data:
-        raise ArgError("--eval_every needs --eval_data (C4 validation files; see README)")
+        raise UserError("--eval_every needs --eval_data (C4 validation files; see README)")
     if args.enable_slt != bool(args.slt_config):
-        raise ArgError("--enable_slt and --slt_config go together; give both or neither")
+        raise UserError("--enable_slt and --slt_config go together; give both or neither")
     if args.enable_slt and args.float8:
-        raise ArgError(
+        raise UserError(
             "--float8 and --enable_slt exclude each other (sparse layers are not float8)"
         )
     if args.async_save and args.ckpt_type != "shard":
-        raise ArgError("--async_save works with --ckpt_type shard only")
+        raise UserError("--async_save works with --ckpt_type shard only")
 
 
 def _check_writable_dir(path: Path, flag: str) -> None:
@@ -242,7 +263,7 @@ def _check_writable_dir(path: Path, flag: str) -> None:
         path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
     except OSError as err:
-        raise ArgError(
+        raise UserError(
             f"{flag} {path} is not writable ({err.strerror}); choose a directory you can write to"
         ) from err
 
@@ -251,7 +272,7 @@ def grad_accum_steps(global_batch: int, local_batch: int, world_size: int) -> in
     """Micro-steps per optimizer step; the three numbers must divide exactly."""
     per_micro_step = local_batch * world_size
     if global_batch % per_micro_step:
-        raise ArgError(
+        raise UserError(
             f"--global_batch {global_batch} is not divisible by --local_batch {local_batch} x "
             f"world size {world_size} = {per_micro_step}; change one of them"
         )

@@ -15,7 +15,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
-from utils.args import ArgError
+from utils.errors import UserError
 
 # `--attention_kernel` names; "auto" keeps PyTorch's own order (flash, efficient, math, cuDNN).
 SDPA_BACKENDS = {
@@ -74,24 +74,24 @@ def document_attention_kwargs(
 def check_attention_flags(args: Namespace, device: torch.device) -> None:
     """Before anything is built: the attention flags against each other and the device."""
     if args.enable_flash and device.type != "cuda":
-        raise ArgError("--enable_flash needs a CUDA GPU; drop the flag on CPU")
+        raise UserError("--enable_flash needs a CUDA GPU; drop the flag on CPU")
     if args.enable_flash and not (args.bf16 or args.fp16):
-        raise ArgError("--enable_flash needs --bf16 or --fp16 (flash kernels do not run in fp32)")
+        raise UserError("--enable_flash needs --bf16 or --fp16 (flash kernels do not run in fp32)")
     if (
         args.enable_flash
         and args.document_masking
         and attention_implementation(args) not in FLASH_IMPLEMENTATIONS
     ):
-        raise ArgError(
+        raise UserError(
             "--document_masking with --enable_flash needs the flash-attn package (SDPA's flash "
             "kernel takes no document mask); install flash-attn or drop --enable_flash"
         )
     if args.attention_kernel != "auto" and device.type != "cuda":
-        raise ArgError(
+        raise UserError(
             f"--attention_kernel {args.attention_kernel} picks a CUDA kernel; drop it on CPU"
         )
     if args.enable_flash and args.attention_kernel != "auto":
-        raise ArgError(
+        raise UserError(
             f"--enable_flash and --attention_kernel {args.attention_kernel} exclude each other"
         )
 

@@ -38,6 +38,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -52,8 +53,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfi
 
 from slt.export import SIDECAR, effective_dense_state, sparse_part, with_sparse_state
 from slt.training import SparseTraining
-from utils.args import ArgError
 from utils.distributed import DistEnv, local_tensor
+from utils.errors import UserError
 from utils.model import canonical_name
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -71,6 +72,10 @@ FULL_STATE_FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_ra
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
+
+
+def step_number(step_dir: Path) -> int:
+    return int(STEP_DIR.match(step_dir.name).group(1))
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -117,49 +122,57 @@ class Checkpointer:
         self._pending: tuple[Any, Path, Path] | None = None
 
     # ---------------------------------------------------------------- save
-    def save(self, step, model, optimizer, scheduler, scaler, loader, args: dict[str, Any]) -> Path:
-        """Every rank calls this at the same step."""
+    def save(self, step, model, optimizer, scaler, loader, args: dict[str, Any]) -> Path:
+        """Every rank calls this at the same step. A failure to write on any rank (a full disk,
+        a lost mount) ends every rank promptly with the same UserError; the checkpoints saved
+        before are untouched and the half-written one is removed."""
         self.wait()
         loader_state = loader.state_dict()  # a collective: the ranks agree on the data position
         final = self.run_dir / step_dir_name(step)
         staging = self.run_dir / f".{final.name}.tmp"
+        saving = _Saving(step, staging, self.env)
         if self.env.is_main:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            self._write_metadata(staging, step, scheduler, scaler, args)
-        dist.barrier()
+            saving.run(lambda: self._stage_metadata(staging, step, scaler, args))
+        saving.agree()  # also the barrier: the staging directory exists for every rank
         rank_state = {"loader": loader_state, "rng": _rng_state()}
         if self.ckpt_type == "local":
             rank_state |= _local_shards(model, optimizer)
-        _save_durably(rank_state, staging / f"rank_{self.env.rank:05d}.pt")
+        saving.run(lambda: _save_durably(rank_state, staging / f"rank_{self.env.rank:05d}.pt"))
         if self.ckpt_type == "full":
-            self._save_full(model, optimizer, staging)
+            self._save_full(model, optimizer, staging, saving)
         elif self.ckpt_type == "shard":
+            saving.agree()
             model_state, optim_state = get_state_dict(model, optimizer)
             state = {"model": model_state, "optim": optim_state}
             if self.async_save:
                 future = dcp.async_save(
                     state, checkpoint_id=staging, process_group=self._async_group
                 )
-                self._pending = (future, staging, final)
+                self._pending = (future, saving, final)
                 return final
-            dcp.save(state, checkpoint_id=staging)
-        self._publish(staging, final)
+            saving.run_collective(lambda: dcp.save(state, checkpoint_id=staging))
+        self._publish(saving, final)
         return final
 
     def wait(self) -> None:
         """Finish and publish a background save (before the next one, and at the end)."""
         if self._pending is None:
             return
-        future, staging, final = self._pending
+        future, saving, final = self._pending
         self._pending = None
-        future.result()
-        self._publish(staging, final)
+        saving.run_collective(future.result)
+        self._publish(saving, final)
 
-    def _write_metadata(self, staging: Path, step: int, scheduler, scaler, args) -> None:
+    def checkpoint_before(self, step: int) -> Path | None:
+        """The newest complete checkpoint of this run written for a step before `step`."""
+        found = [p for p in complete_checkpoints(self.run_dir) if step_number(p) < step]
+        return found[-1] if found else None
+
+    def _stage_metadata(self, staging: Path, step: int, scaler, args) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
         trainer = {
             "step": step,
-            "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler else None,
             "world_size": self.env.world_size,
             "sharding_strategy": self.sharding_strategy,
@@ -174,11 +187,13 @@ class Checkpointer:
             if (self.tokenizer_dir / name).is_file():
                 shutil.copy2(self.tokenizer_dir / name, staging / name)
 
-    def _save_full(self, model: nn.Module, optimizer, staging: Path) -> None:
-        model_state = get_model_state_dict(model, options=FULL_STATE)
+    def _save_full(self, model: nn.Module, optimizer, staging: Path, saving: _Saving) -> None:
+        model_state = get_model_state_dict(model, options=FULL_STATE)  # collectives
         optim_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
-        if not self.env.is_main:
-            return
+        if self.env.is_main:
+            saving.run(lambda: self._write_full(model_state, optim_state, staging))
+
+    def _write_full(self, model_state: dict, optim_state: dict, staging: Path) -> None:
         if self.sparse:
             save_file(sparse_part(model_state, self.sparse.layers), str(staging / SIDECAR))
             sparse_state = self.sparse.state_dict()
@@ -186,25 +201,34 @@ class Checkpointer:
         save_transformers_weights(self.model_config, model_state, staging)
         _save_durably(optim_state, staging / "optimizer.pt")
 
-    def _publish(self, staging: Path, final: Path) -> None:
-        dist.barrier()
+    def _publish(self, saving: _Saving, final: Path) -> None:
+        saving.agree()  # every rank wrote its part
         if self.env.is_main:
-            _fsync_tree(staging)
-            _replace_dir(staging, final)
-            self._prune()
-        dist.barrier()
+            saving.run(lambda: self._publish_on_main(saving.staging, final))
+        saving.agree()
 
-    def _prune(self) -> None:
-        if self.keep_last > 0:
-            for old in complete_checkpoints(self.run_dir)[: -self.keep_last]:
-                shutil.rmtree(old)
+    def _publish_on_main(self, staging: Path, final: Path) -> None:
+        _fsync_tree(staging)
+        _replace_dir(staging, final)
+        self._prune(step_number(final))
+
+    def _prune(self, saved_step: int) -> None:
+        """--keep_last K: the checkpoint just saved and the K - 1 newest before it stay. Newer
+        ones (a run resumed from an earlier step) are not this save's to judge, and stay."""
+        for leftover in self.run_dir.glob(".step_*.deleting"):  # a prune that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
+        if self.keep_last <= 0:
+            return
+        older = [p for p in complete_checkpoints(self.run_dir) if step_number(p) < saved_step]
+        for old in older[: max(len(older) - (self.keep_last - 1), 0)]:
+            _delete_dir(old)
 
     # ---------------------------------------------------------------- load
     def load(
-        self, step_dir: Path, model, optimizer, scheduler, scaler, loader, *, skip_optimizer=False
+        self, step_dir: Path, model, optimizer, scaler, loader, *, skip_optimizer=False
     ) -> int:
         """Restore a checkpoint of any format; returns its step. With `skip_optimizer` the
-        optimizer starts fresh while the step count (hence the LR schedule position) is kept."""
+        optimizer starts fresh while the step count (hence the learning rate) is kept."""
         trainer = torch.load(step_dir / "trainer.pt", weights_only=True)
         same_world = trainer["world_size"] == self.env.world_size
         self._check_sparse_compatible(step_dir, trainer)
@@ -216,11 +240,8 @@ class Checkpointer:
         load_weights_and_optimizer(
             step_dir, trainer["ckpt_type"], model, None if skip_optimizer else optimizer, rank_state
         )
-        scheduler.last_epoch = trainer["step"]
-        if not skip_optimizer:
-            scheduler.load_state_dict(trainer["scheduler"])
-            if scaler and trainer["scaler"]:
-                scaler.load_state_dict(trainer["scaler"])
+        if not skip_optimizer and scaler and trainer["scaler"]:
+            scaler.load_state_dict(trainer["scaler"])
         if self.sparse:
             self.sparse.load_state_dict(trainer.get("slt"))
         loader.load_state_dict(rank_state["loader"])
@@ -232,7 +253,7 @@ class Checkpointer:
         if self.sparse:
             self.sparse.check_resumable_from(trainer.get("slt"), str(step_dir))
         elif trainer.get("slt"):
-            raise ArgError(
+            raise UserError(
                 f"--resume_dir {step_dir} was trained with --enable_slt; resume with the same "
                 "--enable_slt --slt_config, or export it to a dense model with utils.convert"
             )
@@ -240,7 +261,7 @@ class Checkpointer:
     def _check_local_compatible(self, step_dir: Path, trainer: dict) -> None:
         saved = (trainer["world_size"], trainer["sharding_strategy"])
         if saved != (self.env.world_size, self.sharding_strategy):
-            raise ArgError(
+            raise UserError(
                 f"--resume_dir {step_dir} is a 'local' checkpoint of world size {saved[0]} "
                 f"with {saved[1]}; it resumes only on the same (now {self.env.world_size}, "
                 f"{self.sharding_strategy}). Convert it with `python -m utils.convert` or save "
@@ -262,7 +283,7 @@ def load_weights_and_optimizer(step_dir: Path, ckpt_type: str, model, optimizer,
         )
     elif ckpt_type == "full":
         is_main = dist.get_rank() == 0
-        weights = _full_checkpoint_weights(step_dir) if is_main else {}
+        weights = full_checkpoint_weights(step_dir) if is_main else {}
         set_model_state_dict(model, weights, options=FULL_STATE_FROM_RANK0)
         if optimizer:
             optim = torch.load(step_dir / "optimizer.pt", weights_only=True) if is_main else {}
@@ -292,7 +313,9 @@ def _transformers_weight_files(step_dir: Path) -> list[Path]:
     return sorted(f for f in step_dir.glob("*.safetensors") if f.name != SIDECAR)
 
 
-def _full_checkpoint_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+def full_checkpoint_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The training model's tensors in a `full` checkpoint (a sparse layer's own, from the
+    sidecar)."""
     return _with_sidecar(step_dir, load_transformers_weights(step_dir), load_file)
 
 
@@ -396,7 +419,7 @@ def check_shapes_match(saved: dict[str, tuple[int, ...]], model: nn.Module) -> N
     ]
     problems += [f"{name}: not in the model" for name in saved.keys() - expected.keys()]
     if problems:
-        raise ArgError(
+        raise UserError(
             "checkpoint does not match the model (--config): " + "; ".join(sorted(problems))
         )
 
@@ -431,6 +454,14 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
+def _delete_dir(path: Path) -> None:
+    """Renamed to a hidden name first: a kill midway leaves a hidden directory that nothing
+    reads, never a half-deleted checkpoint that still looks complete."""
+    hidden = path.with_name(f".{path.name}.deleting")
+    path.rename(hidden)
+    shutil.rmtree(hidden)
+
+
 def _replace_dir(staging: Path, final: Path) -> None:
     """Rename into place; an older directory of the same step goes only once the new is in."""
     old = final.with_name(f".{final.name}.old")
@@ -444,3 +475,63 @@ def _replace_dir(staging: Path, final: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------- failures
+class _Saving:
+    """One checkpoint being written. A write that fails on one rank (the metadata and `full`
+    weights are written by rank 0 alone) must not leave the others waiting in the next
+    collective until the process-group timeout: each rank keeps its failure, `agree` gathers
+    them (a collective every rank reaches), and every rank then raises the same error."""
+
+    def __init__(self, step: int, staging: Path, env: DistEnv) -> None:
+        self.step = step
+        self.staging = staging
+        self.env = env
+        self.failure: str | None = None
+
+    def run(self, write: Callable[[], Any]) -> None:
+        """This rank's part; a write failure is kept for `agree`, a bug propagates."""
+        if self.failure is not None:
+            return
+        try:
+            write()
+        except Exception as err:
+            if not _is_write_failure(err):
+                raise
+            self.failure = f"rank {self.env.rank}: {err}"
+
+    def run_collective(self, write: Callable[[], Any]) -> None:
+        """A collective write (DCP), which raises the same error on every rank itself."""
+        try:
+            write()
+        except CheckpointException as err:
+            failures = err.failures.items()  # rank -> (exception, its stack)
+            self.failure = "; ".join(f"rank {rank}: {exc}" for rank, (exc, _) in failures)
+        self.agree()
+
+    def agree(self) -> None:
+        failures = [self.failure] if self.env.world_size == 1 else _gather_all(self.failure)
+        failed = next((failure for failure in failures if failure), None)
+        if failed is None:
+            return
+        if self.env.is_main:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        raise UserError(
+            f"could not save step {self.step} in {self.staging.parent} ({failed}); "
+            "check its free space and permissions, or change --output_dir; "
+            "the checkpoints saved before are intact"
+        )
+
+
+def _is_write_failure(err: Exception) -> bool:
+    """An error of the file system rather than of the code: OSError, and what torch.save
+    (`inline_container`) and safetensors (`I/O error`) make of an OSError they hit."""
+    text = str(err)
+    return isinstance(err, OSError) or "inline_container" in text or "I/O error" in text
+
+
+def _gather_all(value: Any) -> list[Any]:
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

@@ -19,13 +19,19 @@ import torch.distributed.checkpoint as dcp
 from transformers import AutoConfig, GenerationConfig
 
 from slt.export import effective_dense_state, meta_model
-from utils.checkpoint import TOKENIZER_FILES, load_transformers_weights, save_transformers_weights
+from utils.checkpoint import (
+    TOKENIZER_FILES,
+    full_checkpoint_weights,
+    load_transformers_weights,
+    save_transformers_weights,
+)
+from utils.errors import UserError, exit_on_user_error
 
 
 def read_trainer_state(step_dir: Path) -> dict:
     trainer = step_dir / "trainer.pt"
     if not trainer.is_file():
-        raise FileNotFoundError(f"{step_dir} is not a training checkpoint (no trainer.pt)")
+        raise UserError(f"{step_dir} is not a training checkpoint (no trainer.pt)")
     return torch.load(trainer, weights_only=True)
 
 
@@ -34,14 +40,22 @@ def read_full_weights(step_dir: Path) -> dict[str, torch.Tensor]:
     trainer = read_trainer_state(step_dir)
     if trainer["ckpt_type"] == "full":
         return load_transformers_weights(step_dir)  # sparse layers already effective
+    weights = read_model_tensors(step_dir)
     slt_state = trainer.get("slt")
-    if trainer["ckpt_type"] == "shard":
-        weights = _read_dcp_weights(step_dir, slt_state)
-    else:
-        weights = _stitch_local_shards(step_dir)
     if slt_state is None:
         return weights
     return effective_dense_state(AutoConfig.from_pretrained(str(step_dir)), slt_state, weights)
+
+
+def read_model_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The training model's full tensors, on the CPU: a sparse layer's own (its weight before
+    masking, its scores, its factors), not its effective weight."""
+    trainer = read_trainer_state(step_dir)
+    if trainer["ckpt_type"] == "full":
+        return full_checkpoint_weights(step_dir)
+    if trainer["ckpt_type"] == "shard":
+        return _read_dcp_weights(step_dir, trainer.get("slt"))
+    return _stitch_local_shards(step_dir)
 
 
 def _read_dcp_weights(step_dir: Path, slt_state: dict | None) -> dict[str, torch.Tensor]:
@@ -86,10 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("step_dir", type=Path, help="a step_<N> checkpoint directory")
     parser.add_argument("out_dir", type=Path, help="where to write the transformers directory")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_user_error():
         out = convert(args.step_dir, args.out_dir)
-    except FileNotFoundError as err:
-        raise SystemExit(f"error: {err}") from err
     print(f"wrote {out}")
 
 

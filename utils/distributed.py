@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,19 +39,23 @@ def _default_to_single_process() -> bool:
     return True
 
 
-def warn_if_restarts_share_a_store() -> None:
-    """torchrun hands its workers one rendezvous TCPStore and keeps it for every restart round
-    (static rendezvous always; c10d and --standalone unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1).
-    A restarted group then reads the killed group's keys, the gloo/NCCL addresses of dead
-    processes, and fails to connect or hangs (pytorch/pytorch#135712)."""
-    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
-    if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        warnings.warn(
-            f"torchrun --max-restarts={restarts} shares one rendezvous store across restarts, "
-            "so a restarted group would fail to connect or hang; launch torchrun with "
-            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and --standalone or --rdzv-backend=c10d",
-            stacklevel=2,
-        )
+def _store_of_this_attempt() -> dict[str, Any]:
+    """Under torchrun, the rendezvous store with a namespace of its own per restart attempt.
+
+    torchrun hands its workers one TCPStore and keeps it across `--max-restarts` rounds (always
+    with a static rendezvous; with c10d and --standalone unless
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1). A restarted group would read the killed group's
+    keys there, the gloo/NCCL addresses of dead processes, and fail to connect or hang
+    (pytorch/pytorch#135712). Keys under `attempt_<TORCHELASTIC_RESTART_COUNT>/` are new."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return {}
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    return {
+        "store": dist.PrefixStore(f"attempt_{attempt}", store),
+        "rank": rank,
+        "world_size": world_size,
+    }
 
 
 def init_distributed() -> DistEnv:
@@ -62,7 +65,6 @@ def init_distributed() -> DistEnv:
     gathered on the host), so no collective ever needs a device round trip for them.
     """
     alone = _default_to_single_process()
-    warn_if_restarts_share_a_store()
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -73,7 +75,8 @@ def init_distributed() -> DistEnv:
         backend = "gloo"
     if not dist.is_initialized():
         # Alone, an in-memory store: no port to pick, so none to lose to another process.
-        store = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if alone else {}
+        alone_store = {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+        store = alone_store if alone else _store_of_this_attempt()
         dist.init_process_group(
             backend=backend, device_id=device if device.type == "cuda" else None, **store
         )

@@ -10,7 +10,7 @@ import importlib.util
 import torch
 from torch import nn
 
-from utils.args import ArgError
+from utils.errors import UserError
 from utils.model import decoder_layers
 
 MIN_CAPABILITY = (8, 9)  # float8 tensor cores: Ada, Hopper and newer
@@ -20,9 +20,9 @@ DIM_MULTIPLE = 16  # what float8 matmuls (torch._scaled_mm) accept
 def check_float8(device: torch.device) -> None:
     """Before anything is built: the package and the GPU generation."""
     if importlib.util.find_spec("torchao") is None:
-        raise ArgError("--float8 needs torchao: pip install torchao (or drop --float8)")
+        raise UserError("--float8 needs torchao: pip install torchao (or drop --float8)")
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
-        raise ArgError(
+        raise UserError(
             f"--float8 needs float8 tensor cores (compute capability 8.9+, e.g. H100); "
             f"{torch.cuda.get_device_name(device)} has none: drop --float8"
         )

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 from transformers import PretrainedConfig
 
-from utils.model import build_meta_model, count_parameters
+from utils.model import dense_parameters
 
 # Dense bf16 peak FLOP/s by GPU name (never the 2:4-sparse datasheet figure).
 PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
@@ -29,8 +29,7 @@ def flops_per_token(config: PretrainedConfig, non_embedding_params: int, seq_len
 def model_flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
     """flops_per_token of the dense model of `config`. Sparse (slt) runs count the same: their
     layers multiply by a full-size effective weight."""
-    model = build_meta_model(config, "sdpa")
-    return flops_per_token(config, count_parameters(model, exclude_embedding=True), seq_len)
+    return flops_per_token(config, dense_parameters(config, exclude_embedding=True), seq_len)
 
 
 # metrics.jsonl key -> TensorBoard tag, where they differ; other keys go to train/<key>.
@@ -74,10 +73,12 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(str(tensorboard_dir))
 
-    def write_config(self, args: dict[str, Any], model_config: PretrainedConfig) -> None:
+    def write_config(
+        self, args: dict[str, Any], model_config: PretrainedConfig, parameters: dict[str, int]
+    ) -> None:
         if not self.enabled:
             return
-        record = {"args": args, "model": model_config.to_dict()}
+        record = {"args": args, "model": model_config.to_dict(), "parameters": parameters}
         (self.run_dir / "config.json").write_text(json.dumps(record, indent=2, default=str))
         if self.writer is not None:
             self.writer.add_text("args", "\n".join(f"    {k}: {v}" for k, v in args.items()))
@@ -96,6 +97,14 @@ class MetricsLogger:
                     tag = key if "/" in key else TENSORBOARD_TAGS.get(key, f"train/{key}")
                     self.writer.add_scalar(tag, value, step)
             self.writer.flush()
+
+    def event(self, step: int, details: dict[str, Any]) -> None:
+        """Something that happened at a step (not a metric): a metrics.jsonl record and a line."""
+        if not self.enabled:
+            return
+        record = {"step": step, **details}
+        self.jsonl.write(json.dumps(record) + "\n")
+        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in details.items()))
 
     def close(self) -> None:
         if self.enabled:

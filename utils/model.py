@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from utils.args import ArgError
+from utils.errors import UserError
 
 # Shapes by name, so a benchmark or a quick run needs no config file. The small ones are the
 # LLaMA shapes of the GaLore / SLTrain papers; tinyllama-1.1b is TinyLlama's.
@@ -37,7 +37,7 @@ def load_model_config(spec: str, tokenizer_vocab: int) -> PretrainedConfig:
     """
     config = _read_config(spec)
     if not hasattr(config, "num_hidden_layers") or not hasattr(config, "hidden_size"):
-        raise ArgError(f"--config {spec} is not a decoder-only transformer config")
+        raise UserError(f"--config {spec} is not a decoder-only transformer config")
     if tokenizer_vocab > config.vocab_size:
         config.vocab_size = tokenizer_vocab
     config.use_cache = False
@@ -52,13 +52,13 @@ def _read_config(spec: str) -> PretrainedConfig:
         path = path / "config.json"
     if not path.is_file():
         names = ", ".join(NAMED_SHAPES)
-        raise ArgError(
+        raise UserError(
             f"--config {spec} not found; give a config.json, its directory, or one of: {names}"
         )
     try:
         return AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as err:
-        raise ArgError(f"--config {path} is not a readable model config ({err})") from err
+        raise UserError(f"--config {path} is not a readable model config ({err})") from err
 
 
 def build_meta_model(config: PretrainedConfig, attn_implementation: str) -> nn.Module:
@@ -134,8 +134,19 @@ def _rebuild_rotary_buffers(model: nn.Module, device: torch.device) -> None:
 
 
 def count_parameters(model: nn.Module, *, exclude_embedding: bool = False) -> int:
-    """Parameters of the full (unsharded) model."""
+    """Parameters of the full (unsharded) model, index tensors (SLTrain's support) included."""
     total = sum(p.numel() for p in model.parameters())
     if exclude_embedding:
         total -= model.get_input_embeddings().weight.numel()
     return total
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Values the optimizer trains, in the full (unsharded) model: no frozen weights (supermask)
+    and no index tensors (SLTrain's support)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def dense_parameters(config: PretrainedConfig, *, exclude_embedding: bool = False) -> int:
+    """Parameters of the dense model of `config` (built on the meta device: no memory)."""
+    return count_parameters(build_meta_model(config, "sdpa"), exclude_embedding=exclude_embedding)

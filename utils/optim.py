@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay on matrices only, and the warmup + cosine LR schedule."""
+"""AdamW with decoupled weight decay on matrices only, the warmup + cosine learning rate, and
+skipping an update on a flag that stays on the device."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import math
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
 
 def build_optimizer(
@@ -14,16 +14,17 @@ def build_optimizer(
 ) -> torch.optim.AdamW:
     """No decay on vectors (norm weights, biases): decaying them only hurts.
 
-    Fused AdamW on GPU, except with fp16: the sharded grad scaler hands a fused step its
-    1-element inf flag, which the step cannot subtract from its 0-dim step counters (seen on
-    an H200, torch 2.11); the foreach step is unscaled by the scaler first instead."""
+    The fused AdamW (on GPU and CPU alike) can skip a step on a flag that stays on the device
+    (`skip_update_if`). With fp16 the grad scaler decides instead: its sharded version hands a
+    fused step a 1-element inf flag, which the step cannot subtract from its 0-dim step
+    counters (seen on an H200, torch 2.11), so fp16 takes the foreach step, which the scaler
+    calls only when the gradients are finite."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    fused = params[0].device.type == "cuda" and not fp16
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, foreach=not fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=not fp16, foreach=fp16)
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:
@@ -34,11 +35,14 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> fl
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_lr_schedule(
-    optimizer: torch.optim.Optimizer, *, lr: float, min_lr: float, warmup: int, total: int
-) -> LambdaLR:
-    """LambdaLR counts from 0 before the first step; step k+1 uses lr_at(k + 1)."""
-    return LambdaLR(
-        optimizer,
-        lambda k: lr_at(k + 1, lr=lr, min_lr=min_lr, warmup=warmup, total=total) / lr,
-    )
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The learning rate of the next step: a pure function of the step number, so a resumed
+    run (with or without its optimizer state) uses exactly the uninterrupted run's."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def skip_update_if(optimizer: torch.optim.AdamW, flag: torch.Tensor) -> None:
+    """The next `optimizer.step()` leaves weights, moments and step counts unchanged where
+    `flag` (a bool tensor on the device) is true; nothing waits for the device to know it."""
+    optimizer.found_inf = flag.to(torch.float32)

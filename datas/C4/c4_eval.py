@@ -39,7 +39,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from datas.mds import shard_file, shard_samples
 from utils.distributed import DistEnv, broadcast_from_main, build_mesh, init_distributed, shutdown
+from utils.errors import UserError, exit_on_user_error
 from utils.parallelize import parallelize_model
 
 PROTOCOL_VERSION = 1
@@ -83,11 +84,11 @@ def resolve_eval_data(data_path: str | Path) -> EvalData:
     """The format and files of `data_path`, or a one-line error naming the path and the fix."""
     root = Path(data_path).expanduser()
     if not root.exists():
-        raise FileNotFoundError(f"eval data {root} does not exist; {GET_DATA_HINT}")
+        raise UserError(f"eval data {root} does not exist; {GET_DATA_HINT}")
     if root.is_file():
         kind = _file_kind(root)
         if kind is None:
-            raise ValueError(
+            raise UserError(
                 f"eval data {root} is neither a .json.gz/.jsonl/.json file nor an .arrow file; "
                 "give C4 validation files, a datasets save_to_disk directory or an MDS directory"
             )
@@ -95,7 +96,7 @@ def resolve_eval_data(data_path: str | Path) -> EvalData:
     if (root / "index.json").is_file():
         return _resolve_mds(root)
     if (root / "dataset_dict.json").is_file():
-        raise ValueError(
+        raise UserError(
             f"eval data {root} is a DatasetDict; give one split's directory, e.g. {root}/validation"
         )
     files = sorted(p for p in root.iterdir() if p.is_file())
@@ -104,7 +105,7 @@ def resolve_eval_data(data_path: str | Path) -> EvalData:
         matching = tuple(p for p in files if _file_kind(p) == kind)
         if matching:
             return EvalData(kind, root, matching)
-    raise ValueError(
+    raise UserError(
         f"eval data {root} holds no .json.gz/.jsonl/.json, .arrow or MDS index.json files; "
         f"{GET_DATA_HINT}"
     )
@@ -114,7 +115,7 @@ def _read_mds_index(root: Path) -> dict[str, Any]:
     try:
         return json.loads((root / "index.json").read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"eval data {root}/index.json is not readable MDS index ({err})") from err
+        raise UserError(f"eval data {root}/index.json is not readable MDS index ({err})") from err
 
 
 def _resolve_mds(root: Path) -> EvalData:
@@ -122,27 +123,17 @@ def _resolve_mds(root: Path) -> EvalData:
     files = [root / "index.json"]
     for shard in shards:
         if shard.get("format") != "mds":
-            raise ValueError(f"eval data {root} has {shard.get('format')!r} shards; need MDS")
+            raise UserError(f"eval data {root} has {shard.get('format')!r} shards; need MDS")
         columns = dict(zip(shard["column_names"], shard["column_encodings"], strict=True))
         if columns.get(TEXT_FIELD) != "str":
-            raise ValueError(
+            raise UserError(
                 f"eval data {root} has no `{TEXT_FIELD}` str column (found {columns}); "
                 "write it with MDSWriter(columns={'text': 'str'})"
             )
-        files.append(_mds_shard_file(root, shard))
+        files.append(shard_file(root, shard))
     if not sum(shard["samples"] for shard in shards):
-        raise ValueError(f"eval data {root} holds no documents; {GET_DATA_HINT}")
+        raise UserError(f"eval data {root} holds no documents; {GET_DATA_HINT}")
     return EvalData("mds", root, tuple(files))
-
-
-def _mds_shard_file(root: Path, shard: dict[str, Any]) -> Path:
-    """The raw shard if present, else its compressed form (read and decompressed in memory)."""
-    raw = root / shard["raw_data"]["basename"]
-    if raw.is_file():
-        return raw
-    if shard.get("zip_data") and (root / shard["zip_data"]["basename"]).is_file():
-        return root / shard["zip_data"]["basename"]
-    raise FileNotFoundError(f"eval data {raw} (listed in {root}/index.json) is missing")
 
 
 def check_eval_data(data_path: str | Path) -> None:
@@ -156,7 +147,7 @@ def check_eval_data(data_path: str | Path) -> None:
     else:
         has_documents = True  # checked by resolve_eval_data from the index
     if not has_documents:
-        raise ValueError(f"eval data {data.root} holds no documents; {GET_DATA_HINT}")
+        raise UserError(f"eval data {data.root} holds no documents; {GET_DATA_HINT}")
 
 
 def _json_documents(path: Path) -> Iterator[str]:
@@ -167,16 +158,16 @@ def _json_documents(path: Path) -> Iterator[str]:
                 if line.strip():
                     yield _text_of(json.loads(line), f"{path}:{number}")
     except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise ValueError(f"eval data {path} is not readable ({err}); re-download it") from err
+        raise UserError(f"eval data {path} is not readable ({err}); re-download it") from err
     except json.JSONDecodeError as err:
-        raise ValueError(
+        raise UserError(
             f"eval data {path} is not JSON lines ({err}); need one JSON object per line"
         ) from err
 
 
 def _text_of(record: Any, where: str) -> str:
     if not isinstance(record, dict) or not isinstance(record.get(TEXT_FIELD), str):
-        raise ValueError(
+        raise UserError(
             f"eval data {where} has no `{TEXT_FIELD}` string field; "
             'give records like the C4 files: {"text": ...}'
         )
@@ -190,14 +181,14 @@ def _arrow_table(path: Path) -> Any:
         with pa.memory_map(str(path)) as source:
             table = pa.ipc.open_stream(source).read_all()
     except (OSError, pa.ArrowInvalid) as err:
-        raise ValueError(
+        raise UserError(
             f"eval data {path} is not an Arrow IPC stream as datasets' save_to_disk writes ({err})"
         ) from err
     field = table.schema.field(TEXT_FIELD) if TEXT_FIELD in table.schema.names else None
     if field is None or not (
         pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
     ):
-        raise ValueError(
+        raise UserError(
             f"eval data {path} has no `{TEXT_FIELD}` string column (columns: "
             f"{table.schema.names}); save the dataset with its text in `{TEXT_FIELD}`"
         )
@@ -205,19 +196,9 @@ def _arrow_table(path: Path) -> Any:
 
 
 def _mds_documents(root: Path) -> Iterator[str]:
-    from streaming.base.compression import decompress
-    from streaming.base.format import reader_from_json
-
     for shard in _read_mds_index(root)["shards"]:
-        path = _mds_shard_file(root, shard)
-        blob = path.read_bytes()
-        if path.name != shard["raw_data"]["basename"]:
-            blob = decompress(shard["compression"], blob)
-        reader = reader_from_json(str(root), None, shard)
-        # An MDS shard starts with its sample count, then count + 1 byte offsets.
-        offsets = np.frombuffer(blob, np.uint32, count=shard["samples"] + 1, offset=4)
-        for begin, end in zip(offsets[:-1], offsets[1:], strict=True):
-            yield reader.decode_sample(blob[begin:end])[TEXT_FIELD]
+        for sample in shard_samples(root, shard):
+            yield sample[TEXT_FIELD]
 
 
 def iter_documents(data: EvalData) -> Iterator[str]:
@@ -242,14 +223,14 @@ def _as_tokenizer(tokenizer: Any) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(tokenizer))
     except (OSError, ValueError) as err:
-        raise ValueError(
+        raise UserError(
             f"{tokenizer} holds no loadable tokenizer ({err}); pass --tokenizer DIR"
         ) from err
 
 
 def _eos_id(tokenizer: Any) -> int:
     if tokenizer.eos_token_id is None:
-        raise ValueError(
+        raise UserError(
             f"tokenizer {tokenizer.name_or_path!r} has no EOS token; the protocol ends every "
             "document with one: use a tokenizer that defines eos_token"
         )
@@ -292,7 +273,7 @@ def token_stream(documents: Iterator[str], tokenizer: Any) -> np.ndarray:
 def cut_windows(stream: np.ndarray, seq_len: int, where: Path) -> np.ndarray:
     n_windows = len(stream) // seq_len
     if n_windows == 0:
-        raise ValueError(
+        raise UserError(
             f"eval data {where} has {len(stream)} tokens, fewer than one window of "
             f"seq_len={seq_len}; lower --seq_len or give more documents"
         )
@@ -327,7 +308,7 @@ def _ensure_cached(data: EvalData, tokenizer: Any, seq_len: int, path: Path) -> 
         return
     stream = token_stream(iter_documents(data), tokenizer)
     if not len(stream):  # every document adds at least its EOS
-        raise ValueError(f"eval data {data.root} holds no documents; {GET_DATA_HINT}")
+        raise UserError(f"eval data {data.root} holds no documents; {GET_DATA_HINT}")
     windows = cut_windows(stream, seq_len, data.root)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write beside, then rename: readers on other ranks never see a partial file.
@@ -359,7 +340,7 @@ def load_windows(
     if rank == 0:
         try:
             _ensure_cached(data, tokenizer, seq_len, path)
-        except (OSError, ValueError) as err:
+        except (OSError, UserError) as err:
             failure = err
     if world > 1:
         # Doubles as the barrier: the other ranks wait here until rank 0 has written.
@@ -380,11 +361,11 @@ def select_windows(n_windows: int, max_windows: int | None, seed: int) -> np.nda
 
 def _check_settings(seq_len: int, batch_size: int, max_windows: int | None) -> None:
     if seq_len < 2:
-        raise ValueError(f"seq_len={seq_len}: a window needs at least 2 tokens to predict one")
+        raise UserError(f"seq_len={seq_len}: a window needs at least 2 tokens to predict one")
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: give at least 1")
+        raise UserError(f"batch_size={batch_size}: give at least 1")
     if max_windows is not None and max_windows < 1:
-        raise ValueError(f"max_windows={max_windows}: give at least 1, or None for all windows")
+        raise UserError(f"max_windows={max_windows}: give at least 1, or None for all windows")
 
 
 def _score_windows(
@@ -463,7 +444,7 @@ def load_model_for_eval(step_dir: str | Path, env: DistEnv | None = None) -> nn.
 
     step_dir = Path(step_dir)
     if not (step_dir / "config.json").is_file():
-        raise FileNotFoundError(
+        raise UserError(
             f"--checkpoint {step_dir} has no config.json; give a step_<N> checkpoint or a "
             "model directory written by save_pretrained"
         )
@@ -472,7 +453,7 @@ def load_model_for_eval(step_dir: str | Path, env: DistEnv | None = None) -> nn.
         result = model.load_state_dict(read_full_weights(step_dir), strict=False)
         tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
         if set(result.missing_keys) - tied or result.unexpected_keys:
-            raise ValueError(f"--checkpoint {step_dir} does not match its config.json: {result}")
+            raise UserError(f"--checkpoint {step_dir} does not match its config.json: {result}")
         model.tie_weights()
     else:
         model = AutoModelForCausalLM.from_pretrained(str(step_dir))
@@ -556,9 +537,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (OSError, ValueError) as err:
-        sys.exit(f"error: {err}")
-    finally:
-        shutdown()
+    with exit_on_user_error():
+        try:
+            main()
+        except OSError as err:  # an unreadable file or an uncreatable cache directory
+            raise UserError(str(err)) from err
+        finally:
+            shutdown()

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from datas.mds import (
     TOKENS_COLUMN,
-    DataError,
+    check_block_length,
     check_source,
     clean_stale_shared_memory,
     local_dirs,
@@ -32,6 +32,7 @@ from datas.mds import (
     training_column,
 )
 from datas.packing import DocChunk, DocumentFeed, Packer, make_packer
+from utils.errors import UserError
 
 STRATEGIES = ("pack", "overflow", "trunc")
 
@@ -47,6 +48,12 @@ class World:
     def num_nodes(self) -> int:
         return max(self.size // self.local_size, 1)
 
+    @property
+    def layout(self) -> list[int]:
+        """[nodes, ranks per node]: streaming deals samples to (node, rank on node), so the
+        same world size on another layout gives each global rank other samples."""
+        return [self.num_nodes, self.local_size]
+
 
 def resolve_world(world_size: int | None, global_rank: int | None) -> World:
     """Rank and world size from the arguments, else from torchrun's environment. streaming
@@ -56,7 +63,7 @@ def resolve_world(world_size: int | None, global_rank: int | None) -> World:
     size = env_size if world_size is None else world_size
     rank = env_rank if global_rank is None else global_rank
     if (size, rank) != (env_size, env_rank):
-        raise DataError(
+        raise UserError(
             f"world_size={size}, global_rank={rank} disagree with WORLD_SIZE={env_size}, "
             f"RANK={env_rank}; launch with torchrun or leave them unset"
         )
@@ -67,7 +74,7 @@ def resolve_world(world_size: int | None, global_rank: int | None) -> World:
         local_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
     )
     if world.size > 1 and not (dist.is_available() and dist.is_initialized()):
-        raise DataError(
+        raise UserError(
             f"WORLD_SIZE={world.size}: initialize torch.distributed before build_train_loader"
         )
     return world
@@ -77,12 +84,15 @@ class TokenizeCollate:
     """Runs in the DataLoader workers: one batch of samples -> one `DocChunk`.
 
     Text is tokenized in one batched call without special tokens, each document followed by
-    EOS; a `tokens` column is used as it is. The tokenizer loads lazily in each process.
+    EOS; a `tokens` column is used as it is, and its blocks must be `seq_len` long (checked at
+    start for local datasets, here for remote ones). The tokenizer loads lazily in each
+    process.
     """
 
-    def __init__(self, tokenizer_name: str, eos_id: int | None) -> None:
+    def __init__(self, tokenizer_name: str, eos_id: int | None, seq_len: int) -> None:
         self.tokenizer_name = tokenizer_name
         self.eos_id = eos_id
+        self.seq_len = seq_len
         self._encode = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -101,6 +111,12 @@ class TokenizeCollate:
         if TOKENS_COLUMN in samples[0]:
             arrays = [np.asarray(sample[TOKENS_COLUMN]) for sample in samples]
             lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+            if (lengths != self.seq_len).any():
+                raise UserError(
+                    f"the data holds pre-tokenized blocks of "
+                    f"{lengths[lengths != self.seq_len][0]} tokens, not "
+                    f"--seq_len {self.seq_len}; train with that --seq_len or prepare it again"
+                )
             return DocChunk(np.concatenate(arrays).astype(np.int32, copy=False), lengths)
         texts = [sample["text"] for sample in samples]
         ids = [encoding.ids for encoding in self._encoder()(texts, add_special_tokens=False)]
@@ -175,6 +191,11 @@ class TrainLoader:
                 batch = {key: value.pin_memory() for key, value in batch.items()}
             yield batch
 
+    def position(self) -> dict[str, int]:
+        """Where this rank's reading stands: documents (samples) handed out since the start of
+        training, and the epoch they came from."""
+        return {"documents": self.feed.position, "epoch": self.feed.epoch}
+
     @staticmethod
     def _any_rank(flag: bool) -> bool:
         """True on every rank when `flag` holds on any (a CPU all-reduce: no device sync)."""
@@ -221,6 +242,7 @@ class TrainLoader:
             "strategy": self.strategy,
             "seq_len": self.seq_len,
             "world_size": self.world.size,
+            "layout": self.world.layout,
             "rank": self.world.rank,
             "total_leftover_tokens": int(totals[0]),
             "total_ahead_documents": int(totals[1]),
@@ -228,11 +250,13 @@ class TrainLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue where `state` stopped; call before iterating. Same world size: exactly.
-        Other world size (pass rank 0's state): from the global position, with a warning."""
+        """Continue where `state` stopped; call before iterating. Same world size and node
+        layout: exactly. Otherwise (pass rank 0's state): from the global position, with a
+        warning. (States written before the layout was saved count as the same layout.)"""
         self._check_compatible(state)
         dataset_state = dict(state["dataset"])
-        if state["world_size"] == self.world.size:
+        saved_layout = state.get("layout", self.world.layout)
+        if state["world_size"] == self.world.size and saved_layout == self.world.layout:
             self._skip = state["skip"]
             self.packer.load_buffer_state(state["buffer"])
         else:
@@ -246,12 +270,12 @@ class TrainLoader:
     def _check_compatible(self, state: dict[str, Any]) -> None:
         saved_nodes = state["dataset"]["num_canonical_nodes"]
         if saved_nodes != self.num_canonical_nodes:
-            raise DataError(
+            raise UserError(
                 f"the checkpoint was written with num_canonical_nodes={saved_nodes}, this "
                 f"loader has {self.num_canonical_nodes}; resume with the same value"
             )
         if (state["strategy"], state["seq_len"]) != (self.strategy, self.seq_len):
-            raise DataError(
+            raise UserError(
                 f"the checkpoint was written with strategy={state['strategy']}, "
                 f"seq_len={state['seq_len']}; resume with the same values"
             )
@@ -261,8 +285,9 @@ class TrainLoader:
         it so every rank starts at the same per-rank offset; warns what that costs."""
         sample = state["dataset"]["sample_in_epoch"]
         start = sample - sample % self.world.size
+        saved = _describe_layout(*state.get("layout", [1, state["world_size"]]))
         warnings.warn(
-            f"resuming on {self.world.size} ranks from a checkpoint of {state['world_size']}: "
+            f"resuming on {_describe_layout(*self.world.layout)} from a checkpoint of {saved}: "
             f"{state['total_leftover_tokens']} tokens left in the saved buffers are skipped; "
             f"{state['total_ahead_documents'] + sample - start} documents "
             f"(about {state['total_ahead_tokens']} tokens and more) are read again",
@@ -271,24 +296,28 @@ class TrainLoader:
         return start
 
 
+def _describe_layout(nodes: int, ranks_per_node: int) -> str:
+    return f"{nodes} node{'s' * (nodes != 1)} x {ranks_per_node} rank{'s' * (ranks_per_node != 1)}"
+
+
 def _load_tokenizer(tokenizer_name: str) -> Any:
     from transformers import AutoTokenizer
 
     if not os.path.isdir(tokenizer_name):
-        raise DataError(f"--tokenizer_dir {tokenizer_name} is not a tokenizer directory")
+        raise UserError(f"--tokenizer_dir {tokenizer_name} is not a tokenizer directory")
     return AutoTokenizer.from_pretrained(tokenizer_name)
 
 
 def _special_ids(tokenizer: Any, strategy: str, tokenizer_name: str) -> tuple[int | None, int]:
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if eos is None and strategy == "pack":
-        raise DataError(
+        raise UserError(
             f"tokenizer {tokenizer_name} has no EOS token, which pack needs to separate "
             "documents; set eos_token in its tokenizer_config.json"
         )
     pad = eos if pad is None else pad
     if pad is None:
-        raise DataError(
+        raise UserError(
             f"tokenizer {tokenizer_name} has neither a pad nor an EOS token, which {strategy} "
             "needs for padding; set pad_token in its tokenizer_config.json"
         )
@@ -327,11 +356,12 @@ def build_train_loader(
 ) -> TrainLoader:
     """Build this rank's endless batch iterator over MDS data (see README, section Data)."""
     if strategy not in STRATEGIES:
-        raise DataError(f"strategy={strategy!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
+        raise UserError(f"strategy={strategy!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
     world = resolve_world(world_size, global_rank)
     sources = parse_sources(mds_root)
     infos = [check_source(source, cached=local_cache is not None) for source in sources]
     column = training_column(infos, sources)
+    check_block_length(infos, sources, seq_len)
     tokenizer = _load_tokenizer(tokenizer_name)
     eos, pad = _special_ids(tokenizer, strategy, tokenizer_name)
     rows = micro_blocks if strategy == "pack" else per_device_batch
@@ -354,7 +384,7 @@ def build_train_loader(
     dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_size=read_batch,
-        collate_fn=TokenizeCollate(tokenizer_name, eos),
+        collate_fn=TokenizeCollate(tokenizer_name, eos, seq_len),
         num_workers=num_workers,
         persistent_workers=persistent_workers and num_workers > 0,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,

@@ -1,0 +1,66 @@
+"""A step with a NaN loss or gradient on any rank is never applied (utils/nonfinite.py): real
+runs with one rank's loss made NaN (tests/scripts/poisoned_train.py)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from tests.helpers import REPO, metrics_records, tiny_run_flags, torchrun, train_in_process
+from tests.scripts.poisoned_train import poison
+from utils.convert import read_model_tensors
+
+
+def run_flags(data: Path, tokenizer: Path, out: Path, name: str, *extra: str) -> list[str]:
+    flags = tiny_run_flags(data, tokenizer, out, steps=6, num_workers=0)
+    return [*flags, "--local_batch=2", f"--run_name={name}", *extra]
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(mds_tokens, tokenizer_dir, tmp_path):
+    """Rank 1's loss is NaN at step 3 of 6 on 2 ranks: step 3 changes no weight, the run goes
+    on, the log window holding step 3 counts it and keeps a finite loss and gradient norm,
+    and the event names the rank and each rank's loader position."""
+    flags = run_flags(mds_tokens, tokenizer_dir, tmp_path, "nan", "--save_every=1", "--log_every=2")
+    torchrun(REPO / "tests/scripts/poisoned_train.py", "1", "3", *flags)
+    run_dir = tmp_path / "nan"
+    records = metrics_records(run_dir)
+    windows = {r["step"]: r for r in records if "loss" in r}
+    assert [windows[s]["skipped_steps"] for s in (2, 4, 6)] == [0, 1, 0]
+    assert all(math.isfinite(windows[s][k]) for s in (2, 4, 6) for k in ("loss", "grad_norm"))
+    (event,) = [r for r in records if "event" in r]
+    assert event["step"] == 3 and event["event"] == "nonfinite_step_skipped"
+    assert event["ranks_with_nonfinite_loss"] == [1]
+    # pre-tokenized blocks: 2 per micro-step, 2 micro-steps per step, on each rank
+    assert event["loader_positions"] == [{"documents": 12, "epoch": 0}] * 2
+    weights = {s: read_model_tensors(run_dir / f"step_{s:06d}") for s in (2, 3, 4)}
+    for name, before in weights[2].items():
+        assert torch.equal(weights[3][name], before), name
+    assert not torch.equal(weights[4]["lm_head.weight"], weights[3]["lm_head.weight"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "poisoned", "message"),
+    [
+        (["--nonfinite=stop"], {3}, "step 3: loss or gradients not finite (--nonfinite stop)"),
+        (["--max_skipped=2"], {3, 4}, "steps 3-4: loss or gradients not finite (--max_skipped 2)"),
+    ],
+)
+def test_stopping_saves_nothing_and_names_the_last_good_checkpoint(
+    extra, poisoned, message, mds_tokens, tokenizer_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(train, "train_step", train.train_step)  # restored after the test
+    monkeypatch.setattr(train, "model_nll_sum", train.model_nll_sum)
+    poison(0, poisoned)
+    flags = run_flags(mds_tokens, tokenizer_dir, tmp_path, "stop", "--save_every=2", *extra)
+    with pytest.raises(SystemExit) as stop:
+        train_in_process(*flags)
+    assert stop.value.code == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    good = tmp_path / "stop" / "step_000002"
+    assert errors == [f"error: {message}; stopped without saving; resume from {good} with a lower "
+                      "--lr or --grad_clip (metrics.jsonl names each rank's loader position)"]  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "stop").glob("step_*")) == ["step_000002"]

@@ -25,6 +25,7 @@ from tests.helpers import (
     metrics_records,
     tiny_run_flags,
     torchrun,
+    torchrun_runs,
     torchrun_two_nodes,
     train_in_process,
 )
@@ -42,39 +43,58 @@ def out(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("ckpt_runs")
 
 
-@pytest.fixture(scope="module")
-def text_baseline(out, mds_text, tokenizer_dir) -> dict[int, float]:
-    """Uninterrupted 2-rank run on text packed on the fly (loader buffers and skips in play)."""
-    torchrun("train.py", *flags(mds_text, tokenizer_dir, out, "text_baseline"))
-    return logged_losses(out / "text_baseline")
+EXIT_FLAGS = ["--exit_interval=6", "--save_every=2", "--keep_last=2", "--resume_dir=auto"]
 
 
 @pytest.fixture(scope="module")
-def token_baseline(out, mds_tokens, tokenizer_dir) -> dict[int, float]:
-    torchrun("train.py", *flags(mds_tokens, tokenizer_dir, out, "token_baseline"))
-    return logged_losses(out / "token_baseline")
+def runs(out, mds_text, mds_tokens, tokenizer_dir) -> dict[str, Path]:
+    """The module's plain 2-rank runs, in two torchrun launches; their run directories.
+
+    - text_baseline: uninterrupted, on text packed on the fly (loader buffers and skips in
+      play); token_baseline: the same on pre-tokenized blocks;
+    - exit_full, exit_local: stopped by --exit_interval 6, then the same command again (as
+      after a preemption) with --resume_dir auto;
+    - elastic_shard, elastic_full: stopped at step 4, for a resume on one rank;
+    - skip_optimizer: exit_full's step 10 resumed with --skip_optimizer.
+    """
+    exits = [
+        flags(mds_text, tokenizer_dir, out, f"exit_{ckpt}", f"--ckpt_type={ckpt}", *EXIT_FLAGS)
+        for ckpt in ("full", "local")
+    ]
+    elastic = [
+        flags(mds_tokens, tokenizer_dir, out, f"elastic_{ckpt}", f"--ckpt_type={ckpt}")
+        + ["--exit_interval=4"]
+        for ckpt in ("shard", "full")
+    ]
+    baselines = [
+        flags(mds_text, tokenizer_dir, out, "text_baseline"),
+        flags(mds_tokens, tokenizer_dir, out, "token_baseline"),
+    ]
+    torchrun_runs([*baselines, *exits, *elastic], out)
+    for ckpt in ("full", "local"):
+        kept = sorted(p.name for p in (out / f"exit_{ckpt}").glob("step_*"))
+        assert kept == ["step_000004", "step_000006"]
+    step_10 = out / "exit_full" / f"step_{STEPS - 2:06d}"  # kept by --keep_last 2
+    skip = flags(mds_text, tokenizer_dir, out, "skip_optimizer", f"--resume_dir={step_10}")
+    torchrun_runs([*exits, [*skip, "--skip_optimizer"]], out)
+    names = ["text_baseline", "token_baseline", "exit_full", "exit_local", "skip_optimizer"]
+    return {name: out / name for name in names}
 
 
 @pytest.fixture(scope="module")
-def interrupted(out, mds_text, tokenizer_dir):
-    """A run stopped by --exit_interval 6, then the same command again (as after a
-    preemption) with --resume_dir auto; once per format. Returns the run directory."""
-    done: dict[str, Path] = {}
+def text_baseline(runs) -> dict[int, float]:
+    return logged_losses(runs["text_baseline"])
 
-    def run(ckpt_type: str) -> Path:
-        if ckpt_type not in done:
-            name = f"exit_{ckpt_type}"
-            args = flags(mds_text, tokenizer_dir, out, name, f"--ckpt_type={ckpt_type}")
-            args += ["--exit_interval=6", "--save_every=2", "--keep_last=2", "--resume_dir=auto"]
-            first = torchrun("train.py", *args)
-            assert "stopping after step 6" in first.stdout
-            kept = sorted(p.name for p in (out / name).glob("step_*"))
-            assert kept == ["step_000004", "step_000006"]
-            torchrun("train.py", *args)
-            done[ckpt_type] = out / name
-        return done[ckpt_type]
 
-    return run
+@pytest.fixture(scope="module")
+def token_baseline(runs) -> dict[int, float]:
+    return logged_losses(runs["token_baseline"])
+
+
+@pytest.fixture(scope="module")
+def interrupted(runs):
+    """The run directory of exit_<ckpt_type> (see `runs`)."""
+    return lambda ckpt_type: runs[f"exit_{ckpt_type}"]
 
 
 @pytest.mark.parametrize("ckpt_type", ["full", "local"])
@@ -113,9 +133,8 @@ def test_sigterm_saves_and_exits_then_resume_is_bit_identical(sigterm_run, text_
 def test_elastic_resume_from_two_ranks_on_one(
     ckpt_type, token_baseline, out, mds_tokens, tokenizer_dir
 ):
-    name = f"elastic_{ckpt_type}"
+    name = f"elastic_{ckpt_type}"  # stopped at step 4 on 2 ranks (see `runs`)
     run = flags(mds_tokens, tokenizer_dir, out, name, f"--ckpt_type={ckpt_type}")
-    torchrun("train.py", *run, "--exit_interval=4")
     # Pre-tokenized blocks leave no partial buffers behind, so nothing is skipped or re-read.
     nothing_lost = "1 node x 2 ranks: 0 tokens left in the saved buffers are skipped; 0 documents"
     with pytest.warns(
@@ -237,24 +256,16 @@ def test_resume_refuses_another_model_shape_and_local_on_another_world_size(
         assert message in capsys.readouterr().err
 
 
-def test_skip_optimizer_keeps_the_step_and_weights_but_not_the_moments(
-    interrupted, text_baseline, out, mds_text, tokenizer_dir
-):
-    step_dir = interrupted("full") / f"step_{STEPS - 2:06d}"  # kept by --keep_last 2
-    name = "skip_optimizer"
-    torchrun(
-        "train.py",
-        *flags(mds_text, tokenizer_dir, out, name, f"--resume_dir={step_dir}", "--skip_optimizer"),
-    )
-    resumed = logged_losses(out / name)
+def test_skip_optimizer_keeps_the_step_and_weights_but_not_the_moments(runs, text_baseline):
+    resumed = logged_losses(runs["skip_optimizer"])
     first = STEPS - 1
     assert sorted(resumed) == [first, STEPS]  # the step count is kept
     # Same weights and data at the first step, so the same loss; then a fresh Adam differs.
     assert abs(resumed[first] - text_baseline[first]) <= 1e-4 * text_baseline[first]
     assert resumed[STEPS] != text_baseline[STEPS]
     # The learning rate is the step's own from the first resumed step on, not warm-up's start.
-    rates = {r["step"]: r["lr"] for r in metrics_records(out / name)}
-    baseline_rates = {r["step"]: r["lr"] for r in metrics_records(out / "text_baseline")}
+    rates = {r["step"]: r["lr"] for r in metrics_records(runs["skip_optimizer"])}
+    baseline_rates = {r["step"]: r["lr"] for r in metrics_records(runs["text_baseline"])}
     assert rates == {step: baseline_rates[step] for step in (first, STEPS)}
 
 

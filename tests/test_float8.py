@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchao.float8 import convert_to_float8_training
 
-from tests.helpers import REPO, logged_losses, metrics_records, tiny_run_flags, torchrun
+from tests.helpers import logged_losses, metrics_records, tiny_run_flags, torchrun_runs
 from utils.float8 import convert_to_float8
 from utils.model import build_meta_model, load_model_config
 from utils.parallelize import wrap_activation_checkpointing
@@ -39,9 +39,14 @@ def test_float8_run_trains_on_two_ranks_and_a_plain_run_resumes_from_it(
     and batch: the two losses differ only by float8 rounding, which must be there and small."""
     flags = tiny_run_flags(mds_tokens, tokenizer_dir, tmp_path, steps=4, num_workers=0)
     flags += ["--local_batch=2", "--peak_tflops=1"]
-    torchrun(REPO / "train.py", *flags, "--run_name=f8", "--float8", "--save_every=2")
     checkpoint = tmp_path / "f8" / "step_000002"
-    torchrun(REPO / "train.py", *flags, "--run_name=plain", f"--resume_dir={checkpoint}")
+    torchrun_runs(
+        [
+            [*flags, "--run_name=f8", "--float8", "--save_every=2"],
+            [*flags, "--run_name=plain", f"--resume_dir={checkpoint}"],
+        ],
+        tmp_path,
+    )
     float8, plain = logged_losses(tmp_path / "f8"), logged_losses(tmp_path / "plain")
     assert sorted(plain) == [3, 4]
     assert float8[3] != plain[3] and float8[3] == pytest.approx(plain[3], rel=1e-3)

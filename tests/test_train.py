@@ -19,7 +19,7 @@ from tests.helpers import (
     metrics_records,
     python_train,
     tiny_run_flags,
-    torchrun,
+    torchrun_runs,
     torchrun_two_nodes,
 )
 
@@ -32,22 +32,41 @@ def common_flags(data: Path, tokenizer: Path, out: Path, run_name: str | None) -
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, mds_tokens, tokenizer_dir):
-    """Launch a named run once per module; returns its run directory."""
+def runs(tmp_path_factory, mds_tokens, mds_text, tokenizer_dir, docstrings) -> dict[str, Path]:
+    """The module's runs: the 2-rank ones in one torchrun launch, then `python train.py` on
+    one rank. Returns each run's directory by name."""
     out = tmp_path_factory.mktemp("train_runs")
-    done: dict[str, Path] = {}
-
-    def launch(name: str, *extra: str, nproc: int = 2, data: Path = mds_tokens) -> Path:
-        if name not in done:
-            flags = common_flags(data, tokenizer_dir, out, name) + list(extra)
-            if nproc == 1:
-                python_train(*flags)
-            else:
-                torchrun("train.py", *flags, nproc=nproc)
-            done[name] = out / name
-        return done[name]
-
-    return launch
+    c4 = out / "c4" / "c4-validation.00000-of-00001.json.gz"
+    c4.parent.mkdir()
+    with gzip.open(c4, "wt") as f:
+        f.writelines(json.dumps({"text": text}) + "\n" for text in docstrings[-100:])
+    args_file = out / "args.yaml"
+    args_file.write_text("lr: 0.01\nlocal_batch: 2\nstrategy: overflow\n")
+    two_ranks = {
+        "baseline": (mds_tokens, ["--local_batch=2"]),
+        "zero2_chunked_selective": (mds_tokens, [
+            "--local_batch=2", "--sharding_strategy=shard_grad_op", "--chunked_loss",
+            "--activation_checkpointing=selective",
+        ]),
+        "no_shard_ac": (
+            mds_tokens, ["--local_batch=2", "--sharding_strategy=no_shard", "--enable_ckpt"]
+        ),
+        "bf16_overflow": (mds_text, [
+            f"--args_file={args_file}", "--bf16", "--num_workers=1",
+            f"--local_cache_dir={out / 'cache'}", "--enable_tensorboard", "--eval_every=4",
+            f"--eval_data={c4.parent}", "--eval_max_windows=6", "--peak_tflops=0.5",
+        ]),
+        "fp16_trunc": (mds_text, [
+            "--local_batch=2", "--fp16", "--strategy=trunc", "--sharding_strategy=hybrid_shard",
+        ]),
+    }  # fmt: skip
+    torchrun_runs(
+        [common_flags(data, tokenizer_dir, out, name) + extra
+         for name, (data, extra) in two_ranks.items()],
+        out,
+    )  # fmt: skip
+    python_train(*common_flags(mds_tokens, tokenizer_dir, out, "one_rank"), "--local_batch=8")
+    return {name: out / name for name in [*two_ranks, "one_rank"]}
 
 
 def list_losses(run_dir: Path) -> list[float]:
@@ -61,9 +80,10 @@ def assert_same_curve(a: list[float], b: list[float], rel: float) -> None:
 
 
 def test_global_batch_split_does_not_change_the_loss_curve(runs):
-    # 2 ranks x 2 sequences x 2 micro-steps vs plain `python train.py`: 1 rank x 4 x 2.
-    two = list_losses(runs("baseline", "--local_batch=2"))
-    one = list_losses(runs("one_rank", "--local_batch=4", nproc=1))
+    # 2 ranks x 2 sequences x 2 micro-steps vs plain `python train.py`: 1 rank x 8 x 1, so
+    # ranks, micro-batch and accumulation all differ.
+    two = list_losses(runs["baseline"])
+    one = list_losses(runs["one_rank"])
     assert_same_curve(two, one, rel=1e-4)
     assert two[-1] < two[0] - 0.3, f"loss did not fall: {two}"
 
@@ -72,59 +92,23 @@ def test_sharding_strategies_and_speed_options_match_full_shard(runs):
     """Two runs cover ZeRO-2, replication, both checkpointing modes and the chunked head; the
     chunked head uses the output weight gathered by the root forward across 2 ranks, and its
     loss and gradients must equal the plain head's."""
-    baseline = list_losses(runs("baseline", "--local_batch=2"))
-    zero2 = list_losses(
-        runs(
-            "zero2_chunked_selective",
-            "--local_batch=2",
-            "--sharding_strategy=shard_grad_op",
-            "--chunked_loss",
-            "--activation_checkpointing=selective",
-        )
-    )
-    replicated = list_losses(
-        runs("no_shard_ac", "--local_batch=2", "--sharding_strategy=no_shard", "--enable_ckpt")
-    )
+    baseline = list_losses(runs["baseline"])
+    zero2 = list_losses(runs["zero2_chunked_selective"])
+    replicated = list_losses(runs["no_shard_ac"])
     assert_same_curve(baseline, zero2, rel=1e-5)
     assert_same_curve(baseline, replicated, rel=1e-5)
 
 
 def test_two_nodes_on_localhost_match_one_node(runs, mds_tokens, tokenizer_dir, tmp_path):
     """`torchrun --nnodes=2`, one process per "node", hybrid sharding."""
-    baseline = list_losses(runs("baseline", "--local_batch=2"))
+    baseline = list_losses(runs["baseline"])
     flags = common_flags(mds_tokens, tokenizer_dir, tmp_path, "two_nodes")
     torchrun_two_nodes([*flags, "--local_batch=2", "--sharding_strategy=hybrid_shard"], tmp_path)
     assert_same_curve(baseline, list_losses(tmp_path / "two_nodes"), rel=1e-5)
 
 
-def test_mixed_precision_text_strategies_eval_and_logging(runs, mds_text, docstrings, tmp_path):
-    c4 = tmp_path / "c4" / "c4-validation.00000-of-00001.json.gz"
-    c4.parent.mkdir()
-    with gzip.open(c4, "wt") as f:
-        f.writelines(json.dumps({"text": text}) + "\n" for text in docstrings[-100:])
-    args_file = tmp_path / "args.yaml"
-    args_file.write_text("lr: 0.01\nlocal_batch: 2\nstrategy: overflow\n")
-    bf16 = runs(
-        "bf16_overflow",
-        f"--args_file={args_file}",
-        "--bf16",
-        "--num_workers=1",
-        f"--local_cache_dir={tmp_path / 'cache'}",
-        "--enable_tensorboard",
-        "--eval_every=4",
-        f"--eval_data={c4.parent}",
-        "--eval_max_windows=6",
-        "--peak_tflops=0.5",
-        data=mds_text,
-    )
-    fp16 = runs(
-        "fp16_trunc",
-        "--local_batch=2",
-        "--fp16",
-        "--strategy=trunc",
-        "--sharding_strategy=hybrid_shard",
-        data=mds_text,
-    )
+def test_mixed_precision_text_strategies_eval_and_logging(runs):
+    bf16, fp16 = runs["bf16_overflow"], runs["fp16_trunc"]
     for run_dir in (bf16, fp16):
         losses = list_losses(run_dir)
         assert len(losses) == STEPS and losses[-1] < losses[0], losses
@@ -156,7 +140,7 @@ def test_mixed_precision_text_strategies_eval_and_logging(runs, mds_text, docstr
     assert expected <= tags, expected - tags
     assert [e.step for e in board.Scalars("train/loss")] == list(range(1, STEPS + 1))
     assert board.Tags()["tensors"], "the run's arguments are not recorded as text"
-    assert any((tmp_path / "cache").iterdir()), "--local_cache_dir was not used"
+    assert any((bf16.parent / "cache").iterdir()), "--local_cache_dir was not used"
 
 
 # ---------------------------------------------------------------- bad input

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issues #6 and #7 on a one-GPU machine (see README, GPU check), by stage:
+# The GPU checks of issues #6 and #7 on a one-GPU machine (see docs/gpu_check.md), by stage:
 #   1. tinyllama-1.1b, seq 2048, micro-batch 8: the default path against the baseline, profiled;
 #   2. llama-130m, seq 256, micro-batch 128, the real loader on pre-tokenized blocks, against
 #      the baseline, profiled;

@@ -23,7 +23,8 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from datas import get_loader_builder
-from datas.C4.c4_eval import check_eval_data, evaluate_c4_ppl
+from datas.C4.c4_eval import evaluate_c4_ppl, load_windows
+from datas.packing import token_count
 from slt import SLTConfig, SparseTraining, load_slt_config
 from utils.args import apply_device_defaults, grad_accum_steps, parse_args
 from utils.attention import (
@@ -68,14 +69,15 @@ def run(args: Namespace, env: DistEnv) -> None:
     accum_steps = grad_accum_steps(args.global_batch, args.local_batch, env.world_size)
     check_hardware(args, env)
     apply_device_defaults(args, env.device)
-    if args.eval_every:
-        check_eval_data(args.eval_data)
     loader = build_loader(args, env)
-    model_config = load_model_config(args.config, tokenizer_vocab=loader.vocab_size)
+    if args.eval_every:  # every document tokenized and cached now, not at the first evaluation
+        load_windows(args.eval_data, args.tokenizer_dir, args.seq_len)
+    model_config = load_model_config(args.config, loader.vocab_size, loader.special_token_ids)
     check_seq_len(args, model_config)
     slt_config = load_slt_config(args.slt_config) if args.enable_slt else None
     run_name = broadcast_from_main(args.run_name or default_run_name(args, model_config))
     run_dir = Path(args.output_dir) / run_name
+    resume_dir = resolve_resume_dir(args.resume_dir, run_dir)
 
     # ---- model: built on the meta device, sharded, then each rank materializes its shards ----
     torch.manual_seed(args.seed)
@@ -97,7 +99,6 @@ def run(args: Namespace, env: DistEnv) -> None:
         sparse=sparse,
     )
     start_step = 0
-    resume_dir = resolve_resume_dir(args.resume_dir, run_dir)
     if resume_dir is not None:
         start_step = checkpointer.load(
             resume_dir, model, optimizer, scaler, loader, skip_optimizer=args.skip_optimizer
@@ -109,7 +110,7 @@ def run(args: Namespace, env: DistEnv) -> None:
     if args.enable_tensorboard:
         tensorboard_dir = Path(args.tensorboard_dir or Path(args.output_dir) / "tensorboard")
         tensorboard_dir = tensorboard_dir / run_name
-    logger = MetricsLogger(run_dir, tensorboard_dir, enabled=env.is_main)
+    logger = MetricsLogger(run_dir, tensorboard_dir, enabled=env.is_main, start_step=start_step)
     parameters = {"trainable": trainable_parameters(model)}
     if sparse:  # a sparse model's trainable count says little without its dense size
         parameters["dense_model"] = dense_parameters(model_config)
@@ -148,7 +149,7 @@ def run(args: Namespace, env: DistEnv) -> None:
             model, optimizer, scaler, micro_batches, env, args.grad_clip, sparse
         )
         guard.record(step, nonfinite, loss, loader.position())
-        window.add(loss, grad_norm, nonfinite, sum(b["input_ids"].numel() for b in micro_batches))
+        window.add(loss, grad_norm, nonfinite, sum(map(token_count, micro_batches)))
         progress.update()
 
         if step % args.log_every == 0 or step == args.train_steps:
@@ -163,7 +164,15 @@ def run(args: Namespace, env: DistEnv) -> None:
             if sparse:
                 stats |= sparse.measure(step)
             logger.log(step, stats)
-        if args.eval_every and (step % args.eval_every == 0 or step == args.train_steps):
+        stopping = exit_policy.should_exit(step)
+        scheduled = args.save_every and (step % args.save_every == 0 or step == args.train_steps)
+        if scheduled or stopping:
+            guard.flush()  # a step that must stop the run is never saved
+            checkpointer.save(step, model, optimizer, scaler, loader, vars(args))
+        # After the save, so a failing evaluation never costs the step its checkpoint; not
+        # when preempted, where the time left is short.
+        evaluate = args.eval_every and (step % args.eval_every == 0 or step == args.train_steps)
+        if evaluate and not exit_policy.signalled:
             eval_start = time.perf_counter()
             ppl, ntokens = evaluate_c4_ppl(
                 model, args.tokenizer_dir, args.eval_data, seq_len=args.seq_len,
@@ -173,11 +182,6 @@ def run(args: Namespace, env: DistEnv) -> None:
                 step, {"eval/c4_ppl": ppl, "eval/c4_loss": math.log(ppl), "eval/tokens": ntokens}
             )
             window.paused += time.perf_counter() - eval_start
-        stopping = exit_policy.should_exit(step)
-        scheduled = args.save_every and (step % args.save_every == 0 or step == args.train_steps)
-        if scheduled or stopping:
-            guard.flush()  # a step that must stop the run is never saved
-            checkpointer.save(step, model, optimizer, scaler, loader, vars(args))
         if stopping:
             if env.is_main:
                 tqdm.write(f"stopping after step {step} ({exit_policy.reason})")

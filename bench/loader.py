@@ -20,6 +20,7 @@ from pathlib import Path
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 from datas.local_corpus import stdlib_docstrings, train_byte_bpe, write_jsonl  # noqa: E402
+from datas.packing import token_count  # noqa: E402
 from datas.prepare import prepare_mds  # noqa: E402
 from datas.SmolLM.load_data import build_train_loader  # noqa: E402
 
@@ -66,7 +67,7 @@ def loader_rate(
     first = time.perf_counter() - start
     start, delivered = time.perf_counter(), 0
     while delivered < tokens:
-        delivered += int(next(iterator)["attention_mask"].sum())
+        delivered += token_count(next(iterator))
     return delivered / (time.perf_counter() - start), first
 
 

@@ -41,6 +41,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 import train
 from bench.profile import print_profile, profile_steps
+from datas.packing import token_count
 from slt import SLTConfig, SparseTraining
 from utils.args import add_data_flags, add_layout_flags, apply_device_defaults
 from utils.distributed import DistEnv, build_mesh, init_distributed, shutdown
@@ -269,12 +270,13 @@ def time_steps(
         torch.cuda.reset_peak_memory_stats(env.device)
         start_event, end_event = (torch.cuda.Event(enable_timing=True) for _ in range(2))
         start_event.record()
-    start, data_wait = time.perf_counter(), 0.0
+    start, data_wait, tokens = time.perf_counter(), 0.0, 0
     for _ in range(args.steps):
         wait_start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(args.accum_steps)]
         data_wait += time.perf_counter() - wait_start
         step(micro_batches)
+        tokens += sum(map(token_count, micro_batches))
     if on_cuda:
         end_event.record()
         end_event.synchronize()
@@ -284,7 +286,6 @@ def time_steps(
     slowest = torch.tensor([elapsed, data_wait / elapsed], dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     elapsed, wait_fraction = slowest.tolist()
-    tokens = args.steps * args.accum_steps * args.local_batch * args.seq_len
     return Timing(tokens / elapsed, elapsed / args.steps, wait_fraction, peak_memory_gb(env.device))
 
 

@@ -28,6 +28,7 @@ from utils.errors import UserError
 TEXT_COLUMN = "text"
 TOKENS_COLUMN = "tokens"
 HASH_ALGO = "sha1"
+SHARD_KEYS = {"column_names", "column_encodings", "samples", "raw_data"}  # what we read
 SHM_DIR = Path("/dev/shm")
 _PREFIX = re.compile(r"^(\d{6})_")
 _MAPPED_SHM = re.compile(rf"{SHM_DIR}/(\d{{6}})_")
@@ -72,17 +73,76 @@ def parse_sources(mds_root: str) -> list[Source]:
 
 
 def read_index(directory: Path) -> dict[str, Any]:
-    index = directory / "index.json"
-    if not index.is_file():
+    path = directory / "index.json"
+    if not path.is_file():
         raise UserError(
             f"{directory} is not an MDS dataset: no index.json; "
             "convert it with `python -m datas.prepare --input ... --output DIR`"
         )
-    return json.loads(index.read_text())
+    try:
+        index = json.loads(path.read_text())
+        for shard in index["shards"]:
+            if not (SHARD_KEYS <= set(shard) and {"basename", "bytes"} <= set(shard["raw_data"])):
+                raise ValueError(f"a shard entry lacks one of {sorted(SHARD_KEYS)}")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise UserError(
+            f"{path} is not a readable MDS index ({type(err).__name__}: {err}); re-copy it or "
+            "re-create the dataset with `python -m datas.prepare`"
+        ) from err
+    return index
+
+
+def check_shard_files(directory: Path, index: dict[str, Any]) -> None:
+    """Every shard the index lists is there, at the size it records (and a raw shard holds the
+    samples it records): a shard cut short or missing is named now, not met by a worker
+    mid-run, where streaming fails in a background thread or waits for it."""
+    for shard in index["shards"]:
+        # The compressed file when there is one (streaming reads the shard from it), and the
+        # raw one too once streaming has decompressed it beside.
+        listed = shard.get("zip_data") or shard["raw_data"]
+        if not (directory / listed["basename"]).is_file():
+            raise UserError(
+                f"{directory / listed['basename']} (listed in {directory}/index.json) is "
+                "missing; re-copy the dataset"
+            )
+        present = [
+            info
+            for info in (shard["raw_data"], shard.get("zip_data"))
+            if info and (directory / info["basename"]).is_file()
+        ]
+        for info in present:
+            path = directory / info["basename"]
+            size = path.stat().st_size
+            samples = shard["samples"]
+            if info is shard["raw_data"] and size >= 4:
+                with path.open("rb") as file:
+                    samples = int.from_bytes(file.read(4), "little")
+            if size != info["bytes"] or samples != shard["samples"]:
+                raise UserError(
+                    f"shard {path} does not match {directory}/index.json ({size} bytes, "
+                    f"{samples} samples; the index says {info['bytes']} and "
+                    f"{shard['samples']}): it is cut short or damaged; re-copy the dataset or "
+                    "re-create it with `python -m datas.prepare`"
+                )
+
+
+def check_safe_columns(shard: dict[str, Any], where: str) -> None:
+    """A `pkl` column runs code when a sample is read: such data is never read."""
+    from streaming.base.format.mds.encodings import is_mds_encoding_safe
+
+    for name, encoding in zip(shard["column_names"], shard["column_encodings"], strict=True):
+        if not is_mds_encoding_safe(encoding):
+            raise UserError(
+                f"{where} stores column {name!r} as {encoding}, which runs code when read; "
+                "only data you trust may use it, and this project reads none: re-write it "
+                "without that column"
+            )
 
 
 def data_column(index: dict[str, Any], where: str) -> str:
     """The column to train on: `tokens` (pre-tokenized) wins over `text`."""
+    for shard in index["shards"]:
+        check_safe_columns(shard, where)
     columns = {
         name: encoding
         for shard in index["shards"]
@@ -115,6 +175,7 @@ def shard_samples(directory: Path, shard: dict[str, Any]) -> Iterator[dict[str, 
     from streaming.base.compression import decompress
     from streaming.base.format import reader_from_json
 
+    check_safe_columns(shard, str(directory))
     path = shard_file(directory, shard)
     blob = path.read_bytes()
     if path.name != shard["raw_data"]["basename"]:
@@ -172,6 +233,7 @@ def check_source(source: Source, cached: bool) -> SourceInfo:
         raise UserError(f"--data_dir {directory} does not exist")
     index = read_index(directory)
     column = data_column(index, str(directory))
+    check_shard_files(directory, index)
     if not cached:
         pending = _shards_to_decompress(directory, index)
         if pending and not _is_writable(directory):
@@ -258,11 +320,15 @@ def _prefix_files() -> dict[str, list[Path]]:
 
 
 def prefixes_in_use() -> set[str]:
-    """Prefixes whose shared memory some running process has mapped: a live job's (streaming
-    keeps its memory mapped as long as a dataset exists, in its workers too). Read from every
-    process's /proc/<pid>/maps; a process we may not read holds files we may not remove."""
+    """Prefixes whose shared memory another running process has mapped: a live job's
+    (streaming keeps its memory mapped as long as a dataset exists, in its workers too). Read
+    from every process's /proc/<pid>/maps; a process we may not read holds files we may not
+    remove. This process is left out: it builds a loader only once it is done with the last
+    (whose memory streaming leaves mapped)."""
     used: set[str] = set()
     for maps in Path("/proc").glob("[0-9]*/maps"):
+        if maps.parent.name == str(os.getpid()):
+            continue
         try:
             used.update(_MAPPED_SHM.findall(maps.read_text()))
         except OSError:  # gone meanwhile, or not ours to read
@@ -271,15 +337,15 @@ def prefixes_in_use() -> set[str]:
 
 
 def stale_prefixes(our_locals: list[str]) -> list[str]:
-    """Prefixes no running process uses that are registered for one of our directories, or
-    have no registry entry (orphans). A live job's prefix stays, even on our very directory
-    (a sweep on one node); so do other directories' prefixes, live or not."""
+    """Prefixes no other running process uses that are registered for one of our directories,
+    or for none (no registry entry, or one a finished dataset emptied). A live job's prefix
+    stays, even on our very directory (a sweep on one node); so do other directories'."""
     ours = set(our_locals)
     in_use = prefixes_in_use()
     stale = []
     for prefix in _prefix_files():
         registered = _shm_locals(f"{prefix}_locals")
-        if prefix not in in_use and (registered is None or ours & set(registered)):
+        if prefix not in in_use and (not registered or ours & set(registered)):
             stale.append(prefix)
     return sorted(stale)
 

@@ -190,6 +190,13 @@ class DocumentFeed:
         return total
 
 
+def token_count(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of a batch that are not padding: what tokens/s and tokens_seen count, in
+    training and in the benchmarks alike."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 

@@ -12,9 +12,9 @@ tokenizing. Shards are zstd-compressed with sha1 hashes.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from datas.mds import HASH_ALGO, TEXT_COLUMN, TOKENS_COLUMN
-from utils.errors import UserError, exit_on_user_error
+from datas.tokenizer import load_tokenizer
+from utils.errors import ArgumentParser, UserError, exit_on_user_error
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".parquet", ".txt")
 TOKENIZE_BATCH = 256
@@ -83,12 +84,20 @@ def _parquet_texts(path: Path, field: str) -> Iterator[str]:
 
 
 def read_documents(path: Path, field: str) -> Iterator[str]:
-    if path.suffix == ".txt":
-        yield path.read_text(encoding="utf-8")
-    elif path.suffix == ".parquet":
-        yield from _parquet_texts(path, field)
-    else:
-        yield from _json_lines(path, field)
+    """The documents of one input file; a file that is not what its name says is a UserError
+    naming it."""
+    try:
+        if path.suffix == ".txt":
+            yield path.read_text(encoding="utf-8")
+        elif path.suffix == ".parquet":
+            yield from _parquet_texts(path, field)
+        else:
+            yield from _json_lines(path, field)
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as err:
+        if isinstance(err, UserError):
+            raise
+        reason = str(err).splitlines()[0]
+        raise UserError(f"--input {path} is not readable as {path.suffix} ({reason})") from err
 
 
 def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -106,9 +115,7 @@ def _token_blocks(
     texts: Iterator[str], tokenizer_dir: str, seq_len: int, stats: PrepareStats
 ) -> Iterator[np.ndarray]:
     """Documents tokenized in batches, joined with EOS, cut into seq_len blocks."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir, "--tokenizer")
     if tokenizer.eos_token_id is None:
         raise UserError(f"--tokenizer {tokenizer_dir} has no EOS token to join documents with")
     eos = (tokenizer.eos_token_id,)
@@ -126,6 +133,10 @@ def _token_blocks(
 
 
 def _check_output(output: Path) -> None:
+    if any(parent.is_file() for parent in output.parents):
+        raise UserError(f"--output {output} lies under a file; give a directory path")
+    if output.is_file():
+        raise UserError(f"--output {output} is a file; give a new directory")
     if output.exists() and any(output.iterdir()):
         raise UserError(
             f"--output {output} already holds files; choose a new directory or empty it"
@@ -161,9 +172,37 @@ def prepare_mds(
     """Write `inputs` as MDS to `output` and validate it; returns counts."""
     if (tokenizer is None) != (seq_len is None):
         raise UserError("--tokenizer and --seq_len go together: give both or neither")
+    if seq_len is not None and seq_len < 2:
+        raise UserError(f"--seq_len must be at least 2 (got {seq_len})")
     output = Path(output)
     _check_output(output)
     files = find_files(inputs)
+    # Written beside under a hidden name, validated, then renamed: an interrupted run never
+    # leaves a dataset that looks complete, nor an index.json that blocks the next attempt.
+    staging = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        stats = _write_and_validate(files, staging, text_field, tokenizer, seq_len, compression,
+                                    size_limit, progress)  # fmt: skip
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if output.exists():  # empty: _check_output
+        output.rmdir()
+    staging.rename(output)
+    return stats
+
+
+def _write_and_validate(
+    files: list[Path],
+    output: Path,
+    text_field: str,
+    tokenizer: str | None,
+    seq_len: int | None,
+    compression: str | None,
+    size_limit: int | str,
+    progress: bool,
+) -> PrepareStats:
     from streaming import MDSWriter  # slow to import: only once the arguments are fine
     from tqdm import tqdm
 
@@ -177,7 +216,8 @@ def prepare_mds(
             else:
                 stats.skipped_empty += 1
 
-    texts = tqdm(documents(), unit=" docs", disable=not progress, desc="prepare")
+    # A progress bar on a terminal only: in a log it would be noise around an error line.
+    texts = tqdm(documents(), unit=" docs", disable=None if progress else True, desc="prepare")
     column = TOKENS_COLUMN if tokenizer else TEXT_COLUMN
     samples = _token_blocks(texts, tokenizer, seq_len, stats) if tokenizer else texts
     encoding = "ndarray:int32" if tokenizer else "str"
@@ -196,7 +236,7 @@ def prepare_mds(
             stats.samples += 1
     if stats.samples == 0:
         raise UserError(
-            f"--input {' '.join(map(str, inputs))}: no documents found"
+            f"--input {' '.join(map(str, files))}: no documents found"
             + (f" (or fewer than seq_len={seq_len} tokens)" if tokenizer else "")
         )
     _validate(output, column, first, last, stats.samples)
@@ -204,7 +244,7 @@ def prepare_mds(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m datas.prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", nargs="+", required=True, help="files or directories")
     parser.add_argument("--output", required=True, help="new MDS directory")
     parser.add_argument("--text_field", default="text", help="JSON/parquet field with the text")
@@ -212,8 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq_len", type=int, help="block length for --tokenizer")
     parser.add_argument("--compression", default="zstd", help="shard compression, or 'none'")
     parser.add_argument("--size_limit", default="64mb", help="shard size, e.g. 64mb")
-    args = parser.parse_args(argv)
     with exit_on_user_error():
+        args = parser.parse_args(argv)
         stats = prepare_mds(
             args.input,
             args.output,

@@ -172,3 +172,18 @@ def test_the_order_holds_inside_the_step_context_and_is_restored_after():
         assert torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
     assert inside[0] == int(SDPBackend.CUDNN_ATTENTION) and inside != before
     assert torch._C._get_sdp_priority_order() == before
+
+
+def test_causal_attention_refuses_a_padding_mask_instead_of_dropping_it():
+    """Training passes whole causal rows and no mask; a caller that hands the causal SDPA
+    model a padding mask must hear about it, not get attention over the padding."""
+    model = AutoModelForCausalLM.from_config(
+        load_model_config("tiny", 0), attn_implementation=attention.CAUSAL_SDPA
+    )
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    no_mask = model(input_ids=ids).logits
+    assert torch.equal(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, no_mask)
+    padded = torch.ones_like(ids)
+    padded[0, -3:] = 0
+    with pytest.raises(ValueError, match="takes no padding mask"):
+        model(input_ids=ids, attention_mask=padded)

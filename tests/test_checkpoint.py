@@ -327,12 +327,129 @@ def test_a_checkpoint_whose_deletion_is_interrupted_no_longer_looks_complete(
     assert checkpoint.complete_checkpoints(run_dir) == []
 
 
-def test_auto_ignores_staging_directories(tmp_path):
+def test_sigterm_to_the_whole_process_group_still_saves(mds_text, tokenizer_dir, tmp_path):
+    """What SLURM's srun and many schedulers do: SIGTERM to every process of the job, the
+    DataLoader worker included. The worker leaves it to its parent, which finishes the step,
+    saves and exits with status 0 (a dead worker used to take it down first)."""
+    run = flags(mds_text, tokenizer_dir, tmp_path, "group", "--ckpt_type=full")
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *run], cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    wait_for(lambda: len(losses_by_step_safe(tmp_path / "group")) >= 2, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    assert "(SIGTERM)" in output
+    assert len(list((tmp_path / "group").glob("step_*"))) == 1
+
+
+def test_a_failing_evaluation_comes_after_the_save(
+    mds_tokens, tokenizer_dir, tmp_path, monkeypatch
+):
+    import gzip
+
+    import train
+
+    c4 = tmp_path / "c4" / "c4-validation.json.gz"
+    c4.parent.mkdir()
+    with gzip.open(c4, "wt") as f:
+        f.write(json.dumps({"text": "a document long enough " * 40}) + "\n")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the evaluation broke")
+
+    monkeypatch.setattr(train, "evaluate_c4_ppl", broken)
+    run = flags(mds_tokens, tokenizer_dir, tmp_path, "eval_breaks", "--save_every=2")
+    run += ["--local_batch=4", "--num_workers=0", "--eval_every=2", f"--eval_data={c4.parent}"]
+    with pytest.raises(RuntimeError, match="the evaluation broke"):
+        train_in_process(*run)
+    assert (tmp_path / "eval_breaks" / "step_000002" / "trainer.pt").is_file()
+
+
+def test_a_crafted_optimizer_entry_is_not_run(runs, tmp_path):
+    """A `shard` checkpoint's non-tensor entries are pickles that DCP itself loads with
+    weights_only=False; here they must be plain values."""
+    import torch.distributed.checkpoint as dcp
+
+    from utils.checkpoint import dcp_load
+    from utils.errors import UserError
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    dcp.save({"optim": {"lr": RunsCode()}}, checkpoint_id=tmp_path / "crafted", no_dist=True)
+    with pytest.raises(UserError, match="Weights only load failed"):
+        dcp_load({"optim": {"lr": 0.0}}, tmp_path / "crafted", no_dist=True)
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.fixture(scope="module")
+def tied_runs(out, mds_tokens, tokenizer_dir) -> dict[str, Path]:
+    """A Llama with tied embeddings, its tokenizer carrying a chat template, trained 2 steps
+    with `full` and with `local` checkpoints (in this process)."""
+    from transformers import AutoTokenizer
+
+    config = out / "tied.json"
+    config.write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 176,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 1024, "tie_word_embeddings": True,
+    }))  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(str(out / "chat_tokenizer"))
+    for ckpt in ("full", "local"):
+        run = flags(mds_tokens, out / "chat_tokenizer", out, f"tied_{ckpt}", f"--ckpt_type={ckpt}")
+        run += [f"--config={config}", "--train_steps=2", "--save_every=2", "--local_batch=4"]
+        train_in_process(*run)
+    return {ckpt: out / f"tied_{ckpt}" / "step_000002" for ckpt in ("full", "local")}
+
+
+def test_exports_stop_at_the_tokenizers_eos_and_keep_its_files(tied_runs, tokenizer_dir, tmp_path):
+    """Checkpoints and exports carry the tokenizer's special ids (not Llama's 1 and 2), the KV
+    cache on, and the tokenizer as transformers saves it; a tied model converts from any
+    format (a `full` or `local` one used to crash on the meta head and leave OUT.tmp)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from utils.convert import convert
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    exported = {ckpt: convert(step, tmp_path / ckpt) for ckpt, step in tied_runs.items()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "local"]  # no OUT.tmp left
+    for directory in [tied_runs["full"], *exported.values()]:
+        config = json.loads((directory / "config.json").read_text())
+        generation = GenerationConfig.from_pretrained(str(directory))
+        assert config["eos_token_id"] == generation.eos_token_id == tokenizer.eos_token_id
+        assert config["pad_token_id"] == tokenizer.pad_token_id and config["bos_token_id"] is None
+        assert config["use_cache"] is True
+        assert (directory / "chat_template.jinja").is_file()
+    models = [AutoModelForCausalLM.from_pretrained(str(d)) for d in exported.values()]
+    for model in models:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    for name, tensor in models[0].state_dict().items():
+        assert torch.equal(tensor, models[1].state_dict()[name]), name
+
+
+def test_converting_onto_an_export_needs_overwrite(tied_runs, tmp_path):
+    from utils.convert import convert
+    from utils.errors import UserError
+
+    out = convert(tied_runs["full"], tmp_path / "model")
+    with pytest.raises(UserError, match="already holds files"):
+        convert(tied_runs["local"], out)
+    assert convert(tied_runs["local"], out, overwrite=True) == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_auto_ignores_staging_directories(interrupted, tmp_path):
+    import shutil
+
     from utils.checkpoint import resolve_resume_dir
 
     run = tmp_path / "run"
-    (run / "step_000002").mkdir(parents=True)
-    (run / "step_000002" / "trainer.pt").write_bytes(b"x")
+    shutil.copytree(interrupted("full") / f"step_{STEPS:06d}", run / "step_000002")
     (run / ".step_000004.tmp").mkdir()
     (run / "step_000006").mkdir()  # no trainer.pt: not complete
     assert resolve_resume_dir("auto", run) == run / "step_000002"

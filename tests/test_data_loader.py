@@ -41,7 +41,7 @@ def test_pack_fidelity_every_document_decodes_verbatim(mds_text, tokenizer_dir, 
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     loader = make_loader(mds_text, tokenizer_dir, micro_blocks=32, emit_position_ids=True)
-    eos = loader.eos_token_id
+    eos = loader.special_token_ids["eos_token_id"]
     assert loader.vocab_size == len(tokenizer)
     batches = []
     for batch in loader:  # until the packer has reached into the second epoch

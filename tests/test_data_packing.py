@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from datas import get_loader_builder
-from datas.packing import DocChunk, DocumentFeed, make_packer
+from datas.packing import DocChunk, DocumentFeed, make_packer, token_count
 from tests.helpers import REPO, child_env
 
 EOS, PAD = 0, 1
@@ -96,6 +96,17 @@ def test_trunc_keeps_each_document_start_and_masks_padding():
         n = min(len(doc), 32)
         assert np.array_equal(ids[:n], doc[:n]) and mask[:n].all() and not mask[n:].any()
     assert width % 8 == 0 and width <= 32
+
+
+@pytest.mark.parametrize("strategy", ["trunc", "pack"])
+def test_token_count_counts_what_is_not_padding(strategy):
+    """tokens/s and tokens_seen count real tokens: a trunc row holds min(len(doc), 32) of its
+    document, whatever its padding; a pack row holds 32."""
+    docs = synthetic_docs()
+    batch = packer(strategy, docs).next_batch()
+    real = sum(min(len(doc), 32) for doc in docs[:4]) if strategy == "trunc" else 4 * 32
+    assert token_count(batch) == real
+    assert strategy == "pack" or real < batch["input_ids"].numel()  # there was padding
 
 
 def test_buffer_state_round_trip_continues_identically():

@@ -90,3 +90,29 @@ def test_cli_prints_counts_and_one_line_errors(tmp_path, data_docs):
     assert again.stderr.strip().splitlines() == [
         f"error: --output {tmp_path / 'mds'} already holds files; choose a new directory or empty it"
     ]
+
+
+def test_an_interrupted_preparation_leaves_nothing_and_can_be_run_again(
+    tmp_path, data_docs, monkeypatch
+):
+    """Interrupted mid-write (streaming's writer would finish an index on the way out), it
+    leaves neither a dataset that looks complete nor an index.json that blocks the retry."""
+    from datas import prepare
+    from datas.local_corpus import write_jsonl
+
+    docs = write_jsonl(data_docs, tmp_path / "in" / "docs.jsonl")
+    read = prepare.read_documents
+
+    def interrupted_after_ten(path, field):
+        for number, text in enumerate(read(path, field)):
+            if number == 10:
+                raise KeyboardInterrupt
+            yield text
+
+    monkeypatch.setattr(prepare, "read_documents", interrupted_after_ten)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_mds([docs], tmp_path / "mds", progress=False, size_limit=1 << 12)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+    monkeypatch.setattr(prepare, "read_documents", read)
+    stats = prepare_mds([docs], tmp_path / "mds", progress=False, size_limit=1 << 12)
+    assert stats.samples == len(data_docs)

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 
-from utils.errors import UserError
+from utils.errors import ArgumentParser, UserError
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +29,8 @@ NONFINITE_POLICIES = ("skip", "stop")  # utils/nonfinite.py
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
+        prog="train.py",
         description="Pretrain a Llama with FSDP2 on MDS data. Batches count sequences; "
         "--train_steps counts optimizer steps; gradient accumulation = "
         "global_batch / (local_batch x world_size).",
@@ -180,27 +183,62 @@ def apply_device_defaults(args: argparse.Namespace, device: torch.device) -> Non
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with those of --args_file in front of the command line's (which win)."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args_file = parser.parse_args(argv).args_file
+    if args_file:
+        tokens = _args_file_tokens(args_file, parser)
+        try:
+            parser.parse_args(tokens)
+        except UserError as err:
+            raise UserError(f"--args_file {args_file}: {err}") from err
+        argv = tokens + argv
     args = parser.parse_args(argv)
-    if args.args_file:
-        parser.set_defaults(**_read_args_file(args.args_file, parser))
-        args = parser.parse_args(argv)
     check_args(args)
     return args
 
 
-def _read_args_file(path: str, parser: argparse.ArgumentParser) -> dict:
+def _args_file_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """The file's flags as command-line tokens: its values then pass exactly the checks the
+    command line's do (types, choices); an on/off flag takes true or false, nothing else."""
+    values = _read_mapping(path)
+    actions: dict[str, list[argparse.Action]] = {}
+    for action in parser._actions:
+        if action.option_strings and action.dest not in ("help", "args_file"):
+            actions.setdefault(action.dest, []).append(action)
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise UserError(f"--args_file {path} has unknown flags {unknown}; see train.py --help")
+    tokens = []
+    for dest, value in values.items():
+        if value is None:
+            continue
+        switches = [a for a in actions[dest] if isinstance(a.const, bool) and a.nargs == 0]
+        if switches:
+            if not isinstance(value, bool):
+                raise UserError(f"--args_file {path}: {dest} must be true or false (got {value!r})")
+            tokens += [a.option_strings[0] for a in switches if a.const is value][:1]
+        elif isinstance(value, dict | list | bool):
+            raise UserError(f"--args_file {path}: {dest} takes one value (got {value!r})")
+        else:
+            option = next(a for a in actions[dest] if a.nargs != 0).option_strings[0]
+            tokens.append(f"{option}={value}")
+    return tokens
+
+
+def _read_mapping(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"--args_file {path} does not exist; give a YAML or JSON file of flags")
-    text = file.read_text()
-    values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    try:
+        text = file.read_text()
+        values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
+        reason = str(err).splitlines()[0]
+        raise UserError(f"--args_file {path} is not valid YAML or JSON ({reason})") from err
     if not isinstance(values, dict):
         raise UserError(f"--args_file {path} must hold a mapping of flag names to values")
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(f"--args_file {path} has unknown flags {unknown}; see train.py --help")
     return values
 
 
@@ -209,16 +247,7 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("data_dir", "tokenizer_dir", "config"):
         if not getattr(args, flag):
             raise UserError(f"--{flag} is required")
-    for flag in (
-        "global_batch",
-        "local_batch",
-        "seq_len",
-        "train_steps",
-        "log_every",
-        "max_skipped",
-    ):
-        if getattr(args, flag) <= 0:
-            raise UserError(f"--{flag} must be positive (got {getattr(args, flag)})")
+    _check_ranges(args)
     if args.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
         raise UserError(
             f"--activation_checkpointing {args.activation_checkpointing} is not one of "
@@ -237,8 +266,14 @@ def check_args(args: argparse.Namespace) -> None:
             f"--tokenizer_dir {tokenizer} is not a directory; give a tokenizer directory"
         )
     _check_writable_dir(Path(args.output_dir), "--output_dir")
+    if args.local_cache_dir and "://" not in args.local_cache_dir:
+        _check_writable_dir(Path(args.local_cache_dir), "--local_cache_dir")
+    if args.enable_tensorboard and args.tensorboard_dir:
+        _check_writable_dir(Path(args.tensorboard_dir), "--tensorboard_dir")
     if args.resume_dir == "auto" and not args.run_name:
         raise UserError("--resume_dir auto needs --run_name, to know which run to continue")
+    if args.run_name is not None:
+        _check_run_name(args)
     if args.resume_dir not in (None, "auto"):
         if not (Path(args.resume_dir) / "trainer.pt").is_file():
             raise UserError(
@@ -255,6 +290,47 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.async_save and args.ckpt_type != "shard":
         raise UserError("--async_save works with --ckpt_type shard only")
+
+
+# Numbers a flag may take; the float flags must also be finite.
+POSITIVE = (
+    "global_batch", "local_batch", "train_steps", "log_every", "max_skipped", "eval_batch",
+    "num_canonical_nodes", "lr", "eval_max_windows", "peak_tflops",
+)  # fmt: skip
+NON_NEGATIVE = (
+    "min_lr", "warmup", "weight_decay", "grad_clip", "save_every", "keep_last", "exit_interval",
+    "exit_duration_mins", "eval_every", "num_workers",
+)  # fmt: skip
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    for flag in (*POSITIVE, *NON_NEGATIVE):
+        value = getattr(args, flag)
+        if value is None:  # optional, not given
+            continue
+        bad = not math.isfinite(value) or (value <= 0 if flag in POSITIVE else value < 0)
+        if bad:
+            kind = "positive" if flag in POSITIVE else "zero or more"
+            raise UserError(f"--{flag} must be {kind} (got {value})")
+    if args.seq_len < 2:
+        raise UserError(f"--seq_len must be at least 2, a token and the next (got {args.seq_len})")
+    if args.min_lr > args.lr:
+        raise UserError(f"--min_lr {args.min_lr} is above --lr {args.lr}; lower it")
+
+
+def _check_run_name(args: argparse.Namespace) -> None:
+    """A plain name (the run lives in output_dir/run_name), and never one whose directory
+    holds another run, unless this one resumes: nothing a user saved is overwritten."""
+    name = args.run_name
+    if not name or name in (".", "..") or any(sep in name for sep in "/\\"):
+        raise UserError(f"--run_name {name!r} must be a plain name, without / or \\")
+    run_dir = Path(args.output_dir) / name
+    holds_a_run = (run_dir / "metrics.jsonl").exists() or any(run_dir.glob("step_*"))
+    if holds_a_run and args.resume_dir is None:
+        raise UserError(
+            f"--run_name {name}: {run_dir} already holds a run; continue it with "
+            "--resume_dir auto, or pick a new --run_name"
+        )
 
 
 def _check_writable_dir(path: Path, flag: str) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
@@ -33,6 +34,20 @@ SDPA_BACKENDS = {
 # call of this project passes whole causal rows (no padding mask), so the mask adds nothing.
 CAUSAL_SDPA = "causal_sdpa"
 AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+
+
+def _no_mask_but_causal(*, attention_mask: torch.Tensor | None = None, **_: object) -> None:
+    """causal_sdpa's mask builder. Without one, transformers would drop a 2-D attention mask
+    it is handed (it builds none for an implementation it does not know): a padding mask
+    must not be ignored without a word, so it is refused. Training never passes one."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(
+            f"the {CAUSAL_SDPA} attention runs whole causal rows and takes no padding mask; "
+            "load the model with attn_implementation='sdpa' to use one"
+        )
+
+
+AttentionMaskInterface.register(CAUSAL_SDPA, _no_mask_but_causal)
 SDPA_IMPLEMENTATIONS = ("sdpa", CAUSAL_SDPA)
 FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 

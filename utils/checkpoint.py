@@ -24,10 +24,13 @@ part, so a crash mid-write leaves at most a hidden `.step_<N>.tmp` that nothing 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import pickle
 import re
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -49,7 +53,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.tensor import DTensor
-from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig
 
 from slt.export import SIDECAR, effective_dense_state, sparse_part, with_sparse_state
 from slt.training import SparseTraining
@@ -58,14 +62,6 @@ from utils.errors import UserError
 from utils.model import canonical_name
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-)
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 FULL_STATE_FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
@@ -87,11 +83,90 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def resolve_resume_dir(resume_dir: str | None, run_dir: Path) -> Path | None:
-    """`auto`: the run's newest complete checkpoint, or None to start fresh."""
+    """The checkpoint to resume from, checked whole before anything is built (a UserError
+    names its first missing or cut-short file); `auto`: the run's newest complete
+    checkpoint, or None to start fresh."""
+    if resume_dir is None:
+        return None
     if resume_dir != "auto":
-        return Path(resume_dir) if resume_dir else None
+        problem = checkpoint_problem(Path(resume_dir))
+        if problem:
+            raise UserError(f"--resume_dir {resume_dir}: {problem}; give an intact step_<N>")
+        return Path(resume_dir)
     found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
+    if not found:
+        return None
+    problem = checkpoint_problem(found[-1])
+    if problem:
+        intact = next((p for p in reversed(found[:-1]) if checkpoint_problem(p) is None), None)
+        fallback = (
+            f"resume from {intact} with --resume_dir {intact}"
+            if intact
+            else "none before it is intact"
+        )
+        raise UserError(
+            f"--resume_dir auto: the newest checkpoint {found[-1]}: {problem}; {fallback}"
+        )
+    return found[-1]
+
+
+def checkpoint_problem(step_dir: Path) -> str | None:
+    """What is missing or cut short in a checkpoint, read from sizes and file headers only
+    (cheap enough for start-up); None when everything is there."""
+    archives = [step_dir / "trainer.pt"]
+    if not archives[0].is_file():
+        return "no trainer.pt: not a complete checkpoint"
+    if not zipfile.is_zipfile(archives[0]):
+        return f"{archives[0]} is damaged"
+    trainer = torch.load(archives[0], weights_only=True)
+    archives += [step_dir / f"rank_{rank:05d}.pt" for rank in range(trainer["world_size"])]
+    if trainer["ckpt_type"] == "full":
+        archives.append(step_dir / "optimizer.pt")
+    for path in archives:
+        if not path.is_file():
+            return f"{path} is missing"
+        if not zipfile.is_zipfile(path):
+            return f"{path} is cut short or damaged"
+    if trainer["ckpt_type"] == "shard":
+        return _dcp_files_problem(step_dir)
+    if trainer["ckpt_type"] == "full":
+        return _safetensors_problem(step_dir)
+    return None
+
+
+def _dcp_files_problem(step_dir: Path) -> str | None:
+    """Every byte range the DCP metadata points to lies inside its file."""
+    if not (step_dir / ".metadata").is_file():
+        return f"{step_dir / '.metadata'} is missing"
+    try:
+        storage = _TrustedReader(step_dir).read_metadata().storage_data
+    except (UserError, pickle.UnpicklingError, EOFError) as err:
+        return f"{step_dir / '.metadata'} is unreadable ({err})"
+    ends: dict[str, int] = {}
+    for info in storage.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        path = step_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size < end:
+            return f"{path} is cut short ({path.stat().st_size} of {end} bytes)"
+    return None
+
+
+def _safetensors_problem(step_dir: Path) -> str | None:
+    files = [*_transformers_weight_files(step_dir), step_dir / SIDECAR]
+    if not files[:-1]:
+        return f"no model.safetensors in {step_dir}"
+    for path in files:
+        if not path.is_file():
+            continue  # the sidecar: sparse runs only
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as err:  # safetensors' own error type is not importable everywhere
+            return f"{path} is cut short or damaged ({err})"
+    return None
 
 
 class Checkpointer:
@@ -103,7 +178,7 @@ class Checkpointer:
         *,
         sharding_strategy: str,
         model_config: PretrainedConfig,
-        tokenizer_dir: Path,
+        tokenizer_dir: Path | None,
         keep_last: int = 0,
         async_save: bool = False,
         sparse: SparseTraining | None = None,
@@ -114,6 +189,7 @@ class Checkpointer:
         self.sharding_strategy = sharding_strategy
         self.model_config = model_config
         self.tokenizer_dir = tokenizer_dir
+        self._tokenizer = None  # loaded on rank 0 at the first save
         self.keep_last = keep_last
         self.async_save = async_save
         self.sparse = sparse
@@ -181,11 +257,9 @@ class Checkpointer:
         }
         _save_durably(trainer, staging / "trainer.pt")
         (staging / "args.json").write_text(json.dumps(args, indent=2, default=str))
-        self.model_config.save_pretrained(str(staging))
-        GenerationConfig.from_model_config(self.model_config).save_pretrained(str(staging))
-        for name in TOKENIZER_FILES:
-            if (self.tokenizer_dir / name).is_file():
-                shutil.copy2(self.tokenizer_dir / name, staging / name)
+        if self._tokenizer is None and self.tokenizer_dir is not None:
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+        write_model_files(self.model_config, staging, self._tokenizer)
 
     def _save_full(self, model: nn.Module, optimizer, staging: Path, saving: _Saving) -> None:
         model_state = get_model_state_dict(model, options=FULL_STATE)  # collectives
@@ -274,7 +348,7 @@ def load_weights_and_optimizer(step_dir: Path, ckpt_type: str, model, optimizer,
     if ckpt_type == "shard":
         model_state, optim_state = get_state_dict(model, optimizer or [])
         state = {"model": model_state} | ({"optim": optim_state} if optimizer else {})
-        dcp.load(state, checkpoint_id=step_dir)
+        dcp_load(state, step_dir)
         set_state_dict(
             model,
             optimizer or [],
@@ -298,8 +372,28 @@ def save_transformers_weights(config: PretrainedConfig, state: dict, out_dir: Pa
     with torch.device("meta"):
         shell = AutoModelForCausalLM.from_config(config)
     shell.load_state_dict(state, assign=True, strict=False)
+    shell.tie_weights()  # a tied head has no tensor of its own in `state`
     shell.save_pretrained(str(out_dir), safe_serialization=True, max_shard_size="5GB")
-    config.save_pretrained(str(out_dir))  # the run's config, not the meta shell's copy
+    inference_config(config).save_pretrained(str(out_dir))  # the run's, not the shell's copy
+
+
+def inference_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The config a model directory is saved with: the run's, with the KV cache that training
+    turns off back on (generation is twice as slow without it)."""
+    saved = copy.deepcopy(config)
+    saved.use_cache = True
+    return saved
+
+
+def write_model_files(config: PretrainedConfig, out_dir: Path, tokenizer) -> None:
+    """Everything of a transformers model directory but the weights: config.json,
+    generation_config.json (special token ids from the config, which has the tokenizer's) and
+    the tokenizer as transformers saves it (chat template and added tokens included)."""
+    config = inference_config(config)
+    config.save_pretrained(str(out_dir))
+    GenerationConfig.from_model_config(config).save_pretrained(str(out_dir))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
 
 
 def load_transformers_weights(step_dir: Path) -> dict[str, torch.Tensor]:
@@ -325,6 +419,65 @@ def _with_sidecar(step_dir: Path, dense: dict[str, Any], read: Callable) -> dict
     weights."""
     sidecar = step_dir / SIDECAR
     return with_sparse_state(dense, read(str(sidecar))) if sidecar.is_file() else dense
+
+
+# ---------------------------------------------------------------- reading DCP with no code
+def dcp_load(state: dict, step_dir: Path, **kwargs: Any) -> None:
+    """torch.distributed.checkpoint.load, reading nothing that can run code. DCP reads a `shard`
+    checkpoint's `.metadata` with plain pickle and its non-tensor entries (optimizer settings)
+    with `torch.load(weights_only=False)`: a crafted checkpoint would run code on every rank.
+    Here the metadata may hold DCP's own record types only, and the entries plain values."""
+    try:
+        dcp.load(
+            state, storage_reader=_TrustedReader(step_dir), planner=_TrustedPlanner(), **kwargs
+        )
+    except CheckpointException as err:
+        exc = next(iter(err.failures.values()))[0]
+        if isinstance(exc, UserError | pickle.UnpicklingError):
+            raise UserError(f"--resume_dir {step_dir}: {exc}") from err
+        raise
+
+
+class _TrustedReader(dcp.FileSystemReader):
+    def __init__(self, step_dir: Path) -> None:
+        super().__init__(str(step_dir))
+        self.step_dir = step_dir
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        path = self.step_dir / ".metadata"
+        with path.open("rb") as file:
+            _MetadataUnpickler(file).load()  # refuses anything but DCP's record types
+        return super().read_metadata(*args, **kwargs)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """What a `.metadata` file of torch.distributed.checkpoint is made of, and nothing else."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    NAMES = {
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        known = module in self.MODULES or (module, name) in self.NAMES
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if not (known or dtype):
+            raise UserError(
+                f"its .metadata refers to {module}.{name}, which a checkpoint never holds: "
+                "it may run code, so it is not read; resume only from checkpoints you trust"
+            )
+        return super().find_class(module, name)
+
+
+class _TrustedPlanner(DefaultLoadPlanner):
+    def load_bytes(self, read_item: Any, value: Any) -> None:
+        torch.load(value, weights_only=True)  # refuses what plain values would not need
+        value.seek(0)
+        super().load_bytes(read_item, value)
 
 
 # ---------------------------------------------------------------- local format
@@ -387,7 +540,7 @@ def _mesh_coordinates(model: nn.Module) -> dict[str, int]:
 def saved_shapes(step_dir: Path, ckpt_type: str) -> dict[str, tuple[int, ...]]:
     """Full shapes of the model tensors in a checkpoint, read from metadata only."""
     if ckpt_type == "shard":
-        metadata = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+        metadata = _TrustedReader(step_dir).read_metadata().state_dict_metadata
         prefix = "model."
         return {
             k[len(prefix) :]: tuple(v.size) for k, v in metadata.items() if k.startswith(prefix)

@@ -10,29 +10,32 @@ result loads with `AutoModelForCausalLM.from_pretrained`.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from transformers import AutoConfig, GenerationConfig
+from transformers import AutoConfig
 
+from datas.tokenizer import load_tokenizer
 from slt.export import effective_dense_state, meta_model
 from utils.checkpoint import (
-    TOKENIZER_FILES,
+    checkpoint_problem,
+    dcp_load,
     full_checkpoint_weights,
     load_transformers_weights,
     save_transformers_weights,
+    write_model_files,
 )
-from utils.errors import UserError, exit_on_user_error
+from utils.errors import ArgumentParser, UserError, exit_on_user_error
 
 
 def read_trainer_state(step_dir: Path) -> dict:
-    trainer = step_dir / "trainer.pt"
-    if not trainer.is_file():
-        raise UserError(f"{step_dir} is not a training checkpoint (no trainer.pt)")
-    return torch.load(trainer, weights_only=True)
+    """The checkpoint's trainer.pt, once the checkpoint is found whole (a UserError says what
+    is missing or cut short otherwise)."""
+    problem = checkpoint_problem(step_dir)
+    if problem:
+        raise UserError(f"checkpoint {step_dir}: {problem}")
+    return torch.load(step_dir / "trainer.pt", weights_only=True)
 
 
 def read_full_weights(step_dir: Path) -> dict[str, torch.Tensor]:
@@ -61,7 +64,7 @@ def read_model_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
 def _read_dcp_weights(step_dir: Path, slt_state: dict | None) -> dict[str, torch.Tensor]:
     shell = meta_model(AutoConfig.from_pretrained(str(step_dir)), slt_state)
     weights = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shell.state_dict().items()}
-    dcp.load({"model": weights}, checkpoint_id=step_dir, no_dist=True)
+    dcp_load({"model": weights}, step_dir, no_dist=True)
     return weights
 
 
@@ -78,30 +81,52 @@ def _stitch_local_shards(step_dir: Path) -> dict[str, torch.Tensor]:
     }
 
 
-def convert(step_dir: Path, out_dir: Path) -> Path:
-    config = AutoConfig.from_pretrained(str(step_dir))
+def convert(step_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
+    """Write the transformers directory of `step_dir` to `out_dir`, whole or not at all."""
+    _check_destination(step_dir, out_dir, overwrite)
     weights = read_full_weights(step_dir)
-    staging = out_dir.with_name(out_dir.name + ".tmp")
+    config = AutoConfig.from_pretrained(str(step_dir))
+    staging = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_transformers_weights(config, weights, staging)
-    GenerationConfig.from_model_config(config).save_pretrained(str(staging))
-    for name in TOKENIZER_FILES:
-        if (step_dir / name).is_file():
-            shutil.copy2(step_dir / name, staging / name)
-    if out_dir.exists():
+    try:
+        save_transformers_weights(config, weights, staging)
+        write_model_files(config, staging, load_tokenizer(step_dir, "checkpoint"))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out_dir.exists():  # --overwrite
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
     return out_dir
 
 
+def _check_destination(step_dir: Path, out_dir: Path, overwrite: bool) -> None:
+    """OUT is never the checkpoint, inside it or around it, and never a directory that holds
+    files, unless --overwrite says so: nothing a user saved is replaced by its export."""
+    step, out = step_dir.resolve(), out_dir.resolve()
+    if out == step or step in out.parents or out in step.parents:
+        raise UserError(
+            f"OUT {out_dir} is, contains or lies inside the checkpoint {step_dir}; "
+            "choose a directory elsewhere"
+        )
+    if out_dir.is_file():
+        raise UserError(f"OUT {out_dir} is a file; choose a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(
+            f"OUT {out_dir} already holds files; choose a new directory, or pass --overwrite "
+            "to replace it"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m utils.convert", description=__doc__)
+    parser = ArgumentParser(prog="python -m utils.convert", description=__doc__)
     parser.add_argument("step_dir", type=Path, help="a step_<N> checkpoint directory")
     parser.add_argument("out_dir", type=Path, help="where to write the transformers directory")
-    args = parser.parse_args(argv)
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     with exit_on_user_error():
-        out = convert(args.step_dir, args.out_dir)
+        args = parser.parse_args(argv)
+        out = convert(args.step_dir, args.out_dir, args.overwrite)
     print(f"wrote {out}")
 
 

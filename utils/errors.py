@@ -8,9 +8,11 @@ Any other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 USER_ERROR_STATUS = 2
 
@@ -27,3 +29,11 @@ def exit_on_user_error() -> Iterator[None]:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_STATUS)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are UserErrors: one line, without the usage block (train.py's
+    runs to twenty lines)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see {self.prog} --help)")

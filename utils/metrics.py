@@ -27,9 +27,14 @@ def flops_per_token(config: PretrainedConfig, non_embedding_params: int, seq_len
 
 
 def model_flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
-    """flops_per_token of the dense model of `config`. Sparse (slt) runs count the same: their
-    layers multiply by a full-size effective weight."""
-    return flops_per_token(config, dense_parameters(config, exclude_embedding=True), seq_len)
+    """flops_per_token of the dense model of `config`, whose N is every weight a token is
+    multiplied by: the parameters but the input embedding (a lookup), the output head
+    included even when it is the embedding's own tensor (tied). Sparse (slt) runs count the
+    same: their layers multiply by a full-size effective weight."""
+    matmul_parameters = dense_parameters(config, exclude_embedding=True)
+    if getattr(config, "tie_word_embeddings", False):
+        matmul_parameters += config.vocab_size * config.hidden_size
+    return flops_per_token(config, matmul_parameters, seq_len)
 
 
 # metrics.jsonl key -> TensorBoard tag, where they differ; other keys go to train/<key>.
@@ -58,20 +63,28 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class MetricsLogger:
-    """Rank 0 writes; other ranks hold a logger that does nothing, so callers need no `if`."""
+    """Rank 0 writes; other ranks hold a logger that does nothing, so callers need no `if`.
 
-    def __init__(self, run_dir: Path, tensorboard_dir: Path | None, enabled: bool) -> None:
+    A run that resumes at `start_step` continues its records: those of later steps (written
+    after that checkpoint by the run that went on, or by an earlier branch) move from
+    metrics.jsonl to metrics.dropped.jsonl, and TensorBoard hides its events of those steps
+    (`purge_step`), so no step is logged twice."""
+
+    def __init__(
+        self, run_dir: Path, tensorboard_dir: Path | None, enabled: bool, start_step: int = 0
+    ) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
         self.writer = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        _drop_records_after(run_dir / "metrics.jsonl", start_step)
         self.jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1)
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(tensorboard_dir))
+            self.writer = SummaryWriter(str(tensorboard_dir), purge_step=start_step + 1)
 
     def write_config(
         self, args: dict[str, Any], model_config: PretrainedConfig, parameters: dict[str, int]
@@ -111,6 +124,27 @@ class MetricsLogger:
             self.jsonl.close()
             if self.writer is not None:
                 self.writer.close()
+
+
+def _drop_records_after(jsonl: Path, step: int) -> None:
+    """Move the records of steps after `step` (and any line a kill cut short) to the side file
+    `<name>.dropped.jsonl`, appended to, never deleted."""
+    if not jsonl.is_file():
+        return
+    kept, dropped = [], []
+    for line in jsonl.read_text().splitlines(keepends=True):
+        try:
+            later = json.loads(line)["step"] > step
+        except (ValueError, KeyError, TypeError):
+            later = True
+        (dropped if later else kept).append(line if line.endswith("\n") else line + "\n")
+    if not dropped:
+        return
+    with jsonl.with_name(f"{jsonl.stem}.dropped.jsonl").open("a") as side:
+        side.writelines(dropped)
+    partial = jsonl.with_name(f".{jsonl.name}.tmp")
+    partial.write_text("".join(kept))
+    partial.replace(jsonl)
 
 
 def _finite_or_none(value: float | None) -> float | None:

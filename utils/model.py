@@ -29,17 +29,22 @@ NAMED_SHAPES: dict[str, dict] = {
 }  # fmt: skip
 
 
-def load_model_config(spec: str, tokenizer_vocab: int) -> PretrainedConfig:
+def load_model_config(
+    spec: str, tokenizer_vocab: int, special_token_ids: dict[str, int | None] | None = None
+) -> PretrainedConfig:
     """A config from a shape name, a config.json file or a directory holding one.
 
     The vocabulary grows to the tokenizer's when the tokenizer has more tokens, which is what
-    resizing the embeddings of a model built from this config amounts to.
+    resizing the embeddings of a model built from this config amounts to. The tokenizer's
+    special token ids (`bos_token_id`, `eos_token_id`, `pad_token_id`) replace the config's
+    (Llama's defaults are 1 and 2): an exported model's `generate()` stops at its EOS.
     """
     config = _read_config(spec)
     if not hasattr(config, "num_hidden_layers") or not hasattr(config, "hidden_size"):
         raise UserError(f"--config {spec} is not a decoder-only transformer config")
     if tokenizer_vocab > config.vocab_size:
         config.vocab_size = tokenizer_vocab
+    config.update(special_token_ids or {})
     config.use_cache = False
     return config
 

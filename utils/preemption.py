@@ -25,6 +25,11 @@ class ExitPolicy:
     def _on_sigterm(self, signum, frame) -> None:
         self._sigterm = True
 
+    @property
+    def signalled(self) -> bool:
+        """SIGTERM reached some rank (agreed at the last `should_exit`)."""
+        return self.reason.startswith("SIGTERM")
+
     def should_exit(self, step: int) -> bool:
         """A collective: True on every rank when any rank has a reason to stop after `step`."""
         local = [

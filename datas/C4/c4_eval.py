@@ -50,9 +50,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from datas.mds import shard_file, shard_samples
+from datas.mds import check_safe_columns, shard_file, shard_samples
+from datas.tokenizer import load_tokenizer
 from utils.distributed import DistEnv, broadcast_from_main, build_mesh, init_distributed, shutdown
-from utils.errors import UserError, exit_on_user_error
+from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.parallelize import parallelize_model
 
 PROTOCOL_VERSION = 1
@@ -124,6 +125,7 @@ def _resolve_mds(root: Path) -> EvalData:
     for shard in shards:
         if shard.get("format") != "mds":
             raise UserError(f"eval data {root} has {shard.get('format')!r} shards; need MDS")
+        check_safe_columns(shard, f"eval data {root}")
         columns = dict(zip(shard["column_names"], shard["column_encodings"], strict=True))
         if columns.get(TEXT_FIELD) != "str":
             raise UserError(
@@ -218,14 +220,7 @@ def _as_tokenizer(tokenizer: Any) -> Any:
     """A tokenizer object, or one loaded from a tokenizer directory."""
     if not isinstance(tokenizer, str | Path):
         return tokenizer
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(tokenizer))
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"{tokenizer} holds no loadable tokenizer ({err}); pass --tokenizer DIR"
-        ) from err
+    return load_tokenizer(tokenizer, "--tokenizer")
 
 
 def _eos_id(tokenizer: Any) -> int:
@@ -310,12 +305,18 @@ def _ensure_cached(data: EvalData, tokenizer: Any, seq_len: int, path: Path) -> 
     if not len(stream):  # every document adds at least its EOS
         raise UserError(f"eval data {data.root} holds no documents; {GET_DATA_HINT}")
     windows = cut_windows(stream, seq_len, data.root)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Write beside, then rename: readers on other ranks never see a partial file.
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        np.save(f, windows)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as f:
+            np.save(f, windows)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise UserError(
+            f"the C4 eval cache {path.parent} cannot be written ({err.strerror}); pass "
+            "--cache_dir or set LLM_PLAYGROUND_CACHE to a writable directory"
+        ) from err
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -340,7 +341,7 @@ def load_windows(
     if rank == 0:
         try:
             _ensure_cached(data, tokenizer, seq_len, path)
-        except (OSError, UserError) as err:
+        except Exception as err:  # every rank raises it: none waits for rank 0 forever
             failure = err
     if world > 1:
         # Doubles as the barrier: the other ranks wait here until rank 0 has written.
@@ -471,7 +472,7 @@ def load_model_for_eval(step_dir: str | Path, env: DistEnv | None = None) -> nn.
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m datas.C4.c4_eval",
         description="C4 validation perplexity of a saved checkpoint (protocol: docs/eval.md).",
     )
@@ -502,6 +503,12 @@ def prepare_cache(args: argparse.Namespace) -> dict[str, Any]:
 
 def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv | None) -> dict[str, Any]:
     model = load_model_for_eval(args.checkpoint, env)
+    limit = model.config.max_position_embeddings
+    if args.seq_len > limit:
+        raise UserError(
+            f"--seq_len {args.seq_len} exceeds the model's max_position_embeddings {limit} "
+            f"({args.checkpoint}); lower --seq_len"
+        )
     ppl, ntokens = evaluate_c4_ppl(
         model,
         args.tokenizer or args.checkpoint,
@@ -521,12 +528,23 @@ def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv | None) -> dict[s
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Evaluate a checkpoint (or only build the cache); print (rank 0) and return the result."""
-    args = parse_args(argv)
-    env = None
-    if "WORLD_SIZE" in os.environ:
-        env = init_distributed()
+    """Evaluate a checkpoint (or only build the cache); print (rank 0) and return the result.
+    A mistake ends it with one line and status 2."""
+    with exit_on_user_error():
+        joins_a_group = "WORLD_SIZE" in os.environ and not dist.is_initialized()
+        try:
+            return _run(parse_args(argv))
+        except OSError as err:  # a file that cannot be read
+            raise UserError(str(err)) from err
+        finally:
+            if joins_a_group:  # not a caller's group: it leaves with it
+                shutdown()
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    _check_settings(args.seq_len, args.batch_size, args.max_windows)
     check_eval_data(args.data)
+    env = init_distributed() if "WORLD_SIZE" in os.environ else None
     if args.checkpoint is None:
         result = prepare_cache(args)
     else:
@@ -537,10 +555,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    with exit_on_user_error():
-        try:
-            main()
-        except OSError as err:  # an unreadable file or an uncreatable cache directory
-            raise UserError(str(err)) from err
-        finally:
-            shutdown()
+    main()

@@ -10,7 +10,10 @@ and the leftover tokens of the packer.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import os
+import signal
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ from datas.mds import (
     training_column,
 )
 from datas.packing import DocChunk, DocumentFeed, Packer, make_packer
+from datas.tokenizer import load_tokenizer
 from utils.errors import UserError
 
 STRATEGIES = ("pack", "overflow", "trunc")
@@ -145,7 +149,7 @@ class TrainLoader:
         world: World,
         num_canonical_nodes: int,
         shuffle_seed: int,
-        eos_token_id: int | None,
+        special_token_ids: dict[str, int | None],
         pad_token_id: int,
         vocab_size: int,
         overflow_stride: int,
@@ -159,7 +163,8 @@ class TrainLoader:
         self.world = world
         self.num_canonical_nodes = num_canonical_nodes
         self.shuffle_seed = shuffle_seed
-        self.eos_token_id = eos_token_id
+        self.special_token_ids = special_token_ids  # bos, eos and pad of the tokenizer
+        eos_token_id = special_token_ids["eos_token_id"]
         self.pad_token_id = pad_token_id
         self.vocab_size = vocab_size
         self.pin_memory = pin_memory and torch.cuda.is_available()
@@ -296,16 +301,25 @@ class TrainLoader:
         return start
 
 
+def _leave_sigterm_to_the_main_process(worker_id: int) -> None:
+    """SIGTERM sent to a whole process group (SLURM's srun, many schedulers) reaches the
+    DataLoader workers too; dead first, they would take the main process down before it can
+    finish its step and save. The main process stops them itself when it is done."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register
+def _stop_workers_at_exit() -> None:
+    """At interpreter exit multiprocessing stops its daemon children with SIGTERM, which the
+    workers ignore, and then waits for them: a main process ending on an error would wait
+    forever. Registered after multiprocessing's own exit hook, this runs before it."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
 def _describe_layout(nodes: int, ranks_per_node: int) -> str:
     return f"{nodes} node{'s' * (nodes != 1)} x {ranks_per_node} rank{'s' * (ranks_per_node != 1)}"
-
-
-def _load_tokenizer(tokenizer_name: str) -> Any:
-    from transformers import AutoTokenizer
-
-    if not os.path.isdir(tokenizer_name):
-        raise UserError(f"--tokenizer_dir {tokenizer_name} is not a tokenizer directory")
-    return AutoTokenizer.from_pretrained(tokenizer_name)
 
 
 def _special_ids(tokenizer: Any, strategy: str, tokenizer_name: str) -> tuple[int | None, int]:
@@ -362,7 +376,7 @@ def build_train_loader(
     infos = [check_source(source, cached=local_cache is not None) for source in sources]
     column = training_column(infos, sources)
     check_block_length(infos, sources, seq_len)
-    tokenizer = _load_tokenizer(tokenizer_name)
+    tokenizer = load_tokenizer(tokenizer_name, "--tokenizer_dir")
     eos, pad = _special_ids(tokenizer, strategy, tokenizer_name)
     rows = micro_blocks if strategy == "pack" else per_device_batch
     if column == TOKENS_COLUMN:
@@ -387,6 +401,7 @@ def build_train_loader(
         collate_fn=TokenizeCollate(tokenizer_name, eos, seq_len),
         num_workers=num_workers,
         persistent_workers=persistent_workers and num_workers > 0,
+        worker_init_fn=_leave_sigterm_to_the_main_process,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
     )
     return TrainLoader(
@@ -398,7 +413,11 @@ def build_train_loader(
         world=world,
         num_canonical_nodes=num_canonical_nodes,
         shuffle_seed=shuffle_seed,
-        eos_token_id=eos,
+        special_token_ids={
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
         pad_token_id=pad,
         vocab_size=len(tokenizer),
         overflow_stride=overflow_stride,

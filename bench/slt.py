@@ -3,7 +3,7 @@
     python -m bench.slt --config llama-60m --seq_len 256 --local_batch 8 --steps 5
     python -m bench.slt --config llama-130m --seq_len 256 --local_batch 64   # on a GPU
 
-Each method runs with its default settings (README, slt; magnitude at its final sparsity from
+Each method runs with its default settings (docs/sparse.md; magnitude at its final sparsity from
 the start, `--sltrain_r` to override SLTrain's rank) in its own child process, one after
 the other, so each peak memory is its own (on CPU: the process's peak resident memory). The
 timing is bench.throughput's: train.py's model, optimizer and step on random tokens, after

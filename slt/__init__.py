@@ -1,7 +1,7 @@
 """Sparse linear transforms for Llama (`--enable_slt --slt_config FILE.json`).
 
 Methods: magnitude (gradual magnitude pruning), supermask (edge-popup), nm (N:M with SR-STE),
-sltrain (sparse plus low-rank). See README, section "Sparse training (slt)".
+sltrain (sparse plus low-rank). See docs/sparse.md.
 """
 
 from slt.config import METHOD_DEFAULTS, PROJECTIONS, SLTConfig, load_slt_config

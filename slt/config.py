@@ -126,7 +126,7 @@ def _check_combination(settings: dict[str, Any], bad) -> None:
 def load_slt_config(path: str) -> SLTConfig:
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"--slt_config {path} does not exist; give a JSON file (see README, slt)")
+        raise UserError(f"--slt_config {path} does not exist; give a JSON file (docs/sparse.md)")
     try:
         values = json.loads(file.read_text())
     except json.JSONDecodeError as err:

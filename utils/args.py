@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--enable_slt", action="store_true", help="sparse projections (slt), see --slt_config"
     )
-    model.add_argument("--slt_config", help="JSON file: slt method and settings (README, slt)")
+    model.add_argument("--slt_config", help="JSON file: slt method and settings (docs/sparse.md)")
 
     opt = p.add_argument_group("optimization")
     opt.add_argument("--global_batch", type=int, default=256, help="sequences per optimizer step")
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--local_batch",
         type=int,
         default=8,
-        help="sequences per rank per micro-step (8 x 2048 tokens: see README, Performance)",
+        help="sequences per rank per micro-step (8 x 2048 tokens: docs/performance.md)",
     )
     opt.add_argument("--train_steps", type=int, default=100_000, help="optimizer steps")
     opt.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
@@ -281,7 +281,7 @@ def check_args(args: argparse.Namespace) -> None:
                 "give a step_<N> directory or 'auto'"
             )
     if args.eval_every and not args.eval_data:
-        raise UserError("--eval_every needs --eval_data (C4 validation files; see README)")
+        raise UserError("--eval_every needs --eval_data (C4 validation files; docs/eval.md)")
     if args.enable_slt != bool(args.slt_config):
         raise UserError("--enable_slt and --slt_config go together; give both or neither")
     if args.enable_slt and args.float8:

@@ -2,7 +2,7 @@
 
 Every format writes, beside the weights: `config.json` + `generation_config.json` + the
 tokenizer files (so the directory is a transformers model directory once it holds weights in
-that layout), `trainer.pt` (step, LR schedule, grad scaler, world size, format) from rank 0,
+that layout), `trainer.pt` (step, grad scaler, world size, format, slt state) from rank 0,
 `args.json`, and `rank_<r>.pt` per rank (data loader position and leftover tokens, RNG).
 
 Weights and optimizer, by `--ckpt_type`:

@@ -368,7 +368,7 @@ def build_train_loader(
     emit_position_ids: bool = False,
     overflow_stride: int = 0,
 ) -> TrainLoader:
-    """Build this rank's endless batch iterator over MDS data (see README, section Data)."""
+    """Build this rank's endless batch iterator over MDS data (docs/data.md)."""
     if strategy not in STRATEGIES:
         raise UserError(f"strategy={strategy!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
     world = resolve_world(world_size, global_rank)

@@ -13,6 +13,7 @@ import math
 import sys
 import time
 from argparse import Namespace
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from datas.packing import token_count
 from slt import SLTConfig, SparseTraining, load_slt_config
 from utils.args import apply_device_defaults, grad_accum_steps, parse_args
 from utils.attention import (
+    AttentionFlags,
     attention_context,
     attention_implementation,
     check_attention_flags,
@@ -67,8 +69,9 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: Namespace, env: DistEnv) -> None:
     # ---- inputs: everything a bad flag can break is checked before the model is built ----
     accum_steps = grad_accum_steps(args.global_batch, args.local_batch, env.world_size)
-    check_hardware(args, env)
     apply_device_defaults(args, env.device)
+    options = ModelOptions.from_flags(args, compute_dtype(args.bf16, args.fp16), args.enable_flash)
+    check_hardware(options, env)
     loader = build_loader(args, env)
     if args.eval_every:  # every document tokenized and cached now, not at the first evaluation
         load_windows(args.eval_data, args.tokenizer_dir, args.seq_len)
@@ -81,7 +84,7 @@ def run(args: Namespace, env: DistEnv) -> None:
 
     # ---- model: built on the meta device, sharded, then each rank materializes its shards ----
     torch.manual_seed(args.seed)
-    model, sparse = build_model(args, model_config, env, slt_config)
+    model, sparse = build_model(options, model_config, env, slt_config)
     flops = model_flops_per_token(model_config, args.seq_len)
     optimizer = build_optimizer(model, lr=args.lr, weight_decay=args.weight_decay, fp16=args.fp16)
     scaler = build_grad_scaler(args.fp16, env.device)
@@ -91,18 +94,20 @@ def run(args: Namespace, env: DistEnv) -> None:
         run_dir,
         args.ckpt_type,
         env,
-        sharding_strategy=args.sharding_strategy,
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        loader=loader,
         model_config=model_config,
         tokenizer_dir=Path(args.tokenizer_dir),
+        sharding_strategy=args.sharding_strategy,
         keep_last=args.keep_last,
         async_save=args.async_save,
-        sparse=sparse,
+        components={"slt": sparse} if sparse else None,
     )
     start_step = 0
     if resume_dir is not None:
-        start_step = checkpointer.load(
-            resume_dir, model, optimizer, scaler, loader, skip_optimizer=args.skip_optimizer
-        )
+        start_step = checkpointer.load(resume_dir, skip_optimizer=args.skip_optimizer)
         if env.is_main:
             print(f"resumed from {resume_dir} at step {start_step}", flush=True)
     exit_policy = ExitPolicy(args.exit_interval, args.exit_duration_mins)
@@ -168,7 +173,7 @@ def run(args: Namespace, env: DistEnv) -> None:
         scheduled = args.save_every and (step % args.save_every == 0 or step == args.train_steps)
         if scheduled or stopping:
             guard.flush()  # a step that must stop the run is never saved
-            checkpointer.save(step, model, optimizer, scaler, loader, vars(args))
+            checkpointer.save(step, vars(args))
         # After the save, so a failing evaluation never costs the step its checkpoint; not
         # when preempted, where the time left is short.
         evaluate = args.eval_every and (step % args.eval_every == 0 or step == args.train_steps)
@@ -328,7 +333,6 @@ def build_loader(args: Namespace, env: DistEnv):
         tokenizer_name=args.tokenizer_dir,
         seq_len=args.seq_len,
         micro_blocks=args.local_batch,
-        per_device_batch=args.local_batch,
         num_workers=args.num_workers,
         local_cache=args.local_cache_dir,
         shuffle_seed=args.seed,
@@ -340,38 +344,69 @@ def build_loader(args: Namespace, env: DistEnv):
     )
 
 
+@dataclass(frozen=True)
+class ModelOptions:
+    """How the model is built, laid out and computed: train.py takes them from its flags,
+    the benchmarks set them themselves."""
+
+    attention: AttentionFlags
+    dtype: torch.dtype = torch.float32
+    sharding_strategy: str = "full_shard"
+    activation_checkpointing: str = "none"
+    compile: bool = False
+    chunked_loss: bool = False
+    float8: bool = False
+    seed: int = 42
+
+    @classmethod
+    def from_flags(
+        cls, args: Namespace, dtype: torch.dtype, enable_flash: bool = False
+    ) -> ModelOptions:
+        """From the layout flags train.py and bench.throughput share (add_layout_flags)."""
+        return cls(
+            attention=AttentionFlags(enable_flash, args.attention_kernel, args.document_masking),
+            dtype=dtype,
+            sharding_strategy=args.sharding_strategy,
+            activation_checkpointing=args.activation_checkpointing,
+            compile=args.compile,
+            chunked_loss=args.chunked_loss,
+            float8=args.float8,
+            seed=args.seed,
+        )
+
+
 def build_model(
-    args: Namespace, model_config, env: DistEnv, slt_config: SLTConfig | None = None
+    options: ModelOptions, model_config, env: DistEnv, slt_config: SLTConfig | None = None
 ) -> tuple[nn.Module, SparseTraining | None]:
     """Meta model (with sparse projections and the chunked-loss head if asked), laid out by
     parallelize_model, then each rank materializes and initializes its shards.
     bench.throughput and bench.slt time this same model."""
-    model = build_meta_model(model_config, attention_implementation(args))
-    set_attention_kernels(model, args)
-    dtype = compute_dtype(args.bf16, args.fp16)
-    sparse = SparseTraining(model, slt_config, dtype) if slt_config else None
-    if args.float8:
+    model = build_meta_model(model_config, attention_implementation(options.attention))
+    set_attention_kernels(model, options.attention)
+    sparse = SparseTraining(model, slt_config, options.dtype) if slt_config else None
+    if options.float8:
         convert_to_float8(model)
-    if args.chunked_loss:
-        use_chunked_loss(model, compile_chunks=args.compile)
+    if options.chunked_loss:
+        use_chunked_loss(model, compile_chunks=options.compile)
     parallelize_model(
         model,
-        build_mesh(env, args.sharding_strategy),
-        sharding_strategy=args.sharding_strategy,
-        param_dtype=dtype,
-        activation_checkpointing=args.activation_checkpointing,
-        compile=args.compile,
+        build_mesh(env, options.sharding_strategy),
+        sharding_strategy=options.sharding_strategy,
+        param_dtype=options.dtype,
+        activation_checkpointing=options.activation_checkpointing,
+        compile=options.compile,
     )
-    init_weights(model, args.seed, env.device)
+    init_weights(model, options.seed, env.device)
     return model, sparse
 
 
-def check_hardware(args: Namespace, env: DistEnv) -> None:
-    check_attention_flags(args, env.device)
-    if args.float8:
+def check_hardware(options: ModelOptions, env: DistEnv) -> None:
+    check_attention_flags(options.attention, options.dtype, env.device)
+    if options.float8:
         check_float8(env.device)
-    if args.bf16 and env.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("--bf16 is not supported on this GPU; use --fp16")
+    if options.dtype == torch.bfloat16 and env.device.type == "cuda":
+        if not torch.cuda.is_bf16_supported():
+            raise UserError("--bf16 is not supported on this GPU; use --fp16")
 
 
 def check_seq_len(args: Namespace, model_config) -> None:

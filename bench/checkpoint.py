@@ -125,30 +125,24 @@ def bench_baseline(env: DistEnv, work: Path, model, optimizer, repeats: int) -> 
 def bench_format(
     env: DistEnv, work: Path, ckpt_type: str, config, training, repeats: int, args: dict
 ) -> dict[str, float]:
-    model, optimizer = training
-    loader = StubLoader(env.rank)
-    checkpointer = make_checkpointer(env, work / ckpt_type, ckpt_type, config, work)
+    checkpointer = make_checkpointer(env, work / ckpt_type, ckpt_type, config, training)
     step_dir: list[Path] = []
 
     def save() -> None:
-        step_dir[:] = [checkpointer.save(1, model, optimizer, None, loader, args)]
+        step_dir[:] = [checkpointer.save(1, args)]
 
     save_s = timed(save, repeats)
-    load_s = timed(
-        lambda: checkpointer.load(step_dir[0], model, optimizer, None, loader),
-        repeats,
-    )
+    load_s = timed(lambda: checkpointer.load(step_dir[0]), repeats)
     return {"save_s": save_s, "load_s": load_s, "size_mb": tree_mb(step_dir[0])}
 
 
 def bench_stall(env: DistEnv, work: Path, config, training, async_save: bool, args: dict):
     """Seconds until `save` returns (training resumes) and until the checkpoint is published."""
-    model, optimizer = training
     name = "shard_async" if async_save else "shard_sync"
-    checkpointer = make_checkpointer(env, work / name, "shard", config, work, async_save)
+    checkpointer = make_checkpointer(env, work / name, "shard", config, training, async_save)
     dist.barrier()
     start = time.perf_counter()
-    checkpointer.save(1, model, optimizer, None, StubLoader(env.rank), args)
+    checkpointer.save(1, args)
     returned = time.perf_counter() - start
     checkpointer.wait()  # nothing pending for a sync save
     done = time.perf_counter() - start
@@ -156,15 +150,20 @@ def bench_stall(env: DistEnv, work: Path, config, training, async_save: bool, ar
 
 
 def make_checkpointer(
-    env: DistEnv, run_dir: Path, ckpt_type: str, config, work: Path, async_save: bool = False
+    env: DistEnv, run_dir: Path, ckpt_type: str, config, training, async_save: bool = False
 ) -> Checkpointer:
+    model, optimizer = training
     return Checkpointer(
         run_dir,
         ckpt_type,
         env,
-        sharding_strategy=STRATEGY,
+        model=model,
+        optimizer=optimizer,
+        scaler=None,
+        loader=StubLoader(env.rank),
         model_config=config,
-        tokenizer_dir=work / "tokenizer",  # empty: the benchmark has no tokenizer files to copy
+        tokenizer_dir=None,  # the benchmark has no tokenizer to save
+        sharding_strategy=STRATEGY,
         async_save=async_save,
     )
 
@@ -204,7 +203,6 @@ def main() -> None:
         broadcast_from_main(tempfile.mkdtemp(prefix="bench_ckpt_") if env.is_main else None)
     )
     try:
-        (work / "tokenizer").mkdir(exist_ok=True)
         results: dict[str, Any] = {
             "config": args.config,
             "layers": args.layers,

@@ -57,7 +57,6 @@ def loader_rate(
         strategy=strategy,
         seq_len=seq_len,
         micro_blocks=16,
-        per_device_batch=16,
         num_workers=0,
         num_canonical_nodes=1,
         pack_batch_texts=BATCH_TEXTS,

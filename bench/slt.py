@@ -87,8 +87,8 @@ def slt_config(args: argparse.Namespace) -> SLTConfig | None:
 
 
 def measure(args: argparse.Namespace, env: DistEnv) -> dict:
-    model_config, _, batches = throughput.prepare_inputs(args, env)
-    setup = throughput.project_step(args, model_config, env, slt_config(args))
+    options, model_config, _, batches = throughput.prepare_inputs(args, env)
+    setup = throughput.project_step(options, model_config, env, slt_config(args))
     timing = throughput.time_steps(setup.step, batches, args, env)
     sparsity = 0.0
     if setup.sparse:

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace, env: DistEnv) -> None:
-    model_config, loader, batches = prepare_inputs(args, env)
+    options, model_config, loader, batches = prepare_inputs(args, env)
     results = {
         "device": device_name(env.device),
         "world_size": env.world_size,
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> None:
         "seq_len": args.seq_len,
         "local_batch": args.local_batch,
         "accum_steps": args.accum_steps,
-        "precision": "bf16" if args.bf16 else "fp32",
+        "precision": "bf16" if options.dtype == torch.bfloat16 else "fp32",
         "compile": args.compile,
         "chunked_loss": args.chunked_loss,
         "activation_checkpointing": args.activation_checkpointing,
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> None:
         "data": "mds" if loader else "random",
     }
 
-    setup = project_step(args, model_config, env)
+    setup = project_step(options, model_config, env)
     flops = model_flops_per_token(model_config, args.seq_len)
     peak = peak_flops(env.device, args.peak_tflops)
     project_peak = None if args.float8 else peak  # MFU is defined for bf16 matmuls only
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> None:
     del setup
     release_memory(env.device)
     if args.baseline:
-        step = baseline_step(args, model_config, env)
+        step = baseline_step(options, model_config, env)
         results |= rates("baseline_", time_steps(step, batches, args, env), flops, peak)
         results |= profile_if_asked("baseline_", step, batches, args, env)
         results["speedup"] = results["tokens_per_s"] / results["baseline_tokens_per_s"]
@@ -173,29 +173,34 @@ class ProjectSetup:
 
 def prepare_inputs(
     args: argparse.Namespace, env: DistEnv
-) -> tuple[PretrainedConfig, Any, Iterator[dict]]:
-    """The model config, the loader (None for random tokens) and the batches to time."""
+) -> tuple[train.ModelOptions, PretrainedConfig, Any, Iterator[dict]]:
+    """train.py's model options for these flags, the model config, the loader (None for random
+    tokens) and the batches to time."""
     apply_device_defaults(args, env.device)
-    # The names build_model and build_loader read, as train.py's flags would set them.
-    args.bf16 = env.device.type == "cuda" and not args.fp32
-    args.fp16 = args.enable_flash = False
-    train.check_hardware(args, env)
+    options = model_options(args, env)
+    train.check_hardware(options, env)
     loader = train.build_loader(args, env) if args.data_dir else None
     model_config = load_model_config(args.config, loader.vocab_size if loader else 0)
     train.check_seq_len(args, model_config)
     batches = iter(loader) if loader else synthetic_batches(args, model_config, env)
-    return model_config, loader, batches
+    return options, model_config, loader, batches
+
+
+def model_options(args: argparse.Namespace, env: DistEnv) -> train.ModelOptions:
+    """train.py's, from the same layout flags: bf16 on CUDA unless --fp32, fp32 on CPU."""
+    bf16 = env.device.type == "cuda" and not args.fp32
+    return train.ModelOptions.from_flags(args, torch.bfloat16 if bf16 else torch.float32)
 
 
 def project_step(
-    args: argparse.Namespace,
+    options: train.ModelOptions,
     model_config: PretrainedConfig,
     env: DistEnv,
     slt_config: SLTConfig | None = None,
 ) -> ProjectSetup:
     """train.py's model (sparse with `slt_config`), optimizer and step function."""
-    torch.manual_seed(args.seed)
-    model, sparse = train.build_model(args, model_config, env, slt_config)
+    torch.manual_seed(options.seed)
+    model, sparse = train.build_model(options, model_config, env, slt_config)
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1)
     set_lr(optimizer, 1e-4)
     step_numbers = itertools.count(1)
@@ -209,16 +214,15 @@ def project_step(
 
 
 def baseline_step(
-    args: argparse.Namespace, model_config: PretrainedConfig, env: DistEnv
+    options: train.ModelOptions, model_config: PretrainedConfig, env: DistEnv
 ) -> Callable[[list[dict]], None]:
     """The reference: transformers' model and loss, FSDP2 per layer and root, each layer
     compiled on CUDA (compiling costs minutes on CPU), fused AdamW, gradient clipping."""
-    torch.manual_seed(args.seed)
+    torch.manual_seed(options.seed)
     with torch.device(env.device):
         model = AutoModelForCausalLM.from_config(model_config, attn_implementation="sdpa")
     on_cuda = env.device.type == "cuda"
-    param_dtype = torch.bfloat16 if args.bf16 else torch.float32
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=options.dtype, reduce_dtype=torch.float32)
     mesh = build_mesh(env, "full_shard")
     layers = decoder_layers(model)
     for index, layer in enumerate(layers):

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from utils.errors import UserError
+from utils.files import why_not_writable
 
 TEXT_COLUMN = "text"
 TOKENS_COLUMN = "tokens"
@@ -236,7 +237,7 @@ def check_source(source: Source, cached: bool) -> SourceInfo:
     check_shard_files(directory, index)
     if not cached:
         pending = _shards_to_decompress(directory, index)
-        if pending and not _is_writable(directory):
+        if pending and why_not_writable(directory):
             raise UserError(
                 f"{directory} holds compressed shards that must be decompressed beside them, "
                 "but it is not writable; pass --local_cache_dir (local_cache=) to read it "
@@ -275,14 +276,6 @@ def training_column(infos: list[SourceInfo], sources: list[Source]) -> str | Non
             "prepare them the same way (both text, or both with --tokenizer/--seq_len)"
         )
     return columns.pop() if columns else None
-
-
-def _is_writable(directory: Path) -> bool:
-    try:
-        with tempfile.TemporaryFile(dir=directory):
-            return True
-    except OSError:
-        return False
 
 
 def local_dirs(sources: list[Source], local_cache: str | None) -> list[str]:

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from utils.loss import IGNORE_INDEX
+
+STRATEGIES = ("pack", "overflow", "trunc")
 PAD_MULTIPLE = 8
 
 
@@ -238,8 +240,9 @@ class Packer:
         return 0
 
 
-class PackPacker(Packer):
-    """Documents (each ending in EOS) concatenated and cut into [rows, seq_len] blocks."""
+class BlockPacker(Packer):
+    """Documents (each ending in EOS) concatenated and cut into [rows, seq_len] blocks. Every
+    token is real, so a batch carries no attention mask."""
 
     def __init__(
         self, feed: DocumentFeed, rows: int, seq_len: int, emit_position_ids: bool, *, eos_id: int
@@ -260,7 +263,6 @@ class PackPacker(Packer):
         batch = {
             "input_ids": torch.from_numpy(input_ids),
             "labels": torch.from_numpy(input_ids.copy()),
-            "attention_mask": torch.ones(input_ids.shape, dtype=torch.long),
         }
         if self.emit_position_ids:
             batch["position_ids"] = torch.from_numpy(_doc_position_ids(input_ids, self.eos_id))
@@ -396,11 +398,11 @@ def make_packer(
     emit_position_ids: bool,
 ) -> Packer:
     if strategy == "pack":
-        return PackPacker(feed, rows, seq_len, emit_position_ids, eos_id=eos_id)
+        return BlockPacker(feed, rows, seq_len, emit_position_ids, eos_id=eos_id)
     if strategy == "trunc":
         return TruncPacker(feed, rows, seq_len, emit_position_ids, pad_id=pad_id)
     if strategy == "overflow":
         return OverflowPacker(
             feed, rows, seq_len, emit_position_ids, pad_id=pad_id, stride=overflow_stride
         )
-    raise ValueError(f"strategy={strategy!r} is unknown; choose one of: pack, overflow, trunc")
+    raise ValueError(f"--strategy {strategy} is unknown; choose one of: {', '.join(STRATEGIES)}")

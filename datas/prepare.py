@@ -12,8 +12,6 @@ tokenizing. Shards are zstd-compressed with sha1 hashes.
 
 from __future__ import annotations
 
-import gzip
-import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,12 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from datas.jsonl import json_lines_texts, text_field
 from datas.mds import HASH_ALGO, TEXT_COLUMN, TOKENS_COLUMN
-from datas.tokenizer import load_tokenizer
+from datas.tokenizer import batched, encode_documents, load_tokenizer
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".parquet", ".txt")
 TOKENIZE_BATCH = 256
+FIELD_HINT = "pass --text_field NAME"
 
 
 @dataclass
@@ -56,29 +56,12 @@ def find_files(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
-def _field(record: dict[str, Any], field: str, where: str) -> str:
-    if field not in record:
-        raise UserError(
-            f"{where}: no field {field!r} (fields: {', '.join(record) or 'none'}); "
-            "pass --text_field NAME"
-        )
-    return record[field]
-
-
-def _json_lines(path: Path, field: str) -> Iterator[str]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if line.strip():
-                yield _field(json.loads(line), field, f"{path}:{number}")
-
-
 def _parquet_texts(path: Path, field: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     table = pq.ParquetFile(path)
     if field not in table.schema_arrow.names:
-        _field(dict.fromkeys(table.schema_arrow.names), field, str(path))
+        text_field(dict.fromkeys(table.schema_arrow.names), field, str(path), FIELD_HINT)
     for batch in table.iter_batches(columns=[field]):
         yield from batch.column(0).to_pylist()
 
@@ -92,23 +75,12 @@ def read_documents(path: Path, field: str) -> Iterator[str]:
         elif path.suffix == ".parquet":
             yield from _parquet_texts(path, field)
         else:
-            yield from _json_lines(path, field)
+            yield from json_lines_texts(path, field, FIELD_HINT)
     except (OSError, EOFError, UnicodeDecodeError, ValueError) as err:
         if isinstance(err, UserError):
             raise
         reason = str(err).splitlines()[0]
         raise UserError(f"--input {path} is not readable as {path.suffix} ({reason})") from err
-
-
-def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:
-    batch = []
-    for text in texts:
-        batch.append(text)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _token_blocks(
@@ -118,13 +90,10 @@ def _token_blocks(
     tokenizer = load_tokenizer(tokenizer_dir, "--tokenizer")
     if tokenizer.eos_token_id is None:
         raise UserError(f"--tokenizer {tokenizer_dir} has no EOS token to join documents with")
-    eos = (tokenizer.eos_token_id,)
-    backend = tokenizer.backend_tokenizer
     buffer = np.zeros(0, dtype=np.int32)
-    for batch in _batches(texts, TOKENIZE_BATCH):
-        ids = [e.ids for e in backend.encode_batch(batch, add_special_tokens=False)]
-        new = np.fromiter(chain.from_iterable(chain(doc, eos) for doc in ids), dtype=np.int32)
-        buffer = np.concatenate([buffer, new])
+    for batch in batched(texts, TOKENIZE_BATCH):
+        tokens, _ = encode_documents(tokenizer, batch, tokenizer.eos_token_id)
+        buffer = np.concatenate([buffer, tokens])
         usable = len(buffer) - len(buffer) % seq_len
         yield from buffer[:usable].reshape(-1, seq_len)
         stats.tokens += usable

@@ -1,4 +1,6 @@
-"""Loading a tokenizer directory, with one-line errors.
+"""Tokenizers: loading a tokenizer directory (with one-line errors), and turning documents into
+tokens the one way every part of the project does (training, data preparation, evaluation):
+without special tokens, each document followed by EOS.
 
 transformers is imported inside: importing `datas` must stay cheap (DataLoader workers,
 `datas.prepare --help`).
@@ -6,8 +8,12 @@ transformers is imported inside: importing `datas` must stay cheap (DataLoader w
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from utils.errors import UserError
 
@@ -32,3 +38,32 @@ def load_tokenizer(path: str | Path, flag: str) -> Any:
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0]
         raise UserError(f"{flag} {path} holds no loadable tokenizer ({reason})") from err
+
+
+def encode_documents(
+    tokenizer: Any, texts: list[str], eos_id: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`texts` tokenized in one batched call without special tokens, each followed by `eos_id`
+    (none when None): the concatenated int32 tokens, and each document's length (its EOS
+    included). A fast tokenizer's backend is called directly, without character offsets."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        ids = [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
+    else:  # verbose=False: long documents are expected, not a truncation mistake
+        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    suffix = () if eos_id is None else (eos_id,)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + len(suffix)
+    tokens = np.fromiter(  # chain() keeps the per-token iteration in C
+        chain.from_iterable(chain(doc, suffix) for doc in ids),
+        dtype=np.int32,
+        count=int(lengths.sum()),
+    )
+    return tokens, lengths
+
+
+def batched(texts: Iterable[str], size: int) -> Iterator[list[str]]:
+    """Consecutive lists of `size` texts (the last one shorter)."""
+    iterator = iter(texts)
+    while batch := list(islice(iterator, size)):
+        yield batch

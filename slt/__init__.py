@@ -8,8 +8,8 @@ from slt.config import METHOD_DEFAULTS, PROJECTIONS, SLTConfig, load_slt_config
 from slt.layers import (
     MagnitudeLinear,
     NMLinear,
-    SLTLinear,
     SLTrainLinear,
+    SparseLinear,
     SupermaskLinear,
     nm_mask,
     threshold_for,
@@ -24,7 +24,7 @@ __all__ = [
     "MagnitudeLinear",
     "NMLinear",
     "SLTConfig",
-    "SLTLinear",
+    "SparseLinear",
     "SLTrainLinear",
     "SparseTraining",
     "SupermaskLinear",

@@ -1,36 +1,37 @@
-"""From a sparse model's full state to a dense transformers Llama, and the sparse sidecar.
+"""A sparse run as a dense transformers Llama: each sparse layer's effective weight (masked, or
+B @ A + S) under the dense name `<layer>.weight`.
 
-A `full` checkpoint and `python -m utils.convert` write each sparse layer's effective weight
-(masked, or B @ A + S) under the dense name `<layer>.weight`, so the directory is a standard
-Llama; the sparse layers' own tensors go to a sidecar file that training resumes from.
+`full` checkpoints hold this export (and the sparse layers' own tensors beside it, see
+`SparseTraining.export_weights`); `dense_weights` computes it for a checkpoint of any format,
+for the converter and the C4 evaluation.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from slt.config import SLTConfig
-from slt.layers import SLTLinear
+from slt.layers import SparseLinear
 from slt.patch import patch_llama
+from utils.checkpoint import load_transformers_weights, read_model_tensors, read_trainer_state
 from utils.model import build_meta_model
 
-SIDECAR = "slt_state.safetensors"
 
-
-def meta_model(model_config: PretrainedConfig, slt_state: dict[str, Any] | None) -> nn.Module:
-    """The model a checkpoint was trained as, on the meta device: patched if it was sparse."""
-    if slt_state is None:
-        return build_meta_model(model_config, "sdpa")
-    return _sparse_meta_model(model_config, slt_state)[0]
-
-
-def _sparse_meta_model(model_config, slt_state) -> tuple[nn.Module, dict[str, SLTLinear]]:
-    model = build_meta_model(model_config, "sdpa")
-    return model, patch_llama(model, SLTConfig.from_dict(slt_state["config"]))
+def dense_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The dense weights of a checkpoint of any format, on the CPU, with no process group: a
+    `full` checkpoint's as stored, the others' with every sparse layer's effective weight
+    composed here."""
+    trainer = read_trainer_state(step_dir)
+    if trainer["ckpt_type"] == "full":
+        return load_transformers_weights(step_dir)
+    weights = read_model_tensors(step_dir)
+    if trainer.get("slt") is None:
+        return weights
+    return effective_dense_state(AutoConfig.from_pretrained(str(step_dir)), trainer["slt"], weights)
 
 
 def sparse_layer_of(key: str, layers) -> str | None:
@@ -40,15 +41,8 @@ def sparse_layer_of(key: str, layers) -> str | None:
 
 
 def sparse_part(full_state: dict[str, torch.Tensor], layers) -> dict[str, torch.Tensor]:
-    """The tensors of the sparse layers: what the sidecar file holds."""
+    """The tensors of the sparse layers: what a `full` checkpoint keeps beside the export."""
     return {k: v for k, v in full_state.items() if sparse_layer_of(k, layers)}
-
-
-def with_sparse_state(dense: dict[str, Any], sparse: dict[str, Any]) -> dict[str, Any]:
-    """A full checkpoint's dense entries with each sparse layer's own entries (from the
-    sidecar) in place of its effective weight: the state the training model has."""
-    layers = {key.rpartition(".")[0] for key in sparse}
-    return {k: v for k, v in dense.items() if not sparse_layer_of(k, layers)} | sparse
 
 
 @torch.no_grad()
@@ -60,7 +54,9 @@ def effective_dense_state(
     dtype, as the training forward computed it (masks chosen among bf16 weights differ from
     masks chosen among their fp32 masters where values round together). Stored in fp32; cast
     back to the compute dtype, it is the trained weight bit for bit."""
-    _, layers = _sparse_meta_model(model_config, slt_state)
+    layers = patch_llama(
+        build_meta_model(model_config, "sdpa"), SLTConfig.from_dict(slt_state["config"])
+    )
     compute_dtype = getattr(torch, slt_state.get("compute_dtype", "float32"))
     dense = {k: v for k, v in full_state.items() if not sparse_layer_of(k, layers)}
     for name, layer in layers.items():
@@ -71,7 +67,7 @@ def effective_dense_state(
     return dense
 
 
-def _fill_layer(layer: SLTLinear, name: str, full_state: dict, threshold) -> None:
+def _fill_layer(layer: SparseLinear, name: str, full_state: dict, threshold) -> None:
     prefix = f"{name}."
     tensors = {k[len(prefix) :]: v for k, v in full_state.items() if k.startswith(prefix)}
     layer.load_state_dict(tensors, assign=True)

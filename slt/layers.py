@@ -46,7 +46,7 @@ class StraightThroughScores(torch.autograd.Function):
         return grad, None
 
 
-class SLTLinear(nn.Module):
+class SparseLinear(nn.Module):
     """Same inputs, outputs and (optional) bias as nn.Linear(in_features, out_features); the
     weight used is `effective_weight()`. Subclasses define their tensors and `compose`."""
 
@@ -102,7 +102,7 @@ class SLTLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-class ThresholdedLinear(SLTLinear):
+class ThresholdedLinear(SparseLinear):
     """A mask keeping the entries whose |importance| exceeds one per-layer threshold; the
     importance is the parameter named by `ranked_by`."""
 
@@ -180,7 +180,7 @@ class SupermaskLinear(ThresholdedLinear):
         return super().initial_value(name, generator, std)
 
 
-class NMLinear(SLTLinear):
+class NMLinear(SparseLinear):
     """N:M sparsity: in every group of `m` consecutive inputs of an output row, the `n` largest
     |w| are kept. SR-STE decays the pruned entries: `srste_lambda * w` is added to their
     gradient once per optimizer step (`add_decay_gradient`), whatever the number of micro-steps
@@ -217,7 +217,7 @@ def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(weight.shape)
 
 
-class SLTrainLinear(SLTLinear):
+class SLTrainLinear(SparseLinear):
     """SLTrain: W = (alpha / r) * lora_B @ lora_A + S, where S holds `sparse_values` at the
     fixed columns `sparse_columns`: round(delta * in_features) random columns per output row
     (the same count in every row, so the support is a rectangular tensor)."""

@@ -8,16 +8,16 @@ import torch
 from torch import nn
 
 from slt.config import SLTConfig, sltrain_rank_and_alpha
-from slt.layers import SLTLinear, layer_class_and_options
+from slt.layers import SparseLinear, layer_class_and_options
 from utils.errors import UserError
 
 
-def patch_llama(model: nn.Module, config: SLTConfig) -> dict[str, SLTLinear]:
+def patch_llama(model: nn.Module, config: SLTConfig) -> dict[str, SparseLinear]:
     """Swap every targeted nn.Linear of the decoder layers for the method's sparse layer;
     returns the new layers by module name. Embeddings and lm_head are never targets."""
     settings = resolved_settings(config, model.config.hidden_size)
     layer_class, options = layer_class_and_options(config.method, settings)
-    replaced: dict[str, SLTLinear] = {}
+    replaced: dict[str, SparseLinear] = {}
     for name, module in list(model.named_modules()):
         parent_name, _, leaf = name.rpartition(".")
         if leaf not in config.targets or not isinstance(module, nn.Linear):

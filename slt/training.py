@@ -9,7 +9,8 @@ import torch.distributed as dist
 from torch import nn
 
 from slt.config import SLTConfig
-from slt.layers import SLTLinear, ThresholdedLinear
+from slt.export import effective_dense_state, sparse_part
+from slt.layers import SparseLinear, ThresholdedLinear
 from slt.patch import patch_llama
 from slt.schedule import last_refresh, refresh_due, scheduled_sparsity
 from utils.errors import UserError
@@ -27,6 +28,7 @@ class SparseTraining:
     ) -> None:
         self.config = config
         self.compute_dtype = compute_dtype
+        self.model_config = model.config
         self.layers = patch_llama(model, config)
         self.thresholded = {
             name: layer
@@ -95,9 +97,10 @@ class SparseTraining:
             },
         }
 
-    def check_resumable_from(self, state: dict[str, Any] | None, source: str) -> None:
-        """A checkpoint trained with another slt config is refused. A dense checkpoint (no
-        sparse state) is accepted: its weights are then pruned from here on."""
+    def load_state_dict(self, state: dict[str, Any] | None, source: str) -> None:
+        """Restore the thresholds saved in checkpoint `source`. A checkpoint trained with another
+        slt config is refused; a dense one (no state) is accepted, its weights then pruned from
+        here on, and the thresholds computed at the first step."""
         if state is None:
             return
         saved = SLTConfig.from_dict(state["config"], source=f"in {source}")
@@ -106,15 +109,16 @@ class SparseTraining:
                 f"--resume_dir {source} was trained with slt config {saved.to_dict()}, not "
                 f"{self.config.to_dict()}; resume with the same --slt_config"
             )
-
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Restore the thresholds (see check_resumable_from); None leaves them to be computed."""
-        if state is None:
-            return
         for name, threshold in state["thresholds"].items():
             self.thresholded[name].threshold.copy_(threshold)
         self._has_thresholds = True
 
+    def export_weights(self, full_state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """A `full` checkpoint's contents: the dense transformers weights (each sparse layer's
+        effective weight under its dense name) and the sparse layers' own tensors."""
+        dense = effective_dense_state(self.model_config, self.state_dict(), full_state)
+        return dense, sparse_part(full_state, self.layers)
 
-def _device_of(layers: dict[str, SLTLinear]) -> torch.device:
+
+def _device_of(layers: dict[str, SparseLinear]) -> torch.device:
     return next(next(iter(layers.values())).parameters()).device

@@ -41,15 +41,7 @@ def torchrun(
     check: bool = True,
 ) -> subprocess.CompletedProcess:
     """Run `torchrun --standalone --nproc_per_node=nproc script args...` from the repo root."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        *(extra_torchrun or ("--standalone",)),
-        str(script),
-        *args,
-    ]
+    cmd = torchrun_command(script, *args, nproc=nproc, launcher=extra_torchrun or ("--standalone",))
     for _attempt in range(2):
         proc = subprocess.run(
             cmd,
@@ -69,6 +61,31 @@ def torchrun(
             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def torchrun_command(
+    script: str | Path, *args: str, nproc: int = 2, launcher: tuple[str, ...] = ("--standalone",)
+) -> list[str]:
+    """The command line of every torchrun launch in the tests: `launcher` holds torchrun's own
+    flags (its rendezvous, --max-restarts, log redirection)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *launcher,
+        str(script), *args,
+    ]  # fmt: skip
+
+
+def torchrun_background(
+    script: str | Path, *args: str, launcher: tuple[str, ...] = ("--standalone",)
+) -> subprocess.Popen:
+    """A 2-process torchrun launch left running (to be signalled); its output in one pipe."""
+    return subprocess.Popen(
+        torchrun_command(script, *args, launcher=launcher),
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def torchrun_runs(runs: list[list[str]], work_dir: Path, nproc: int = 2) -> None:
@@ -95,12 +112,12 @@ def torchrun_two_nodes(flags: list[str], work_dir: Path) -> list[str]:
     for rank in (0, 1):
         node_tmp = work_dir / f"node{rank}"
         node_tmp.mkdir()
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-            f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-            f"--rdzv_id={work_dir.name}", "train.py", *flags,
-            f"--local_cache_dir={node_tmp / 'cache'}",
-        ]  # fmt: skip
+        rendezvous = (
+            "--nnodes=2", f"--node_rank={rank}", "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={work_dir.name}",
+        )  # fmt: skip
+        cache = f"--local_cache_dir={node_tmp / 'cache'}"
+        cmd = torchrun_command("train.py", *flags, cache, nproc=1, launcher=rendezvous)
         nodes.append(
             subprocess.Popen(
                 on_own_node(cmd),

@@ -4,7 +4,6 @@ checkpointing keeps flash-attn's outputs as it keeps SDPA's."""
 
 from __future__ import annotations
 
-from argparse import Namespace
 from collections import Counter
 
 import pytest
@@ -15,7 +14,12 @@ from torch.nn.attention import SDPBackend
 from transformers import AutoModelForCausalLM
 
 from utils import attention
-from utils.attention import attention_context, sdpa_backends, set_attention_kernels
+from utils.attention import (
+    AttentionFlags,
+    attention_context,
+    sdpa_backends,
+    set_attention_kernels,
+)
 from utils.errors import UserError
 from utils.metrics import model_flops_per_token
 from utils.model import build_meta_model, load_model_config
@@ -24,10 +28,8 @@ from utils.parallelize import wrap_activation_checkpointing
 
 def flags(
     kernel: str = "auto", enable_flash: bool = False, document_masking: bool = False
-) -> Namespace:
-    return Namespace(
-        attention_kernel=kernel, enable_flash=enable_flash, document_masking=document_masking
-    )
+) -> AttentionFlags:
+    return AttentionFlags(enable_flash, kernel, document_masking)
 
 
 @pytest.mark.parametrize(
@@ -85,17 +87,15 @@ def test_another_model_built_from_the_same_config_leaves_the_attention_as_it_was
 def test_document_masking_under_enable_flash_needs_the_flash_attn_package(monkeypatch):
     monkeypatch.setattr(attention, "is_flash_attn_3_available", lambda: False)
     monkeypatch.setattr(attention, "is_flash_attn_2_available", lambda: False)
-    args = Namespace(
-        enable_flash=True, bf16=True, fp16=False, document_masking=True, attention_kernel="auto"
-    )
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
     with pytest.raises(UserError) as refused:
-        attention.check_attention_flags(args, torch.device("cuda"))
+        attention.check_attention_flags(flags(enable_flash=True, document_masking=True), bf16, cuda)
     assert str(refused.value) == (
         "--document_masking with --enable_flash needs the flash-attn package (SDPA's flash "
         "kernel takes no document mask); install flash-attn or drop --enable_flash"
     )
     monkeypatch.setattr(attention, "is_flash_attn_2_available", lambda: True)
-    attention.check_attention_flags(args, torch.device("cuda"))  # its varlen kernel takes them
+    attention.check_attention_flags(flags(enable_flash=True, document_masking=True), bf16, cuda)
 
 
 def test_document_masking_keeps_transformers_sdpa_which_builds_the_mask():

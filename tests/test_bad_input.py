@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
+import convert
 import train
 from datas import prepare
 from datas.C4 import c4_eval
 from tests.helpers import tiny_run_flags, train_in_process
-from utils import convert
 
 MARKER = Path("/tmp/llm_playground_code_ran")
 
@@ -337,7 +337,11 @@ TRAIN_CASES = {
     "async full": (["--ckpt_type=full", "--async_save"], no_input, "--async_save works with"),
     "cudnn on cpu": (["--attention_kernel=cudnn"], no_input, "--attention_kernel cudnn"),
     "unknown flag": (["--learning_rate=1"], no_input, "unrecognized arguments: --learning_rate"),
-    "strategy unknown": (["--strategy=bogus"], no_input, "invalid choice: 'bogus'"),
+    "strategy unknown": (
+        ["--strategy=bogus"],
+        no_input,
+        "--strategy bogus is unknown; choose one of: pack",
+    ),
     "local_batch not a number": (["--local_batch=abc"], no_input, "invalid int value: 'abc'"),
     "nonfinite unknown": (["--nonfinite=ignore"], no_input, "invalid choice: 'ignore'"),
 }
@@ -420,7 +424,7 @@ PREPARE_CASES = {
     "binary jsonl": (
         ["--input", "{X}", "--output", "{T}/out"],
         binary_file(".jsonl"),
-        "is not readable as .jsonl",
+        "is not readable",
     ),  # fmt: skip
     "binary txt": (
         ["--input", "{X}", "--output", "{T}/out"],
@@ -430,7 +434,7 @@ PREPARE_CASES = {
     "no text field": (
         ["--input", "{X}", "--output", "{T}/out"],
         jsonl_without_text,
-        "no field 'text'",
+        "no string field 'text'",
     ),  # fmt: skip
     "seq_len zero": (
         ["--input", "{X}", "--output", "{T}/out", "--tokenizer", "{K}", "--seq_len", "0"],
@@ -473,7 +477,7 @@ def test_prepare(case, saved, tmp_path, capsys):
     assert not (tmp_path / "t" / "out").exists()
 
 
-# ---------------------------------------------------------------- python -m utils.convert
+# ---------------------------------------------------------------- python convert.py
 CONVERT_CASES = {
     "step missing": (["/nowhere/step_000004", "{T}/out"], "no trainer.pt"),
     "step not a checkpoint": (["{K}", "{T}/out"], "no trainer.pt"),

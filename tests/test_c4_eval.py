@@ -292,7 +292,7 @@ BAD_INPUTS = {
     "no text field": (
         lambda root: write_jsonl_gz(root / "a.json.gz", ['{"body": "x"}']),
         ValueError,
-        "no `text`",
+        "no string field 'text'",
     ),
     "not JSON": (
         lambda root: write_jsonl_gz(root / "a.jsonl.gz", ["{oops"]),

@@ -25,6 +25,8 @@ from tests.helpers import (
     metrics_records,
     tiny_run_flags,
     torchrun,
+    torchrun_background,
+    torchrun_command,
     torchrun_runs,
     torchrun_two_nodes,
     train_in_process,
@@ -107,15 +109,16 @@ def test_exit_interval_then_auto_resume_is_bit_identical(ckpt_type, interrupted,
 
 @pytest.fixture(scope="module")
 def sigterm_run(out, mds_text, tokenizer_dir) -> Path:
-    """A shard-format run (written in the background) signalled mid-run, then resubmitted
-    with --resume_dir auto."""
+    """A shard-format run (written in the background) whose last rank alone gets SIGTERM
+    mid-run: every rank must stop after the same step (the ranks vote, and one vote to stop
+    is enough), save, and exit with status 0; then the run is resubmitted with
+    --resume_dir auto."""
     name = "sigterm_shard"
     run = flags(mds_text, tokenizer_dir, out, name, "--ckpt_type=shard", "--resume_dir=auto")
     run += ["--async_save"]
-    proc = launch(run)
+    proc = torchrun_background("train.py", *run)
     wait_for(lambda: len(losses_by_step_safe(out / name)) >= 2, proc)
-    for child in worker_pids(proc.pid):
-        os.kill(child, signal.SIGTERM)  # what SLURM sends to every process of the job
+    os.kill(worker_pids(proc.pid)[-1], signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-3000:]
     assert "(SIGTERM)" in output, output[-3000:]
@@ -161,6 +164,30 @@ def test_the_same_world_size_on_another_node_layout_resumes_elastically(
     assert sorted(logged_losses(tmp_path / "relayout")) == [STEPS - 1, STEPS]
 
 
+def test_resume_restores_the_random_state(mds_tokens, tokenizer_dir, tmp_path, monkeypatch):
+    """Each rank's RNG comes back as it was saved (dropout, or anything else drawing from it,
+    then continues as uninterrupted)."""
+    from utils.checkpoint import Checkpointer
+
+    run = flags(mds_tokens, tokenizer_dir, tmp_path, "rng", "--ckpt_type=full", "--save_every=2")
+    run += ["--local_batch=4", "--num_workers=0", "--train_steps=2"]
+    train_in_process(*run)
+    step = tmp_path / "rng" / "step_000002"
+    saved = torch.load(step / "rank_00000.pt", weights_only=True)["rng"]["cpu"]
+    seen = []
+    load = Checkpointer.load
+
+    def load_then_look(self, *args, **kwargs):
+        result = load(self, *args, **kwargs)
+        seen.append(torch.get_rng_state())
+        return result
+
+    monkeypatch.setattr(Checkpointer, "load", load_then_look)
+    train_in_process(*run, "--train_steps=3", f"--resume_dir={step}")
+    assert not torch.equal(saved, torch.manual_seed(42).get_state())  # the run drew from it
+    assert torch.equal(seen[0], saved)
+
+
 def test_sigkill_of_a_rank_during_a_save_then_resubmit_recovers_exactly(
     text_baseline, out, mds_text, tokenizer_dir
 ):
@@ -169,7 +196,7 @@ def test_sigkill_of_a_rank_during_a_save_then_resubmit_recovers_exactly(
     name = "sigkill"
     run = flags(mds_text, tokenizer_dir, out, name, "--ckpt_type=shard", "--resume_dir=auto")
     run += ["--save_every=1"]
-    proc = launch(run)
+    proc = torchrun_background("train.py", *run)
     staging = wait_for(lambda: staging_dir_after_first(out / name), proc, poll=0.005)
     os.kill(worker_pids(proc.pid)[-1], signal.SIGKILL)
     output, _ = proc.communicate(timeout=300)
@@ -193,7 +220,7 @@ def test_sigkill_of_a_rank_mid_run_under_max_restarts_recovers_exactly(
     name = "max_restarts"
     run = flags(mds_text, tokenizer_dir, out, name, "--ckpt_type=shard", "--resume_dir=auto")
     run += ["--save_every=2"]
-    proc = launch(run, extra_torchrun=("--max-restarts=1",))
+    proc = torchrun_background("train.py", *run, launcher=("--standalone", "--max-restarts=1"))
     wait_for(lambda: (out / name / "step_000004").is_dir(), proc, poll=0.01)
     os.kill(worker_pids(proc.pid)[-1], signal.SIGKILL)
     output, _ = proc.communicate(timeout=300)
@@ -208,7 +235,7 @@ def test_converter_and_full_checkpoint_load_and_generate_in_transformers(
 ):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from utils.convert import convert
+    from convert import convert
 
     full = interrupted("full") / f"step_{STEPS:06d}"
     reference = AutoModelForCausalLM.from_pretrained(str(full))
@@ -279,11 +306,9 @@ def test_a_write_failure_on_one_rank_stops_every_rank_with_one_line(
     disk.mkdir()
     run = flags(mds_tokens, tokenizer_dir, disk, "full_disk", "--ckpt_type=full", "--save_every=2")
     on_small_disk = f'mount -t tmpfs -o size=256k tmpfs {disk} && exec "$@"'
-    cmd = [
-        "unshare", "--mount", "--", "sh", "-c", on_small_disk, "_", sys.executable, "-m",
-        "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"--log-dir={logs}",
-        "--redirects=2", "train.py", *run,
-    ]  # fmt: skip
+    launcher = ("--standalone", f"--log-dir={logs}", "--redirects=2")
+    cmd = ["unshare", "--mount", "--", "sh", "-c", on_small_disk, "_"]
+    cmd += torchrun_command("train.py", *run, launcher=launcher)
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, timeout=120)
     assert proc.returncode != 0
     errors = [f.read_text().strip().splitlines() for f in sorted(logs.rglob("stderr.log"))]
@@ -413,7 +438,7 @@ def test_exports_stop_at_the_tokenizers_eos_and_keep_its_files(tied_runs, tokeni
     format (a `full` or `local` one used to crash on the meta head and leave OUT.tmp)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from utils.convert import convert
+    from convert import convert
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     exported = {ckpt: convert(step, tmp_path / ckpt) for ckpt, step in tied_runs.items()}
@@ -433,7 +458,7 @@ def test_exports_stop_at_the_tokenizers_eos_and_keep_its_files(tied_runs, tokeni
 
 
 def test_converting_onto_an_export_needs_overwrite(tied_runs, tmp_path):
-    from utils.convert import convert
+    from convert import convert
     from utils.errors import UserError
 
     out = convert(tied_runs["full"], tmp_path / "model")
@@ -457,20 +482,6 @@ def test_auto_ignores_staging_directories(interrupted, tmp_path):
 
 
 # ---------------------------------------------------------------- process helpers
-def launch(
-    args: list[str], extra_torchrun: tuple[str, ...] = (), env: dict[str, str] | None = None
-) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    return subprocess.Popen(
-        [*cmd, *extra_torchrun, "train.py", *args],
-        cwd=REPO,
-        env=env or child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 180, poll: float = 0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -23,7 +23,6 @@ def make_loader(mds_root: Path, tokenizer_dir: Path, **kwargs):
         strategy="pack",
         seq_len=DATA_SEQ_LEN,
         micro_blocks=4,
-        per_device_batch=4,
         num_workers=0,
         pack_batch_texts=16,
         num_canonical_nodes=DATA_CANONICAL_NODES,
@@ -194,15 +193,15 @@ def test_read_only_directory_needing_decompression(mds_text, tokenizer_dir, tmp_
     copy = shutil.copytree(mds_text, tmp_path / "mds")
     for raw in copy.glob("*.mds"):
         raw.unlink()
-    assert datas.mds._is_writable(copy)
+    assert datas.mds.why_not_writable(copy) is None
     # Tests run as root, for whom permission bits do not apply: simulate a read-only mount.
-    monkeypatch.setattr(datas.mds, "_is_writable", lambda directory: False)
+    monkeypatch.setattr(datas.mds, "why_not_writable", lambda directory: "Read-only file system")
     with pytest.raises(UserError, match=r"not writable; pass --local_cache_dir"):
         make_loader(copy, tokenizer_dir)
 
 
 def test_bad_settings(mds_text, tokenizer_dir):
-    with pytest.raises(UserError, match="strategy='packed' is unknown"):
+    with pytest.raises(UserError, match="--strategy packed is unknown"):
         make_loader(mds_text, tokenizer_dir, strategy="packed")
     with pytest.raises(UserError, match="is remote; give --local_cache_dir"):
         make_loader("s3://bucket/data", tokenizer_dir)

@@ -48,7 +48,7 @@ def test_pack_is_the_concatenation_cut_into_blocks():
     assert np.array_equal(stream, np.concatenate(docs)[: len(stream)])
     for b in batches:
         assert b["input_ids"].shape == (4, 32)
-        assert (b["labels"] == b["input_ids"]).all() and (b["attention_mask"] == 1).all()
+        assert (b["labels"] == b["input_ids"]).all() and "attention_mask" not in b
 
 
 def test_pack_position_ids_restart_after_each_eos():

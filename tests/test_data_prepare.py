@@ -57,7 +57,7 @@ def test_tokens_blocks_are_exactly_seq_len(mds_tokens, tokenizer_dir, data_docs)
 def test_missing_field_and_empty_input(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
     with pytest.raises(
-        UserError, match=r"a.jsonl:1: no field 'text' \(fields: content\); pass --text_field"
+        UserError, match=r"a.jsonl:1: no string field 'text' \(fields: content\); pass --text_field"
     ):
         prepare_mds([tmp_path / "a.jsonl"], tmp_path / "out1", progress=False)
     (tmp_path / "empty").mkdir()

@@ -30,7 +30,7 @@ def test_packed_documents_see_only_themselves(mds_text, tokenizer_dir):
     config = load_model_config("tiny", loader.vocab_size)
     config.initializer_range = 0.2  # sharper attention than an untrained 0.02 model's
     implementation = attention.attention_implementation(
-        Namespace(enable_flash=False, document_masking=True)
+        attention.AttentionFlags(document_masking=True)
     )  # as train.py picks it
     model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
     row = {key: value[:1] for key, value in batch.items()}

@@ -12,7 +12,7 @@ import torch
 import train
 from tests.helpers import REPO, metrics_records, tiny_run_flags, torchrun, train_in_process
 from tests.scripts.poisoned_train import poison
-from utils.convert import read_model_tensors
+from utils.checkpoint import read_model_tensors
 
 
 def run_flags(data: Path, tokenizer: Path, out: Path, name: str, *extra: str) -> list[str]:

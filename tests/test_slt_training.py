@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from convert import convert
 from slt import SLTConfig, nm_mask, scheduled_sparsity
+from slt.export import dense_weights
 from slt.schedule import last_refresh
 from tests.helpers import (
     logged_losses,
@@ -22,7 +24,7 @@ from tests.helpers import (
     torchrun_runs,
     train_in_process,
 )
-from utils.convert import convert, read_full_weights, read_model_tensors
+from utils.checkpoint import read_model_tensors
 
 STEPS = 8
 METHODS = {
@@ -73,7 +75,7 @@ def one_rank(out, mds_tokens, tokenizer_dir) -> dict[str, Path]:
 
 
 def zero_pattern(step_dir: Path) -> dict[str, torch.Tensor]:
-    weights = read_full_weights(step_dir)
+    weights = dense_weights(step_dir)
     return {
         k: v == 0
         for k, v in weights.items()
@@ -125,7 +127,8 @@ def test_srste_decay_is_added_once_per_step_whatever_the_loss_scale(mds_tokens, 
         gradients, weights = {}, {}
         for decay in (0.0, 0.5):
             slt = SLTConfig.from_dict({"method": "nm", "srste_lambda": decay})
-            model, sparse = train.build_model(args, load_model_config("tiny", 1024), env, slt)
+            options = train.ModelOptions.from_flags(args, torch.float16)
+            model, sparse = train.build_model(options, load_model_config("tiny", 1024), env, slt)
             optimizer = build_optimizer(model, lr=0.0, weight_decay=0.0, fp16=True)
             seen = gradients.setdefault(decay, {})
             optimizer.register_step_pre_hook(
@@ -157,7 +160,7 @@ def test_measured_sparsity_is_logged(one_rank):
     # Measured after each step's update, which moves weights across the threshold in both
     # directions (pruned weights still train); the schedule still shows through.
     measured = [record["sparsity"] for record in records]
-    assert measured[0] < 0.3 < 0.45 < measured[-1] <= 0.5
+    assert measured[0] < 0.3 and 0.45 < measured[-1] <= 0.5
     events = EventAccumulator(str(one_rank["magnitude"].parent / "tensorboard" / "magnitude1"))
     events.Reload()
     assert {"train/sparsity", "slt/target_sparsity", "slt/trainable_params"} <= set(
@@ -297,7 +300,7 @@ def test_converter_exports_the_pruned_weights(two_ranks, tmp_path):
 @pytest.mark.parametrize(
     ("slt", "message"),
     [
-        (None, "was trained with --enable_slt; resume with the same --enable_slt --slt_config"),
+        (None, "was trained with --enable_slt; resume with the same --enable_slt flags"),
         ({**MAGNITUDE, "final_sparsity": 0.7}, "resume with the same --slt_config"),
     ],
 )

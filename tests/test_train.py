@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import DATA_SEQ_LEN
 from tests.helpers import (
@@ -22,6 +23,7 @@ from tests.helpers import (
     torchrun_runs,
     torchrun_two_nodes,
 )
+from utils.loss import IGNORE_INDEX
 
 STEPS = 8
 
@@ -216,3 +218,104 @@ def test_sparse_layers_that_do_not_fit_the_model_are_refused(
         "--local_batch=4", "--enable_slt", f"--slt_config={slt_config}",
     ]  # fmt: skip
     assert "nm needs in_features divisible by m=5" in run_in_process(argv, capsys)
+
+
+# ---------------------------------------------------------------- one optimizer step
+def tiny_step_model(env, dtype=torch.float32):
+    import train
+    from utils.attention import AttentionFlags
+    from utils.model import load_model_config
+    from utils.optim import build_optimizer
+
+    options = train.ModelOptions(AttentionFlags(), dtype=dtype)
+    model, _ = train.build_model(options, load_model_config("tiny", 0), env)
+    return model, build_optimizer(model, lr=1e-3, weight_decay=0.0, fp16=dtype == torch.float16)
+
+
+def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """4 rows of 16 tokens; rows 1 and 2 padded (ignored labels) to different lengths, so
+    that their two micro-batches hold different numbers of predicted tokens."""
+    tokens = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    labels = tokens.clone()
+    labels[1, 10:] = IGNORE_INDEX
+    labels[2, 3:] = IGNORE_INDEX
+    return tokens, labels
+
+
+def test_the_step_is_that_of_the_token_mean_over_the_global_batch_however_it_is_split():
+    """One micro-step of 4 rows, or two of 2: the loss is transformers' own mean over every
+    predicted token of the batch, and the gradients the optimizer receives are the same;
+    neither a mean of micro-batch means nor a count that takes first labels or padding in."""
+    import train
+    from utils.distributed import init_distributed, local_tensor, shutdown
+
+    env = init_distributed()
+    losses, gradients = [], []
+    try:
+        for micro_steps in (1, 2):
+            model, optimizer = tiny_step_model(env)
+            tokens, labels = padded_batch()
+            with torch.no_grad():
+                expected = model(input_ids=tokens, labels=labels).loss.item()
+            optimizer.register_step_pre_hook(
+                lambda *_, model=model: gradients.append(
+                    [local_tensor(p.grad).clone() for p in model.parameters()]
+                )
+            )
+            rows = len(tokens) // micro_steps
+            pairs = zip(tokens.split(rows), labels.split(rows), strict=True)
+            batches = [{"input_ids": t, "labels": y} for t, y in pairs]
+            loss, _, _ = train.train_step(model, optimizer, None, batches, env, 0.0)
+            losses.append((loss.item(), expected))
+    finally:
+        shutdown()
+    for loss, expected in losses:
+        assert loss == pytest.approx(expected, rel=1e-6)
+    for one, two in zip(*gradients, strict=True):
+        torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_optimizer_receives_gradients_clipped_to_grad_clip(dtype):
+    """The global norm the optimizer sees is --grad_clip's when the gradient's is larger:
+    clipped once, after fp16's loss scale is taken off (not before, on scaled gradients)."""
+    import train
+    from utils.distributed import init_distributed, local_tensor, shutdown
+    from utils.parallelize import build_grad_scaler
+
+    env = init_distributed()
+    norms = []
+    try:
+        for clip in (0.0, 0.05):  # 0 turns clipping off: the raw norm
+            model, optimizer = tiny_step_model(env, dtype)
+            optimizer.register_step_pre_hook(
+                lambda *_, model=model: norms.append(
+                    torch.stack([local_tensor(p.grad).norm() for p in model.parameters()])
+                    .norm()
+                    .item()
+                )
+            )
+            tokens, labels = padded_batch()
+            batches = [{"input_ids": tokens, "labels": labels}]
+            scaler = build_grad_scaler(dtype == torch.float16, env.device)
+            train.train_step(model, optimizer, scaler, batches, env, clip)
+    finally:
+        shutdown()
+    raw, clipped = norms  # both steps ran: the scaler skipped neither
+    assert raw > 0.2 and clipped == pytest.approx(0.05, rel=1e-3)
+
+
+def test_a_log_line_averages_the_steps_of_its_window(mds_tokens, tokenizer_dir, tmp_path):
+    from tests.helpers import train_in_process
+
+    for every in (1, 3):
+        flags = tiny_run_flags(mds_tokens, tokenizer_dir, tmp_path, steps=6, num_workers=0)
+        train_in_process(
+            *flags, "--local_batch=4", f"--run_name=every{every}", f"--log_every={every}"
+        )
+    each = logged_losses(tmp_path / "every1")
+    windows = logged_losses(tmp_path / "every3")
+    assert sorted(windows) == [3, 6]
+    for last in (3, 6):
+        mean = sum(each[step] for step in range(last - 2, last + 1)) / 3
+        assert windows[last] == pytest.approx(mean, rel=1e-6)

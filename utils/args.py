@@ -8,20 +8,19 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 
 from utils.errors import ArgumentParser, UserError
+from utils.files import why_not_writable
 
 if TYPE_CHECKING:
     import torch
 
 SHARDING_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
 CKPT_TYPES = ("shard", "full", "local")
-STRATEGIES = ("pack", "overflow", "trunc")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 ATTENTION_KERNELS = ("auto", "flash", "cudnn", "efficient")  # utils/attention.py maps them
 SPEED_SWITCHES = ("compile", "chunked_loss")
@@ -115,7 +114,9 @@ def add_data_flags(group: argparse._ActionsContainer) -> None:
     group.add_argument("--data_name", default="FineWeb-Edu", help="loader registered in datas/")
     group.add_argument("--local_cache_dir", help="per-node cache; data_dir is then read as remote")
     group.add_argument("--tokenizer_dir", help="transformers tokenizer directory")
-    group.add_argument("--strategy", default="pack", choices=STRATEGIES)
+    group.add_argument(
+        "--strategy", default="pack", help="pack, overflow or trunc (docs/data.md#strategies)"
+    )
     group.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence")
     group.add_argument("--num_workers", type=int, default=2, help="loader workers per rank")
     group.add_argument(
@@ -334,14 +335,11 @@ def _check_run_name(args: argparse.Namespace) -> None:
 
 
 def _check_writable_dir(path: Path, flag: str) -> None:
-    """Create the directory and a scratch file in it: the only check root cannot fool."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as err:
+    reason = why_not_writable(path)
+    if reason:
         raise UserError(
-            f"{flag} {path} is not writable ({err.strerror}); choose a directory you can write to"
-        ) from err
+            f"{flag} {path} is not writable ({reason}); choose a directory you can write to"
+        )
 
 
 def grad_accum_steps(global_batch: int, local_batch: int, world_size: int) -> int:

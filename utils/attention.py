@@ -4,8 +4,8 @@ recomputation of backward."""
 
 from __future__ import annotations
 
-from argparse import Namespace
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -52,17 +52,26 @@ SDPA_IMPLEMENTATIONS = ("sdpa", CAUSAL_SDPA)
 FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 
 
-def attention_implementation(args: Namespace) -> str:
+@dataclass(frozen=True)
+class AttentionFlags:
+    """The attention choices of a run: --enable_flash, --attention_kernel, --document_masking."""
+
+    enable_flash: bool = False
+    kernel: str = "auto"
+    document_masking: bool = False
+
+
+def attention_implementation(flags: AttentionFlags) -> str:
     """With --enable_flash, the flash-attn package when installed: FlashAttention-3
     (`flash_attn_3`) on Hopper, the only cards it runs on, else FlashAttention-2 (`flash_attn`).
     PyTorch SDPA otherwise: causal without a mask, or with --document_masking transformers' own,
     which builds the block-diagonal mask from the position ids."""
-    if args.enable_flash:
+    if flags.enable_flash:
         if is_flash_attn_3_available() and torch.cuda.get_device_capability()[0] == 9:
             return "flash_attention_3"
         if is_flash_attn_2_available():
             return "flash_attention_2"
-    return "sdpa" if args.document_masking else CAUSAL_SDPA
+    return "sdpa" if flags.document_masking else CAUSAL_SDPA
 
 
 def document_attention_kwargs(
@@ -86,32 +95,29 @@ def document_attention_kwargs(
     )
 
 
-def check_attention_flags(args: Namespace, device: torch.device) -> None:
-    """Before anything is built: the attention flags against each other and the device."""
-    if args.enable_flash and device.type != "cuda":
+def check_attention_flags(flags: AttentionFlags, dtype: torch.dtype, device: torch.device) -> None:
+    """Before anything is built: the attention flags against each other, the compute dtype
+    and the device."""
+    if flags.enable_flash and device.type != "cuda":
         raise UserError("--enable_flash needs a CUDA GPU; drop the flag on CPU")
-    if args.enable_flash and not (args.bf16 or args.fp16):
+    if flags.enable_flash and dtype == torch.float32:
         raise UserError("--enable_flash needs --bf16 or --fp16 (flash kernels do not run in fp32)")
     if (
-        args.enable_flash
-        and args.document_masking
-        and attention_implementation(args) not in FLASH_IMPLEMENTATIONS
+        flags.enable_flash
+        and flags.document_masking
+        and attention_implementation(flags) not in FLASH_IMPLEMENTATIONS
     ):
         raise UserError(
             "--document_masking with --enable_flash needs the flash-attn package (SDPA's flash "
             "kernel takes no document mask); install flash-attn or drop --enable_flash"
         )
-    if args.attention_kernel != "auto" and device.type != "cuda":
-        raise UserError(
-            f"--attention_kernel {args.attention_kernel} picks a CUDA kernel; drop it on CPU"
-        )
-    if args.enable_flash and args.attention_kernel != "auto":
-        raise UserError(
-            f"--enable_flash and --attention_kernel {args.attention_kernel} exclude each other"
-        )
+    if flags.kernel != "auto" and device.type != "cuda":
+        raise UserError(f"--attention_kernel {flags.kernel} picks a CUDA kernel; drop it on CPU")
+    if flags.enable_flash and flags.kernel != "auto":
+        raise UserError(f"--enable_flash and --attention_kernel {flags.kernel} exclude each other")
 
 
-def sdpa_backends(args: Namespace, implementation: str) -> list[SDPBackend] | None:
+def sdpa_backends(flags: AttentionFlags, implementation: str) -> list[SDPBackend] | None:
     """SDPA's backends for this run, first choice first; None leaves PyTorch's choice.
 
     --enable_flash without the flash-attn package allows SDPA's flash kernel only, so a call
@@ -120,16 +126,16 @@ def sdpa_backends(args: Namespace, implementation: str) -> list[SDPBackend] | No
     back to the next."""
     if implementation not in SDPA_IMPLEMENTATIONS:
         return None
-    if args.enable_flash:
+    if flags.enable_flash:
         return [SDPBackend.FLASH_ATTENTION]
-    if args.attention_kernel == "auto":
+    if flags.kernel == "auto":
         return None
-    first = SDPA_BACKENDS[args.attention_kernel]
+    first = SDPA_BACKENDS[flags.kernel]
     return [first, *(b for b in (*SDPA_BACKENDS.values(), SDPBackend.MATH) if b != first)]
 
 
-def set_attention_kernels(model: nn.Module, args: Namespace) -> None:
-    model.sdpa_backends = sdpa_backends(args, model.config._attn_implementation)
+def set_attention_kernels(model: nn.Module, flags: AttentionFlags) -> None:
+    model.sdpa_backends = sdpa_backends(flags, model.config._attn_implementation)
 
 
 def attention_context(model: nn.Module) -> AbstractContextManager:

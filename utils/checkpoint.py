@@ -55,13 +55,14 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig
 
-from slt.export import SIDECAR, effective_dense_state, sparse_part, with_sparse_state
-from slt.training import SparseTraining
 from utils.distributed import DistEnv, local_tensor
 from utils.errors import UserError
 from utils.model import canonical_name
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+OWN_STATE_SUFFIX = "_state.safetensors"  # a component's tensors in a `full` checkpoint
+# What every trainer.pt holds; any other key is a component's state ("scheduler": older runs).
+TRAINER_KEYS = {"step", "scaler", "world_size", "sharding_strategy", "ckpt_type", "scheduler"}
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 FULL_STATE_FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
@@ -155,12 +156,9 @@ def _dcp_files_problem(step_dir: Path) -> str | None:
 
 
 def _safetensors_problem(step_dir: Path) -> str | None:
-    files = [*_transformers_weight_files(step_dir), step_dir / SIDECAR]
-    if not files[:-1]:
+    if not _transformers_weight_files(step_dir):
         return f"no model.safetensors in {step_dir}"
-    for path in files:
-        if not path.is_file():
-            continue  # the sidecar: sparse runs only
+    for path in step_dir.glob("*.safetensors"):
         try:
             with safe_open(str(path), framework="pt"):
                 pass
@@ -170,55 +168,75 @@ def _safetensors_problem(step_dir: Path) -> str | None:
 
 
 class Checkpointer:
+    """One run's checkpoints. Built once with what it saves and restores: the (sharded) model
+    and optimizer, the fp16 grad scaler, the data loader, the RNG, and `components`, named
+    objects with a state of their own (the sparse layers', under "slt"); then `save(step,
+    args)` and `load(step_dir)`.
+
+    A component has `state_dict()` and `load_state_dict(state, source)`, which is given None
+    for a checkpoint without its state (it decides whether that resumes). One whose layers
+    have other tensors than a transformers model also has `export_weights(full_state) ->
+    (dense_state, own_state)`: a `full` checkpoint holds the dense weights in
+    model.safetensors and its own tensors, which training resumes from, in
+    `<name>_state.safetensors`."""
+
     def __init__(
         self,
         run_dir: Path,
         ckpt_type: str,
         env: DistEnv,
         *,
-        sharding_strategy: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: Any,
+        loader: Any,
         model_config: PretrainedConfig,
         tokenizer_dir: Path | None,
+        sharding_strategy: str,
         keep_last: int = 0,
         async_save: bool = False,
-        sparse: SparseTraining | None = None,
+        components: dict[str, Any] | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.ckpt_type = ckpt_type
         self.env = env
-        self.sharding_strategy = sharding_strategy
+        self.model = model
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.loader = loader
         self.model_config = model_config
         self.tokenizer_dir = tokenizer_dir
         self._tokenizer = None  # loaded on rank 0 at the first save
+        self.sharding_strategy = sharding_strategy
         self.keep_last = keep_last
         self.async_save = async_save
-        self.sparse = sparse
+        self.components = components or {}
         # Background DCP writes need their own group so they never interleave with training's.
         self._async_group = dist.new_group(backend="gloo") if async_save else None
-        self._pending: tuple[Any, Path, Path] | None = None
+        self._pending: tuple[Any, _Saving, Path] | None = None
 
     # ---------------------------------------------------------------- save
-    def save(self, step, model, optimizer, scaler, loader, args: dict[str, Any]) -> Path:
+    def save(self, step: int, args: dict[str, Any]) -> Path:
         """Every rank calls this at the same step. A failure to write on any rank (a full disk,
         a lost mount) ends every rank promptly with the same UserError; the checkpoints saved
         before are untouched and the half-written one is removed."""
         self.wait()
-        loader_state = loader.state_dict()  # a collective: the ranks agree on the data position
+        loader_state = self.loader.state_dict()  # a collective: the ranks agree on the data
         final = self.run_dir / step_dir_name(step)
         staging = self.run_dir / f".{final.name}.tmp"
         saving = _Saving(step, staging, self.env)
         if self.env.is_main:
-            saving.run(lambda: self._stage_metadata(staging, step, scaler, args))
+            saving.run(lambda: self._stage_metadata(staging, step, args))
         saving.agree()  # also the barrier: the staging directory exists for every rank
         rank_state = {"loader": loader_state, "rng": _rng_state()}
         if self.ckpt_type == "local":
-            rank_state |= _local_shards(model, optimizer)
+            rank_state |= _local_shards(self.model, self.optimizer)
         saving.run(lambda: _save_durably(rank_state, staging / f"rank_{self.env.rank:05d}.pt"))
         if self.ckpt_type == "full":
-            self._save_full(model, optimizer, staging, saving)
+            self._save_full(staging, saving)
         elif self.ckpt_type == "shard":
             saving.agree()
-            model_state, optim_state = get_state_dict(model, optimizer)
+            model_state, optim_state = get_state_dict(self.model, self.optimizer)
             state = {"model": model_state, "optim": optim_state}
             if self.async_save:
                 future = dcp.async_save(
@@ -244,34 +262,33 @@ class Checkpointer:
         found = [p for p in complete_checkpoints(self.run_dir) if step_number(p) < step]
         return found[-1] if found else None
 
-    def _stage_metadata(self, staging: Path, step: int, scaler, args) -> None:
+    def _stage_metadata(self, staging: Path, step: int, args: dict[str, Any]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         trainer = {
             "step": step,
-            "scaler": scaler.state_dict() if scaler else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
             "world_size": self.env.world_size,
             "sharding_strategy": self.sharding_strategy,
             "ckpt_type": self.ckpt_type,
-            "slt": self.sparse.state_dict() if self.sparse else None,
-        }
+        } | {name: component.state_dict() for name, component in self.components.items()}
         _save_durably(trainer, staging / "trainer.pt")
         (staging / "args.json").write_text(json.dumps(args, indent=2, default=str))
         if self._tokenizer is None and self.tokenizer_dir is not None:
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
         write_model_files(self.model_config, staging, self._tokenizer)
 
-    def _save_full(self, model: nn.Module, optimizer, staging: Path, saving: _Saving) -> None:
-        model_state = get_model_state_dict(model, options=FULL_STATE)  # collectives
-        optim_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
+    def _save_full(self, staging: Path, saving: _Saving) -> None:
+        model_state = get_model_state_dict(self.model, options=FULL_STATE)  # collectives
+        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE)
         if self.env.is_main:
             saving.run(lambda: self._write_full(model_state, optim_state, staging))
 
     def _write_full(self, model_state: dict, optim_state: dict, staging: Path) -> None:
-        if self.sparse:
-            save_file(sparse_part(model_state, self.sparse.layers), str(staging / SIDECAR))
-            sparse_state = self.sparse.state_dict()
-            model_state = effective_dense_state(self.model_config, sparse_state, model_state)
+        for name, component in self.components.items():
+            if hasattr(component, "export_weights"):
+                model_state, own = component.export_weights(model_state)
+                save_file(own, str(staging / f"{name}{OWN_STATE_SUFFIX}"))
         save_transformers_weights(self.model_config, model_state, staging)
         _save_durably(optim_state, staging / "optimizer.pt")
 
@@ -298,39 +315,38 @@ class Checkpointer:
             _delete_dir(old)
 
     # ---------------------------------------------------------------- load
-    def load(
-        self, step_dir: Path, model, optimizer, scaler, loader, *, skip_optimizer=False
-    ) -> int:
+    def load(self, step_dir: Path, *, skip_optimizer: bool = False) -> int:
         """Restore a checkpoint of any format; returns its step. With `skip_optimizer` the
         optimizer starts fresh while the step count (hence the learning rate) is kept."""
-        trainer = torch.load(step_dir / "trainer.pt", weights_only=True)
+        trainer = read_trainer_state(step_dir)
         same_world = trainer["world_size"] == self.env.world_size
-        self._check_sparse_compatible(step_dir, trainer)
-        check_shapes_match(saved_shapes(step_dir, trainer["ckpt_type"]), model)
+        self._check_components(step_dir, trainer)
+        for name, component in self.components.items():  # first: its refusal is the clearest
+            component.load_state_dict(trainer.get(name), str(step_dir))
+        check_shapes_match(saved_shapes(step_dir, trainer["ckpt_type"]), self.model)
         if trainer["ckpt_type"] == "local":
             self._check_local_compatible(step_dir, trainer)
         rank_file = step_dir / f"rank_{self.env.rank if same_world else 0:05d}.pt"
         rank_state = torch.load(rank_file, weights_only=True)
+        optimizer = None if skip_optimizer else self.optimizer
         load_weights_and_optimizer(
-            step_dir, trainer["ckpt_type"], model, None if skip_optimizer else optimizer, rank_state
+            step_dir, trainer["ckpt_type"], self.model, optimizer, rank_state
         )
-        if not skip_optimizer and scaler and trainer["scaler"]:
-            scaler.load_state_dict(trainer["scaler"])
-        if self.sparse:
-            self.sparse.load_state_dict(trainer.get("slt"))
-        loader.load_state_dict(rank_state["loader"])
+        if not skip_optimizer and self.scaler and trainer["scaler"]:
+            self.scaler.load_state_dict(trainer["scaler"])
+        self.loader.load_state_dict(rank_state["loader"])
         if same_world:
             _set_rng_state(rank_state["rng"])
         return trainer["step"]
 
-    def _check_sparse_compatible(self, step_dir: Path, trainer: dict) -> None:
-        if self.sparse:
-            self.sparse.check_resumable_from(trainer.get("slt"), str(step_dir))
-        elif trainer.get("slt"):
-            raise UserError(
-                f"--resume_dir {step_dir} was trained with --enable_slt; resume with the same "
-                "--enable_slt --slt_config, or export it to a dense model with utils.convert"
-            )
+    def _check_components(self, step_dir: Path, trainer: dict) -> None:
+        """State of a component this run does not have (a sparse run resumed as dense)."""
+        for name in trainer.keys() - TRAINER_KEYS - self.components.keys():
+            if trainer[name] is not None:
+                raise UserError(
+                    f"--resume_dir {step_dir} was trained with --enable_{name}; resume with the "
+                    f"same --enable_{name} flags, or export it to a dense model with convert.py"
+                )
 
     def _check_local_compatible(self, step_dir: Path, trainer: dict) -> None:
         saved = (trainer["world_size"], trainer["sharding_strategy"])
@@ -338,7 +354,7 @@ class Checkpointer:
             raise UserError(
                 f"--resume_dir {step_dir} is a 'local' checkpoint of world size {saved[0]} "
                 f"with {saved[1]}; it resumes only on the same (now {self.env.world_size}, "
-                f"{self.sharding_strategy}). Convert it with `python -m utils.convert` or save "
+                f"{self.sharding_strategy}). Convert it with convert.py or save "
                 "with --ckpt_type shard/full"
             )
 
@@ -404,21 +420,75 @@ def load_transformers_weights(step_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _transformers_weight_files(step_dir: Path) -> list[Path]:
-    return sorted(f for f in step_dir.glob("*.safetensors") if f.name != SIDECAR)
+    return sorted(f for f in step_dir.glob("*.safetensors") if f not in _own_state_files(step_dir))
+
+
+def _own_state_files(step_dir: Path) -> list[Path]:
+    return sorted(step_dir.glob(f"*{OWN_STATE_SUFFIX}"))
 
 
 def full_checkpoint_weights(step_dir: Path) -> dict[str, torch.Tensor]:
-    """The training model's tensors in a `full` checkpoint (a sparse layer's own, from the
-    sidecar)."""
-    return _with_sidecar(step_dir, load_transformers_weights(step_dir), load_file)
+    """The training model's tensors in a `full` checkpoint (a sparse layer's own, from its
+    component's file)."""
+    return _with_own_states(step_dir, load_transformers_weights(step_dir), load_file)
 
 
-def _with_sidecar(step_dir: Path, dense: dict[str, Any], read: Callable) -> dict[str, Any]:
+def _with_own_states(step_dir: Path, dense: dict[str, Any], read: Callable) -> dict[str, Any]:
     """What a `full` checkpoint holds for the training model (tensors or their shapes, by
-    `read`): a sparse run's layers come from the sidecar, not from their exported effective
-    weights."""
-    sidecar = step_dir / SIDECAR
-    return with_sparse_state(dense, read(str(sidecar))) if sidecar.is_file() else dense
+    `read`): a module whose tensors a component file holds takes them from there, not from its
+    exported dense weight."""
+    for path in _own_state_files(step_dir):
+        own = read(str(path))
+        modules = {key.rpartition(".")[0] for key in own}
+        dense = {k: v for k, v in dense.items() if k.rpartition(".")[0] not in modules} | own
+    return dense
+
+
+# ---------------------------------------------------------------- reading a checkpoint, any format
+def read_trainer_state(step_dir: Path) -> dict:
+    """The checkpoint's trainer.pt, once the checkpoint is found whole (a UserError says what
+    is missing or cut short otherwise)."""
+    problem = checkpoint_problem(step_dir)
+    if problem:
+        raise UserError(f"checkpoint {step_dir}: {problem}")
+    return torch.load(step_dir / "trainer.pt", weights_only=True)
+
+
+def read_model_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The training model's full tensors, on the CPU, with no process group: a sparse layer's
+    own (its weight before masking, its scores, its factors), not its effective weight."""
+    ckpt_type = read_trainer_state(step_dir)["ckpt_type"]
+    if ckpt_type == "full":
+        return full_checkpoint_weights(step_dir)
+    if ckpt_type == "shard":
+        return _read_dcp_model(step_dir)
+    return _stitch_local_shards(step_dir)
+
+
+def _read_dcp_model(step_dir: Path) -> dict[str, torch.Tensor]:
+    """Every `model.` tensor of a DCP checkpoint, shaped from its metadata."""
+    metadata = _TrustedReader(step_dir).read_metadata().state_dict_metadata
+    prefix = "model."
+    weights = {
+        key[len(prefix) :]: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+        for key, entry in metadata.items()
+        if key.startswith(prefix)
+    }
+    dcp_load({"model": weights}, step_dir, no_dist=True)
+    return weights
+
+
+def _stitch_local_shards(step_dir: Path) -> dict[str, torch.Tensor]:
+    """Concatenate the dim-0 shards of one replica, in shard order, cut to the full shape."""
+    ranks = [torch.load(f, weights_only=True) for f in sorted(step_dir.glob("rank_*.pt"))]
+    replica = sorted(
+        (r for r in ranks if r["mesh"].get("replicate", 0) == 0), key=lambda r: r["mesh"]["shard"]
+    )
+    shapes = replica[0]["shapes"]
+    return {
+        name: torch.cat([r["model"][name] for r in replica])[: shape[0]].reshape(shape)
+        for name, shape in shapes.items()
+    }
 
 
 # ---------------------------------------------------------------- reading DCP with no code
@@ -549,7 +619,7 @@ def saved_shapes(step_dir: Path, ckpt_type: str) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {}
         for file in _transformers_weight_files(step_dir):
             shapes |= _safetensors_shapes(file)
-        return _with_sidecar(step_dir, shapes, _safetensors_shapes)
+        return _with_own_states(step_dir, shapes, _safetensors_shapes)
     rank0 = torch.load(step_dir / "rank_00000.pt", weights_only=True)
     return {k: tuple(v) for k, v in rank0["shapes"].items()}
 

@@ -15,11 +15,13 @@ from torch.distributed.tensor import DTensor
 
 @dataclass(frozen=True)
 class DistEnv:
+    """Where this process sits: its rank, the world, its node, and its device."""
+
     rank: int
     world_size: int
     local_rank: int
     local_world_size: int
-    device: torch.device
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -27,7 +29,24 @@ class DistEnv:
 
     @property
     def num_nodes(self) -> int:
-        return self.world_size // self.local_world_size
+        return max(self.world_size // self.local_world_size, 1)
+
+    @property
+    def layout(self) -> list[int]:
+        """[nodes, ranks per node]: streaming deals samples to (node, rank on node), so the
+        same world size on another layout gives each global rank other samples."""
+        return [self.num_nodes, self.local_world_size]
+
+
+def environment_world() -> DistEnv:
+    """The world torchrun's environment variables describe (a world of one without them),
+    with no process group needed: what the data loader reads, as streaming does."""
+    return DistEnv(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+    )
 
 
 def _default_to_single_process() -> bool:

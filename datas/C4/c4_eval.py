@@ -34,7 +34,6 @@ without --checkpoint (and with --tokenizer) it only builds the cache.
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import math
@@ -50,8 +49,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from datas.jsonl import json_lines_texts
 from datas.mds import check_safe_columns, shard_file, shard_samples
-from datas.tokenizer import load_tokenizer
+from datas.tokenizer import batched, encode_documents, load_tokenizer
 from utils.distributed import DistEnv, broadcast_from_main, build_mesh, init_distributed, shutdown
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.parallelize import parallelize_model
@@ -153,27 +153,7 @@ def check_eval_data(data_path: str | Path) -> None:
 
 
 def _json_documents(path: Path) -> Iterator[str]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if line.strip():
-                    yield _text_of(json.loads(line), f"{path}:{number}")
-    except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise UserError(f"eval data {path} is not readable ({err}); re-download it") from err
-    except json.JSONDecodeError as err:
-        raise UserError(
-            f"eval data {path} is not JSON lines ({err}); need one JSON object per line"
-        ) from err
-
-
-def _text_of(record: Any, where: str) -> str:
-    if not isinstance(record, dict) or not isinstance(record.get(TEXT_FIELD), str):
-        raise UserError(
-            f"eval data {where} has no `{TEXT_FIELD}` string field; "
-            'give records like the C4 files: {"text": ...}'
-        )
-    return record[TEXT_FIELD]
+    return json_lines_texts(path, TEXT_FIELD, 'give records like the C4 files: {"text": ...}')
 
 
 def _arrow_table(path: Path) -> Any:
@@ -247,22 +227,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def token_stream(documents: Iterator[str], tokenizer: Any) -> np.ndarray:
     """All documents tokenized without special tokens, each followed by EOS, concatenated."""
     eos = _eos_id(tokenizer)
-    pieces: list[np.ndarray] = []
-    batch: list[str] = []
-
-    def flush() -> None:
-        # verbose=False: long documents are expected here, not a truncation mistake.
-        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
-            pieces.append(np.asarray([*ids, eos], dtype=np.int32))
-        batch.clear()
-
-    for document in documents:
-        batch.append(document)
-        if len(batch) == TOKENIZE_BATCH:
-            flush()
-    if batch:
-        flush()
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    pieces = [np.zeros(0, dtype=np.int32)]
+    for batch in batched(documents, TOKENIZE_BATCH):
+        pieces.append(encode_documents(tokenizer, batch, eos)[0])
+    return np.concatenate(pieces)
 
 
 def cut_windows(stream: np.ndarray, seq_len: int, where: Path) -> np.ndarray:
@@ -441,7 +409,7 @@ def load_model_for_eval(step_dir: str | Path, env: DistEnv | None = None) -> nn.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from utils.convert import read_full_weights
+    from slt.export import dense_weights
 
     step_dir = Path(step_dir)
     if not (step_dir / "config.json").is_file():
@@ -451,7 +419,7 @@ def load_model_for_eval(step_dir: str | Path, env: DistEnv | None = None) -> nn.
         )
     if (step_dir / "trainer.pt").is_file():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(step_dir)))
-        result = model.load_state_dict(read_full_weights(step_dir), strict=False)
+        result = model.load_state_dict(dense_weights(step_dir), strict=False)
         tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
         if set(result.missing_keys) - tied or result.unexpected_keys:
             raise UserError(f"--checkpoint {step_dir} does not match its config.json: {result}")

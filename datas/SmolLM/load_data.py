@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
-import os
 import signal
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
-from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -34,52 +31,26 @@ from datas.mds import (
     parse_sources,
     training_column,
 )
-from datas.packing import DocChunk, DocumentFeed, Packer, make_packer
-from datas.tokenizer import load_tokenizer
+from datas.packing import STRATEGIES, DocChunk, DocumentFeed, Packer, make_packer
+from datas.tokenizer import encode_documents, load_tokenizer
+from utils.distributed import DistEnv, environment_world
 from utils.errors import UserError
 
-STRATEGIES = ("pack", "overflow", "trunc")
 
-
-@dataclass
-class World:
-    rank: int
-    size: int
-    local_rank: int
-    local_size: int
-
-    @property
-    def num_nodes(self) -> int:
-        return max(self.size // self.local_size, 1)
-
-    @property
-    def layout(self) -> list[int]:
-        """[nodes, ranks per node]: streaming deals samples to (node, rank on node), so the
-        same world size on another layout gives each global rank other samples."""
-        return [self.num_nodes, self.local_size]
-
-
-def resolve_world(world_size: int | None, global_rank: int | None) -> World:
+def resolve_world(world_size: int | None, global_rank: int | None) -> DistEnv:
     """Rank and world size from the arguments, else from torchrun's environment. streaming
     reads the environment itself, so arguments that disagree with it are an error."""
-    env_size = int(os.environ.get("WORLD_SIZE", 1))
-    env_rank = int(os.environ.get("RANK", 0))
-    size = env_size if world_size is None else world_size
-    rank = env_rank if global_rank is None else global_rank
-    if (size, rank) != (env_size, env_rank):
+    world = environment_world()
+    size = world.world_size if world_size is None else world_size
+    rank = world.rank if global_rank is None else global_rank
+    if (size, rank) != (world.world_size, world.rank):
         raise UserError(
-            f"world_size={size}, global_rank={rank} disagree with WORLD_SIZE={env_size}, "
-            f"RANK={env_rank}; launch with torchrun or leave them unset"
+            f"world_size={size}, global_rank={rank} disagree with WORLD_SIZE={world.world_size}, "
+            f"RANK={world.rank}; launch with torchrun or leave them unset"
         )
-    world = World(
-        rank=rank,
-        size=size,
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        local_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-    )
-    if world.size > 1 and not (dist.is_available() and dist.is_initialized()):
+    if world.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise UserError(
-            f"WORLD_SIZE={world.size}: initialize torch.distributed before build_train_loader"
+            f"WORLD_SIZE={world.world_size}: initialize torch.distributed before build_train_loader"
         )
     return world
 
@@ -97,19 +68,10 @@ class TokenizeCollate:
         self.tokenizer_name = tokenizer_name
         self.eos_id = eos_id
         self.seq_len = seq_len
-        self._encode = None
+        self._tokenizer = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_encode": None}
-
-    def _encoder(self):
-        if self._encode is None:
-            from transformers import AutoTokenizer
-
-            backend = AutoTokenizer.from_pretrained(self.tokenizer_name).backend_tokenizer
-            # encode_batch_fast skips character offsets, which we do not need.
-            self._encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        return self._encode
+        return {**self.__dict__, "_tokenizer": None}
 
     def __call__(self, samples: list[dict[str, Any]]) -> DocChunk:
         if TOKENS_COLUMN in samples[0]:
@@ -122,17 +84,10 @@ class TokenizeCollate:
                     f"--seq_len {self.seq_len}; train with that --seq_len or prepare it again"
                 )
             return DocChunk(np.concatenate(arrays).astype(np.int32, copy=False), lengths)
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name, "--tokenizer_dir")
         texts = [sample["text"] for sample in samples]
-        ids = [encoding.ids for encoding in self._encoder()(texts, add_special_tokens=False)]
-        suffix = () if self.eos_id is None else (self.eos_id,)
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + len(suffix)
-        # chain() keeps the per-token iteration in C.
-        flat = np.fromiter(
-            chain.from_iterable(chain(doc, suffix) for doc in ids),
-            dtype=np.int32,
-            count=int(lengths.sum()),
-        )
-        return DocChunk(flat, lengths)
+        return DocChunk(*encode_documents(self._tokenizer, texts, self.eos_id))
 
 
 class TrainLoader:
@@ -146,7 +101,7 @@ class TrainLoader:
         strategy: str,
         seq_len: int,
         rows: int,
-        world: World,
+        world: DistEnv,
         num_canonical_nodes: int,
         shuffle_seed: int,
         special_token_ids: dict[str, int | None],
@@ -172,7 +127,9 @@ class TrainLoader:
         # the loader would leave its worker iterator to the garbage collector, which may finalize
         # the index queues first; the workers then never get the stop signal and each is killed
         # only after DataLoader's 5 s join timeout.
-        self.feed = DocumentFeed(dataloader.__iter__, self._any_rank if world.size > 1 else None)
+        self.feed = DocumentFeed(
+            dataloader.__iter__, self._any_rank if world.world_size > 1 else None
+        )
         self.packer: Packer = make_packer(
             strategy,
             self.feed,
@@ -209,9 +166,9 @@ class TrainLoader:
         return bool(value.item())
 
     def _gather(self, value: Any) -> list[Any]:
-        if self.world.size == 1:
+        if self.world.world_size == 1:
             return [value]
-        gathered: list[Any] = [None] * self.world.size
+        gathered: list[Any] = [None] * self.world.world_size
         dist.all_gather_object(gathered, value)
         return gathered
 
@@ -225,7 +182,7 @@ class TrainLoader:
         mine = {
             "position": feed.position,
             "epoch": feed.epoch,
-            "sample_in_epoch": feed.epoch_offset + feed.in_epoch * self.world.size,
+            "sample_in_epoch": feed.epoch_offset + feed.in_epoch * self.world.world_size,
         }
         behind = min(self._gather(mine), key=lambda state: state["position"])
         skip = feed.position - behind["position"]
@@ -246,7 +203,7 @@ class TrainLoader:
             "buffer": self.packer.buffer_state(),
             "strategy": self.strategy,
             "seq_len": self.seq_len,
-            "world_size": self.world.size,
+            "world_size": self.world.world_size,
             "layout": self.world.layout,
             "rank": self.world.rank,
             "total_leftover_tokens": int(totals[0]),
@@ -261,7 +218,7 @@ class TrainLoader:
         self._check_compatible(state)
         dataset_state = dict(state["dataset"])
         saved_layout = state.get("layout", self.world.layout)
-        if state["world_size"] == self.world.size and saved_layout == self.world.layout:
+        if state["world_size"] == self.world.world_size and saved_layout == self.world.layout:
             self._skip = state["skip"]
             self.packer.load_buffer_state(state["buffer"])
         else:
@@ -289,7 +246,7 @@ class TrainLoader:
         """Global sample to restart from on a new world size, rounded down to a multiple of
         it so every rank starts at the same per-rank offset; warns what that costs."""
         sample = state["dataset"]["sample_in_epoch"]
-        start = sample - sample % self.world.size
+        start = sample - sample % self.world.world_size
         saved = _describe_layout(*state.get("layout", [1, state["world_size"]]))
         warnings.warn(
             f"resuming on {_describe_layout(*self.world.layout)} from a checkpoint of {saved}: "
@@ -338,10 +295,10 @@ def _special_ids(tokenizer: Any, strategy: str, tokenizer_name: str) -> tuple[in
     return eos, pad
 
 
-def _clean_shared_memory(world: World, our_locals: list[str]) -> None:
+def _clean_shared_memory(world: DistEnv, our_locals: list[str]) -> None:
     if world.local_rank == 0:
         clean_stale_shared_memory(our_locals)
-    if world.size > 1:
+    if world.world_size > 1:
         dist.barrier()
 
 
@@ -352,7 +309,6 @@ def build_train_loader(
     tokenizer_name: str,
     seq_len: int = 2048,
     micro_blocks: int = 64,
-    per_device_batch: int = 8,
     num_workers: int = 8,
     persistent_workers: bool = True,
     local_cache: str | None = None,
@@ -370,7 +326,7 @@ def build_train_loader(
 ) -> TrainLoader:
     """Build this rank's endless batch iterator over MDS data (docs/data.md)."""
     if strategy not in STRATEGIES:
-        raise UserError(f"strategy={strategy!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
+        raise UserError(f"--strategy {strategy} is unknown; choose one of: {', '.join(STRATEGIES)}")
     world = resolve_world(world_size, global_rank)
     sources = parse_sources(mds_root)
     infos = [check_source(source, cached=local_cache is not None) for source in sources]
@@ -378,11 +334,11 @@ def build_train_loader(
     check_block_length(infos, sources, seq_len)
     tokenizer = load_tokenizer(tokenizer_name, "--tokenizer_dir")
     eos, pad = _special_ids(tokenizer, strategy, tokenizer_name)
-    rows = micro_blocks if strategy == "pack" else per_device_batch
+    rows = micro_blocks
     if column == TOKENS_COLUMN:
         read_batch = rows
     else:
-        read_batch = pack_batch_texts if strategy == "pack" else per_device_batch
+        read_batch = pack_batch_texts if strategy == "pack" else rows
 
     _clean_shared_memory(world, local_dirs(sources, local_cache))
     dataset = make_streaming_dataset(

@@ -20,7 +20,7 @@ EPOCH_BATCHES = 32  # 256 documents / 2 ranks / 4 rows
 
 
 def loader(mds: str, tokenizer: str, **kwargs):
-    options = dict(seq_len=64, micro_blocks=4, per_device_batch=4, num_workers=0)
+    options = dict(seq_len=64, micro_blocks=4, num_workers=0)
     options |= dict(num_canonical_nodes=2, pack_batch_texts=16) | kwargs
     return build_train_loader(mds_root=mds, tokenizer_name=tokenizer, **options)
 

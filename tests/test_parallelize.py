@@ -1,0 +1,28 @@
+"""How the model is laid out (utils/parallelize.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.fsdp import FSDPModule
+
+from utils.distributed import build_mesh, init_distributed, shutdown
+from utils.model import build_meta_model, load_model_config
+from utils.parallelize import parallelize_model
+
+
+def test_layers_and_root_compute_in_bf16_and_reduce_gradients_in_fp32():
+    """bf16 gathers for compute, but gradients summed over ranks in bf16 would lose the low
+    bits of every rank's contribution: the reduction stays fp32."""
+    env = init_distributed()
+    try:
+        model = build_meta_model(load_model_config("tiny", 0), "sdpa")
+        mesh = build_mesh(env, "full_shard")
+        parallelize_model(model, mesh, sharding_strategy="full_shard", param_dtype=torch.bfloat16)
+        sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        policies = [m._get_fsdp_state()._mp_policy for m in sharded]  # no public accessor
+    finally:
+        shutdown()
+    assert len(sharded) == 3  # the 2 decoder layers and the root
+    assert all(
+        p.param_dtype == torch.bfloat16 and p.reduce_dtype == torch.float32 for p in policies
+    )

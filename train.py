@@ -37,11 +37,25 @@ from utils.attention import (
     set_attention_kernels,
 )
 from utils.checkpoint import Checkpointer, resolve_resume_dir
-from utils.distributed import DistEnv, broadcast_from_main, build_mesh, init_distributed, shutdown
+from utils.distributed import (
+    DistEnv,
+    broadcast_from_main,
+    build_mesh,
+    init_distributed,
+    shard_ways,
+    shutdown,
+)
 from utils.errors import UserError, exit_on_user_error
 from utils.float8 import check_float8, convert_to_float8
 from utils.loss import model_nll_sum, predicted_token_count, use_chunked_loss
-from utils.metrics import MetricsLogger, model_flops_per_token, peak_flops, peak_memory_gb
+from utils.metrics import (
+    MetricsLogger,
+    describe_memory,
+    memory_estimate,
+    model_flops_per_token,
+    peak_flops,
+    peak_memory_gb,
+)
 from utils.model import (
     build_meta_model,
     dense_parameters,
@@ -50,7 +64,7 @@ from utils.model import (
     trainable_parameters,
 )
 from utils.nonfinite import NonFiniteGuard
-from utils.optim import build_optimizer, lr_at, set_lr, skip_update_if
+from utils.optim import LRSchedule, build_optimizer, set_lr, skip_update_if
 from utils.parallelize import build_grad_scaler, compute_dtype, parallelize_model
 from utils.preemption import ExitPolicy
 
@@ -86,7 +100,21 @@ def run(args: Namespace, env: DistEnv) -> None:
     torch.manual_seed(args.seed)
     model, sparse = build_model(options, model_config, env, slt_config)
     flops = model_flops_per_token(model_config, args.seq_len)
-    optimizer = build_optimizer(model, lr=args.lr, weight_decay=args.weight_decay, fp16=args.fp16)
+    optimizer = build_optimizer(
+        model,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        fp16=args.fp16,
+        betas=(args.beta1, args.beta2),
+        eps=args.eps,
+        own=sparse.own_parameters() if sparse else (),
+        own_lr=args.slt_lr,
+        own_weight_decay=args.slt_weight_decay,
+    )
+    schedule = LRSchedule(
+        args.lr, args.min_lr, args.warmup, args.train_steps, args.lr_schedule,
+        args.decay_fraction, args.decay_type,
+    )  # fmt: skip
     scaler = build_grad_scaler(args.fp16, env.device)
 
     # ---- run state: resume, logging ----
@@ -124,12 +152,22 @@ def run(args: Namespace, env: DistEnv) -> None:
         args.nonfinite, args.max_skipped, logger.event, checkpointer.checkpoint_before
     )
     peak = None if args.float8 else peak_flops(env.device, args.peak_tflops)  # no float8 MFU
+    memory = memory_estimate(
+        model_config,
+        parameters["trainable"],
+        shard_ways=shard_ways(env, args.sharding_strategy),
+        tokens=args.local_batch * args.seq_len,
+        activation_checkpointing=args.activation_checkpointing,
+        chunked_loss=args.chunked_loss,
+        compute_bytes=options.dtype.itemsize,
+    )
     if env.is_main:
         print(
             f"run {run_name}: {describe_parameters(parameters)}, world size {env.world_size}, "
             f"{accum_steps} micro-steps of {args.local_batch} x {args.seq_len} tokens per step",
             flush=True,
         )
+        print(describe_memory(memory), flush=True)
         if sparse:
             print(sparse.describe(), flush=True)
 
@@ -146,7 +184,7 @@ def run(args: Namespace, env: DistEnv) -> None:
         wait_start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(accum_steps)]
         window.data_wait += time.perf_counter() - wait_start
-        lr = lr_at(step, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, total=args.train_steps)
+        lr = schedule.lr_at(step)
         set_lr(optimizer, lr)
         if sparse:
             sparse.before_step(step)

@@ -76,6 +76,17 @@ class SparseTraining:
             )
         return metrics
 
+    def own_parameters(self) -> list[nn.Parameter]:
+        """What the sparse layers train besides plain weights and biases: supermask scores,
+        SLTrain's factors and sparse values (--slt_lr, --slt_weight_decay). Read after
+        sharding, which replaces the parameter objects."""
+        return [
+            param
+            for layer in self.layers.values()
+            for name, param in layer.named_parameters(recurse=False)
+            if name not in ("weight", "bias") and param.requires_grad
+        ]
+
     def trainable_parameters(self) -> int:
         return sum(layer.trainable_parameters() for layer in self.layers.values())
 

@@ -344,6 +344,12 @@ TRAIN_CASES = {
     ),
     "local_batch not a number": (["--local_batch=abc"], no_input, "invalid int value: 'abc'"),
     "nonfinite unknown": (["--nonfinite=ignore"], no_input, "invalid choice: 'ignore'"),
+    "beta1 of one": (["--beta1=1"], no_input, "--beta1 must be in [0, 1)"),
+    "eps zero": (["--eps=0"], no_input, "--eps must be positive"),
+    "decay fraction zero": (["--decay_fraction=0"], no_input, "--decay_fraction must be in"),
+    "schedule unknown": (["--lr_schedule=step"], no_input, "invalid choice: 'step'"),
+    "slt_lr without slt": (["--slt_lr=1e-3"], no_input, "--slt_lr and --slt_weight_decay need"),
+    "steps and tokens": (["--train_tokens=1e6"], no_input, "both set the budget; give one"),
 }
 
 

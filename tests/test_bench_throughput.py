@@ -16,7 +16,6 @@ import torch
 from bench.profile import is_host_read, kind_of, profile_steps, union_length
 from tests.conftest import DATA_CANONICAL_NODES
 from tests.helpers import REPO, child_env, logged_losses, tiny_run_flags, train_in_process
-from utils.args import build_parser
 
 
 def test_benchmark_smoke_on_real_data_prints_json_with_baseline(mds_tokens, tokenizer_dir):
@@ -114,19 +113,6 @@ def test_benchmark_bad_input_is_one_line(capsys):
         throughput.main(["--config=tiny", "--steps=0"])
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip() == "error: --steps must be positive (got 0)"
-
-
-@pytest.mark.parametrize(
-    "argv, mode",
-    [
-        ([], "none"),
-        (["--enable_ckpt"], "full"),
-        (["--activation_checkpointing"], "full"),
-        (["--activation_checkpointing=selective"], "selective"),
-    ],
-)
-def test_activation_checkpointing_flag_keeps_the_seed_spellings(argv, mode):
-    assert build_parser().parse_args(argv).activation_checkpointing == mode
 
 
 def test_compiled_run_matches_eager_resumed_from_its_checkpoint(

@@ -15,6 +15,7 @@ import yaml
 
 from utils.errors import ArgumentParser, UserError
 from utils.files import why_not_writable
+from utils.optim import DECAY_TYPES, LR_SCHEDULES
 
 if TYPE_CHECKING:
     import torch
@@ -25,6 +26,7 @@ ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 ATTENTION_KERNELS = ("auto", "flash", "cudnn", "efficient")  # utils/attention.py maps them
 SPEED_SWITCHES = ("compile", "chunked_loss")
 NONFINITE_POLICIES = ("skip", "stop")  # utils/nonfinite.py
+DEFAULT_TRAIN_STEPS = 100_000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,11 +60,36 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="sequences per rank per micro-step (8 x 2048 tokens: docs/performance.md)",
     )
-    opt.add_argument("--train_steps", type=int, default=100_000, help="optimizer steps")
+    opt.add_argument(
+        "--train_steps", type=int, help=f"optimizer steps (default {DEFAULT_TRAIN_STEPS:,})"
+    )
+    opt.add_argument(
+        "--train_tokens",
+        type=float,
+        help="the budget in tokens instead: train_steps = ceil(tokens / (global_batch x seq_len))",
+    )
     opt.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     opt.add_argument("--min_lr", type=float, default=3e-5, help="learning rate at the last step")
     opt.add_argument("--warmup", type=int, default=2000, help="linear warmup, optimizer steps")
+    opt.add_argument(
+        "--lr_schedule",
+        default="cosine",
+        choices=LR_SCHEDULES,
+        help="after the warmup (docs/training.md#learning-rate-and-optimizer); wsd: "
+        "warmup-stable-decay",
+    )
+    opt.add_argument(
+        "--decay_fraction", type=float, default=0.2, help="wsd: share of the steps that decay"
+    )
+    opt.add_argument("--decay_type", default="linear", choices=DECAY_TYPES, help="wsd's decay")
     opt.add_argument("--weight_decay", type=float, default=0.1, help="AdamW, not on norms/biases")
+    opt.add_argument("--beta1", type=float, default=0.9, help="AdamW")
+    opt.add_argument("--beta2", type=float, default=0.95, help="AdamW")
+    opt.add_argument("--eps", type=float, default=1e-8, help="AdamW")
+    opt.add_argument(
+        "--slt_lr", type=float, help="peak learning rate of the slt scores, factors and values"
+    )
+    opt.add_argument("--slt_weight_decay", type=float, help="weight decay of the same")
     opt.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm; 0 = off")
     opt.add_argument("--seed", type=int, default=42, help="weights, data order and dropout")
     opt.add_argument(
@@ -248,6 +275,7 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("data_dir", "tokenizer_dir", "config"):
         if not getattr(args, flag):
             raise UserError(f"--{flag} is required")
+    _resolve_budget(args)
     _check_ranges(args)
     if args.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
         raise UserError(
@@ -285,6 +313,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--eval_every needs --eval_data (C4 validation files; docs/eval.md)")
     if args.enable_slt != bool(args.slt_config):
         raise UserError("--enable_slt and --slt_config go together; give both or neither")
+    if (args.slt_lr is not None or args.slt_weight_decay is not None) and not args.enable_slt:
+        raise UserError("--slt_lr and --slt_weight_decay need --enable_slt")
     if args.enable_slt and args.float8:
         raise UserError(
             "--float8 and --enable_slt exclude each other (sparse layers are not float8)"
@@ -295,13 +325,26 @@ def check_args(args: argparse.Namespace) -> None:
 
 # Numbers a flag may take; the float flags must also be finite.
 POSITIVE = (
-    "global_batch", "local_batch", "train_steps", "log_every", "max_skipped", "eval_batch",
-    "num_canonical_nodes", "lr", "eval_max_windows", "peak_tflops",
+    "global_batch", "local_batch", "train_steps", "train_tokens", "log_every", "max_skipped",
+    "eval_batch", "num_canonical_nodes", "lr", "eval_max_windows", "peak_tflops", "eps",
+    "slt_lr",
 )  # fmt: skip
 NON_NEGATIVE = (
     "min_lr", "warmup", "weight_decay", "grad_clip", "save_every", "keep_last", "exit_interval",
-    "exit_duration_mins", "eval_every", "num_workers",
+    "exit_duration_mins", "eval_every", "num_workers", "slt_weight_decay",
 )  # fmt: skip
+BELOW_ONE = ("beta1", "beta2")  # and zero or more
+
+
+def _resolve_budget(args: argparse.Namespace) -> None:
+    """--train_steps, or the steps that --train_tokens takes, or the default."""
+    if args.train_tokens is not None and args.train_steps is not None:
+        raise UserError("--train_steps and --train_tokens both set the budget; give one")
+    if args.train_tokens is not None and args.train_tokens > 0:
+        tokens_per_step = args.global_batch * args.seq_len
+        args.train_steps = max(math.ceil(args.train_tokens / tokens_per_step), 1)
+    elif args.train_steps is None:
+        args.train_steps = DEFAULT_TRAIN_STEPS
 
 
 def _check_ranges(args: argparse.Namespace) -> None:
@@ -313,6 +356,11 @@ def _check_ranges(args: argparse.Namespace) -> None:
         if bad:
             kind = "positive" if flag in POSITIVE else "zero or more"
             raise UserError(f"--{flag} must be {kind} (got {value})")
+    for flag in BELOW_ONE:
+        if not 0 <= getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be in [0, 1) (got {getattr(args, flag)})")
+    if not 0 < args.decay_fraction <= 1:
+        raise UserError(f"--decay_fraction must be in (0, 1] (got {args.decay_fraction})")
     if args.seq_len < 2:
         raise UserError(f"--seq_len must be at least 2, a token and the next (got {args.seq_len})")
     if args.min_lr > args.lr:

@@ -108,6 +108,13 @@ def init_distributed() -> DistEnv:
     )
 
 
+def shard_ways(env: DistEnv, sharding_strategy: str) -> int:
+    """Into how many shards each parameter is cut (the mesh's shard dimension below)."""
+    return {"hybrid_shard": env.local_world_size, "no_shard": 1}.get(
+        sharding_strategy, env.world_size
+    )
+
+
 def build_mesh(env: DistEnv, sharding_strategy: str) -> DeviceMesh:
     """The data-parallel mesh for FSDP2: 1-D for sharding, 2-D (replicate, shard) otherwise.
 
@@ -115,12 +122,11 @@ def build_mesh(env: DistEnv, sharding_strategy: str) -> DeviceMesh:
     everywhere (a shard dimension of size 1).
     """
     device_type = env.device.type
-    if sharding_strategy == "hybrid_shard":
-        shape, names = (env.num_nodes, env.local_world_size), ("replicate", "shard")
-    elif sharding_strategy == "no_shard":
-        shape, names = (env.world_size, 1), ("replicate", "shard")
+    shards = shard_ways(env, sharding_strategy)
+    if sharding_strategy in ("hybrid_shard", "no_shard"):
+        shape, names = (env.world_size // shards, shards), ("replicate", "shard")
     else:
-        shape, names = (env.world_size,), ("shard",)
+        shape, names = (shards,), ("shard",)
     return init_device_mesh(device_type, shape, mesh_dim_names=names)
 
 

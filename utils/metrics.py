@@ -37,6 +37,57 @@ def model_flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
     return flops_per_token(config, matmul_parameters, seq_len)
 
 
+# Bytes a token keeps per decoder layer for backward, in hidden sizes, at 2-byte compute
+# (Korthikanti et al. 2022, "Reducing activation recomputation", without the attention scores,
+# which the flash and memory-efficient kernels never store). Selective checkpointing keeps the
+# matmul and attention outputs (counted from the shapes below) instead.
+ACTIVATION_BYTES_PER_HIDDEN = 34
+
+
+def memory_estimate(
+    config: PretrainedConfig,
+    trainable: int,
+    *,
+    shard_ways: int,
+    tokens: int,
+    activation_checkpointing: str,
+    chunked_loss: bool,
+    compute_bytes: int,
+) -> dict[str, float]:
+    """A first estimate of what each GPU holds, in GB: fp32 master weights, gradients and
+    AdamW's two moments of `trainable` parameters, sharded `shard_ways` ways (FSDP2 keeps them
+    so); and the activations backward keeps of one micro-batch of `tokens` tokens per rank:
+    every layer's (input only with full checkpointing, plus the layer being recomputed), and
+    the output logits in fp32 with their gradient unless the loss is chunked. Buffers, the
+    gathered layers and the allocator's slack come on top."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (
+        getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    )
+    whole_layer = ACTIVATION_BYTES_PER_HIDDEN * hidden * compute_bytes / 2
+    per_layer = {
+        "none": whole_layer,
+        "full": hidden * compute_bytes,
+        # q, attention, o and down outputs (4 hidden), k and v, gate and up; plus the input
+        "selective": (5 * hidden + 2 * kv + 2 * config.intermediate_size) * compute_bytes,
+    }[activation_checkpointing]
+    recomputed = whole_layer if activation_checkpointing == "full" else 0
+    logits = 0 if chunked_loss else 2 * 4 * config.vocab_size
+    sharded = trainable * 4 / shard_ways
+    gb = 1e9
+    return {
+        "parameters": sharded / gb,
+        "gradients": sharded / gb,
+        "optimizer": 2 * sharded / gb,
+        "activations": tokens * (layers * per_layer + recomputed + logits) / gb,
+    }
+
+
+def describe_memory(estimate: dict[str, float]) -> str:
+    parts = ", ".join(f"{name} {size:.2f} GB" for name, size in estimate.items())
+    return f"memory per GPU, estimated: {parts}; {sum(estimate.values()):.2f} GB in all"
+
+
 # metrics.jsonl key -> TensorBoard tag, where they differ; other keys go to train/<key>.
 TENSORBOARD_TAGS = {
     "tokens_per_s": "train/tokens_per_second",

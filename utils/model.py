@@ -13,8 +13,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from utils.errors import UserError
 
-# Shapes by name, so a benchmark or a quick run needs no config file. The small ones are the
-# LLaMA shapes of the GaLore / SLTrain papers; tinyllama-1.1b is TinyLlama's.
+# Shapes by name, so a run or a benchmark needs no config file. llama-60m ... llama-7b are the
+# LLaMA shapes of the GaLore and SLTrain papers (vocabulary 32,000, sequences up to 1,024 tokens,
+# 2,048 for 7B); llama2-7b and llama3-8b are Meta's; tinyllama-1.1b is TinyLlama's.
 NAMED_SHAPES: dict[str, dict] = {
     "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
@@ -24,6 +25,16 @@ NAMED_SHAPES: dict[str, dict] = {
                        num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024),
     "llama-350m": dict(hidden_size=1024, intermediate_size=2736, num_hidden_layers=24,
                        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=1024),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=5461, num_hidden_layers=24,
+                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=1024),
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                      rms_norm_eps=1e-5),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0),
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                            num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048),
 }  # fmt: skip

@@ -1,0 +1,36 @@
+"""The flags (utils/args.py): what a value becomes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from utils.args import build_parser, parse_args
+from utils.errors import UserError
+
+
+def flags(tmp_path: Path, *extra: str) -> list[str]:
+    return ["--data_dir=d", f"--tokenizer_dir={tmp_path}", "--config=tiny", f"--output_dir={tmp_path}",
+            "--global_batch=8", "--seq_len=64", *extra]  # fmt: skip
+
+
+def test_a_token_budget_becomes_whole_steps(tmp_path):
+    """1,000,000 tokens at 8 x 64 = 512 tokens a step: 1,954 steps (the last one partial)."""
+    assert parse_args(flags(tmp_path, "--train_tokens=1e6")).train_steps == 1954
+    assert parse_args(flags(tmp_path)).train_steps == 100_000  # neither given: the default
+    with pytest.raises(UserError, match="--train_steps and --train_tokens both set the budget"):
+        parse_args(flags(tmp_path, "--train_tokens=1e6", "--train_steps=10"))
+
+
+@pytest.mark.parametrize(
+    "argv, mode",
+    [
+        ([], "none"),
+        (["--enable_ckpt"], "full"),
+        (["--activation_checkpointing"], "full"),
+        (["--activation_checkpointing=selective"], "selective"),
+    ],
+)
+def test_activation_checkpointing_flag_keeps_the_seed_spellings(argv, mode):
+    assert build_parser().parse_args(argv).activation_checkpointing == mode

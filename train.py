@@ -16,6 +16,7 @@ from argparse import Namespace
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,7 @@ from datas import get_loader_builder
 from datas.C4.c4_eval import evaluate_c4_ppl, load_windows
 from datas.packing import token_count
 from slt import SLTConfig, SparseTraining, load_slt_config
+from slt.config import check_dense_start
 from utils.args import apply_device_defaults, grad_accum_steps, parse_args
 from utils.attention import (
     AttentionFlags,
@@ -50,6 +52,7 @@ from utils.float8 import check_float8, convert_to_float8
 from utils.loss import model_nll_sum, predicted_token_count, use_chunked_loss
 from utils.metrics import (
     MetricsLogger,
+    RunProgress,
     describe_memory,
     memory_estimate,
     model_flops_per_token,
@@ -67,6 +70,7 @@ from utils.nonfinite import NonFiniteGuard
 from utils.optim import LRSchedule, build_optimizer, set_lr, skip_update_if
 from utils.parallelize import build_grad_scaler, compute_dtype, parallelize_model
 from utils.preemption import ExitPolicy
+from utils.pretrained import check_initial_weights, load_initial_weights
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,6 +96,10 @@ def run(args: Namespace, env: DistEnv) -> None:
     model_config = load_model_config(args.config, loader.vocab_size, loader.special_token_ids)
     check_seq_len(args, model_config)
     slt_config = load_slt_config(args.slt_config) if args.enable_slt else None
+    if args.init_from:
+        check_initial_weights(args.init_from, model_config)
+        if slt_config:
+            check_dense_start(slt_config)
     run_name = broadcast_from_main(args.run_name or default_run_name(args, model_config))
     run_dir = Path(args.output_dir) / run_name
     resume_dir = resolve_resume_dir(args.resume_dir, run_dir)
@@ -99,6 +107,9 @@ def run(args: Namespace, env: DistEnv) -> None:
     # ---- model: built on the meta device, sharded, then each rank materializes its shards ----
     torch.manual_seed(args.seed)
     model, sparse = build_model(options, model_config, env, slt_config)
+    if args.init_from and resume_dir is None:  # a resumed run continues its own weights
+        fresh = sparse.parameters_a_dense_start_lacks() if sparse else set()
+        load_initial_weights(model, args.init_from, fresh)
     flops = model_flops_per_token(model_config, args.seq_len)
     optimizer = build_optimizer(
         model,
@@ -118,6 +129,7 @@ def run(args: Namespace, env: DistEnv) -> None:
     scaler = build_grad_scaler(args.fp16, env.device)
 
     # ---- run state: resume, logging ----
+    progress = RunProgress()
     checkpointer = Checkpointer(
         run_dir,
         args.ckpt_type,
@@ -131,11 +143,13 @@ def run(args: Namespace, env: DistEnv) -> None:
         sharding_strategy=args.sharding_strategy,
         keep_last=args.keep_last,
         async_save=args.async_save,
-        components={"slt": sparse} if sparse else None,
+        components={"progress": progress} | ({"slt": sparse} if sparse else {}),
     )
     start_step = 0
     if resume_dir is not None:
         start_step = checkpointer.load(resume_dir, skip_optimizer=args.skip_optimizer)
+        if progress.tokens_seen is None:  # a checkpoint from before it was recorded
+            progress.tokens_seen = start_step * args.global_batch * args.seq_len
         if env.is_main:
             print(f"resumed from {resume_dir} at step {start_step}", flush=True)
     exit_policy = ExitPolicy(args.exit_interval, args.exit_duration_mins)
@@ -171,10 +185,13 @@ def run(args: Namespace, env: DistEnv) -> None:
         if sparse:
             print(sparse.describe(), flush=True)
 
+    if args.init_from and args.eval_every and start_step == 0:
+        evaluate(model, args, env, logger, progress, step=0)  # the starting point's perplexity
+
     # ---- the loop ----
     batches = iter(loader)
     window = LogWindow(env.device)
-    progress = tqdm(
+    bar = tqdm(
         total=args.train_steps,
         initial=start_step,
         unit="step",
@@ -188,17 +205,17 @@ def run(args: Namespace, env: DistEnv) -> None:
         set_lr(optimizer, lr)
         if sparse:
             sparse.before_step(step)
-        loss, grad_norm, nonfinite = train_step(
-            model, optimizer, scaler, micro_batches, env, args.grad_clip, sparse
-        )
-        guard.record(step, nonfinite, loss, loader.position())
-        window.add(loss, grad_norm, nonfinite, sum(map(token_count, micro_batches)))
-        progress.update()
+        result = train_step(model, optimizer, scaler, micro_batches, env, args.grad_clip, sparse)
+        guard.record(step, result.skipped, result.loss, loader.position())
+        window.add(result)
+        progress.tokens_seen += result.tokens
+        bar.update()
 
         if step % args.log_every == 0 or step == args.train_steps:
             stats = window.reduce_and_reset()
             per_gpu = stats["tokens_per_s"] / env.world_size
             stats |= {
+                "tokens_seen": progress.tokens_seen,
                 "lr": lr,
                 "tokens_per_s_per_gpu": per_gpu,
                 "mfu": flops * per_gpu / peak if peak else None,
@@ -214,29 +231,47 @@ def run(args: Namespace, env: DistEnv) -> None:
             checkpointer.save(step, vars(args))
         # After the save, so a failing evaluation never costs the step its checkpoint; not
         # when preempted, where the time left is short.
-        evaluate = args.eval_every and (step % args.eval_every == 0 or step == args.train_steps)
-        if evaluate and not exit_policy.signalled:
+        evaluate_now = args.eval_every and (step % args.eval_every == 0 or step == args.train_steps)
+        if evaluate_now and not exit_policy.signalled:
             eval_start = time.perf_counter()
-            ppl, ntokens = evaluate_c4_ppl(
-                model, args.tokenizer_dir, args.eval_data, seq_len=args.seq_len,
-                batch_size=args.eval_batch, max_windows=args.eval_max_windows, device=env.device,
-            )  # fmt: skip
-            logger.log(
-                step, {"eval/c4_ppl": ppl, "eval/c4_loss": math.log(ppl), "eval/tokens": ntokens}
-            )
+            evaluate(model, args, env, logger, progress, step)
             window.paused += time.perf_counter() - eval_start
         if stopping:
             if env.is_main:
                 tqdm.write(f"stopping after step {step} ({exit_policy.reason})")
             break
     guard.flush()
-    progress.close()
+    bar.close()
     checkpointer.wait()
     logger.close()
     if env.is_main:
         print(f"done: checkpoints and metrics in {run_dir}", flush=True)
         if tensorboard_dir is not None:
             print(f"TensorBoard: tensorboard --logdir {tensorboard_dir}", flush=True)
+
+
+def evaluate(
+    model: nn.Module,
+    args: Namespace,
+    env: DistEnv,
+    logger: MetricsLogger,
+    progress: RunProgress,
+    step: int,
+) -> None:
+    """C4 perplexity at the run's --seq_len (datas/C4/c4_eval.py), logged at `step`."""
+    ppl, ntokens = evaluate_c4_ppl(
+        model, args.tokenizer_dir, args.eval_data, seq_len=args.seq_len,
+        batch_size=args.eval_batch, max_windows=args.eval_max_windows, device=env.device,
+    )  # fmt: skip
+    logger.log(
+        step,
+        {
+            "eval/c4_ppl": ppl,
+            "eval/c4_loss": math.log(ppl),
+            "eval/tokens": ntokens,
+            "tokens_seen": progress.tokens_seen,
+        },
+    )
 
 
 def describe_parameters(parameters: dict[str, int]) -> str:
@@ -254,10 +289,8 @@ def train_step(
     env: DistEnv,
     grad_clip: float,
     sparse: SparseTraining | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step over the global batch. Returns this rank's share of the batch loss,
-    the global gradient norm, and whether the step was skipped (utils.nonfinite), all on the
-    device.
+) -> StepResult:
+    """One optimizer step over the global batch (see StepResult for what it returns).
 
     Each micro-batch's summed NLL is divided by the token count of the WHOLE global batch (all
     micro-steps, all ranks, padding excluded), and multiplied by the world size because FSDP
@@ -266,9 +299,17 @@ def train_step(
     terms that belong to the step rather than to the data (SR-STE's decay) are added once,
     after unscaling.
     """
-    global_tokens = torch.tensor([sum(predicted_token_count(b["labels"]) for b in micro_batches)])
-    dist.all_reduce(global_tokens)
-    loss_scale = env.world_size / float(global_tokens)
+    # One all-reduce on the host (gloo) before the forwards: the global counts of predicted
+    # tokens (the loss's denominator) and of tokens (tokens_seen).
+    counts = torch.tensor(
+        [
+            sum(predicted_token_count(b["labels"]) for b in micro_batches),
+            sum(map(token_count, micro_batches)),
+        ]
+    )
+    dist.all_reduce(counts)
+    predicted, tokens = counts.tolist()
+    loss_scale = env.world_size / predicted
     loss_sum = torch.zeros((), device=env.device)
     for index, batch in enumerate(micro_batches):
         model.set_requires_gradient_sync(index == len(micro_batches) - 1)
@@ -295,7 +336,14 @@ def train_step(
         skip_update_if(optimizer, nonfinite)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum * loss_scale / env.world_size, grad_norm, nonfinite
+    return StepResult(loss_sum * loss_scale / env.world_size, grad_norm, nonfinite, tokens)
+
+
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # this rank's share of the batch's mean loss, on the device
+    grad_norm: torch.Tensor  # global, before clipping, on the device
+    skipped: torch.Tensor  # the update was not applied: not finite (utils.nonfinite)
+    tokens: int  # the global batch's tokens, padding excluded
 
 
 def model_inputs(
@@ -329,22 +377,19 @@ class LogWindow:
         self.paused = 0.0  # evaluation time, not training time
         self.start = time.perf_counter()
 
-    def add(
-        self, loss: torch.Tensor, grad_norm: torch.Tensor, nonfinite: torch.Tensor, tokens: int
-    ) -> None:
-        self.loss += torch.where(nonfinite, 0.0, loss)
-        self.grad_norm_sq += torch.where(nonfinite, 0.0, grad_norm.float() ** 2)
-        self.skipped += nonfinite
+    def add(self, step: StepResult) -> None:
+        self.loss += torch.where(step.skipped, 0.0, step.loss)
+        self.grad_norm_sq += torch.where(step.skipped, 0.0, step.grad_norm.float() ** 2)
+        self.skipped += step.skipped
         self.steps += 1
-        self.tokens += tokens
+        self.tokens += step.tokens
 
     def reduce_and_reset(self) -> dict[str, float | None]:
-        """One all-reduce for the window (the global loss and token count), one read."""
-        totals = torch.stack([self.loss, torch.tensor(float(self.tokens), device=self.device)])
-        dist.all_reduce(totals)
-        loss, tokens, grad_norm_sq, skipped = torch.cat(
-            [totals, torch.stack([self.grad_norm_sq, self.skipped])]
-        ).tolist()
+        """One all-reduce for the window (the global loss), one read."""
+        loss = self.loss.clone()
+        dist.all_reduce(loss)
+        loss, grad_norm_sq, skipped = torch.stack([loss, self.grad_norm_sq, self.skipped]).tolist()
+        tokens = self.tokens
         applied = self.steps - int(skipped)
         elapsed = time.perf_counter() - self.start - self.paused
         stats = {

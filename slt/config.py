@@ -141,3 +141,14 @@ def sltrain_rank_and_alpha(settings: dict[str, Any], hidden_size: int) -> tuple[
     r = settings["r"] if settings["r"] is not None else paper_r
     alpha = settings["alpha"] if settings["alpha"] is not None else paper_alpha
     return r, float(alpha)
+
+
+def check_dense_start(config: SLTConfig) -> None:
+    """--init_from gives dense weights. SLTrain's W = B A + S starts from B = 0 and a random
+    support, and no decomposition of dense weights is attempted here."""
+    if config.method == "sltrain":
+        raise UserError(
+            "--init_from with slt method sltrain: its low-rank plus sparse weight trains from its "
+            "own initialization; prune a pretrained model with magnitude or nm, or give it a "
+            "supermask"
+        )

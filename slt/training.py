@@ -76,6 +76,15 @@ class SparseTraining:
             )
         return metrics
 
+    def parameters_a_dense_start_lacks(self) -> set[str]:
+        """Names of what a run started from dense weights (--init_from) keeps from its own
+        initialization: a supermask's scores. Magnitude and N:M prune the loaded weights
+        themselves (their first thresholds and masks come from them); SLTrain cannot start
+        from dense weights (slt.config.check_dense_start)."""
+        if self.config.method == "supermask":
+            return {f"{name}.scores" for name in self.layers}
+        return set()
+
     def own_parameters(self) -> list[nn.Parameter]:
         """What the sparse layers train besides plain weights and biases: supermask scores,
         SLTrain's factors and sparse values (--slt_lr, --slt_weight_decay). Read after

@@ -209,6 +209,23 @@ def no_input(root: Path, saved) -> Path:
     return root
 
 
+def model_dir(config: dict) -> Callable[[Path, dict], Path]:
+    def make(root: Path, saved) -> Path:
+        (root / "model").mkdir()
+        (root / "model" / "config.json").write_text(json.dumps(config))
+        return root / "model"
+
+    return make
+
+
+def slt_config_file(settings: dict) -> Callable[[Path, dict], Path]:
+    def make(root: Path, saved) -> Path:
+        (root / "slt.json").write_text(json.dumps(settings))
+        return root / "slt.json"
+
+    return make
+
+
 # ---------------------------------------------------------------- train.py
 # (extra flags, a function making the damaged input X used as {X} in them, message)
 TRAIN_CASES = {
@@ -350,6 +367,33 @@ TRAIN_CASES = {
     "schedule unknown": (["--lr_schedule=step"], no_input, "invalid choice: 'step'"),
     "slt_lr without slt": (["--slt_lr=1e-3"], no_input, "--slt_lr and --slt_weight_decay need"),
     "steps and tokens": (["--train_tokens=1e6"], no_input, "both set the budget; give one"),
+    "init_from missing": (["--init_from=/nowhere"], no_input, "--init_from /nowhere is not a"),
+    "init_from without config": (["--init_from={X}"], empty_dir, "has no config.json"),
+    "init_from another model": (
+        ["--init_from={X}"],
+        model_dir({"model_type": "llama", "hidden_size": 4096}),
+        "is another model than --config (hidden_size: 4096 vs --config",
+    ),
+    "init_from without weights": (
+        ["--init_from={X}"],
+        model_dir({"model_type": "llama"}),
+        "holds no model*.safetensors or pytorch_model*.bin weights",
+    ),
+    "init_from damaged checkpoint": (
+        ["--init_from={X}"],
+        shard_with_a_cut_rank_file,
+        "rank_00000.pt is cut short",
+    ),
+    "init_from into sltrain": (
+        ["--init_from={shard}", "--enable_slt", "--slt_config={X}"],
+        slt_config_file({"method": "sltrain"}),
+        "--init_from with slt method sltrain",
+    ),
+    "init_from checkpoint into supermask": (
+        ["--init_from={shard}", "--enable_slt", "--slt_config={X}"],
+        slt_config_file({"method": "supermask", "final_sparsity": 0.5}),
+        "start from its export instead (python convert.py",
+    ),
 }
 
 
@@ -362,7 +406,10 @@ def train_argv(saved: dict[str, Path], out: Path, extra: list[str]) -> list[str]
 def test_train(case, saved, tmp_path, capsys):
     extra, make, message = TRAIN_CASES[case]
     made = make(tmp_path, saved)
-    argv = train_argv(saved, tmp_path / "out", [flag.replace("{X}", str(made)) for flag in extra])
+    extra = [
+        flag.replace("{X}", str(made)).replace("{shard}", str(saved["shard"])) for flag in extra
+    ]
+    argv = train_argv(saved, tmp_path / "out", extra)
     line = fails_with_one_line(lambda: train.main(argv), capsys, saved)
     assert message in line
 

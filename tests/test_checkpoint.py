@@ -100,9 +100,14 @@ def interrupted(runs):
 
 
 @pytest.mark.parametrize("ckpt_type", ["full", "local"])
-def test_exit_interval_then_auto_resume_is_bit_identical(ckpt_type, interrupted, text_baseline):
+def test_exit_interval_then_auto_resume_is_bit_identical(
+    ckpt_type, interrupted, text_baseline, runs
+):
     run_dir = interrupted(ckpt_type)
     assert logged_losses(run_dir) == text_baseline  # exact equality, every step
+    seen = [[r["tokens_seen"] for r in metrics_records(d) if "loss" in r]
+            for d in (run_dir, runs["text_baseline"])]  # fmt: skip
+    assert seen[0] == seen[1]  # restored at the resume, not counted from 0
     kept = sorted(p.name for p in run_dir.glob("step_*"))
     assert kept == [f"step_{STEPS - 2:06d}", f"step_{STEPS:06d}"]  # --keep_last 2
 

@@ -86,6 +86,9 @@ def test_global_batch_split_does_not_change_the_loss_curve(runs):
     # ranks, micro-batch and accumulation all differ.
     two = list_losses(runs["baseline"])
     one = list_losses(runs["one_rank"])
+    for run in ("baseline", "one_rank"):  # 8 sequences of 64 tokens a step, on every layout
+        seen = [r["tokens_seen"] for r in metrics_records(runs[run]) if "loss" in r]
+        assert seen == [512 * step for step in range(1, STEPS + 1)]
     assert_same_curve(two, one, rel=1e-4)
     assert two[-1] < two[0] - 0.3, f"loss did not fall: {two}"
 
@@ -114,6 +117,9 @@ def test_mixed_precision_text_strategies_eval_and_logging(runs):
     for run_dir in (bf16, fp16):
         losses = list_losses(run_dir)
         assert len(losses) == STEPS and losses[-1] < losses[0], losses
+    # tokens_seen grows by the real tokens of each step (padding is excluded: test_data_packing)
+    seen = [r["tokens_seen"] for r in metrics_records(fp16) if "loss" in r]
+    assert all(0 < b - a <= 8 * 64 for a, b in zip([0, *seen], seen, strict=False))
     records = metrics_records(bf16)
     record = [r for r in records if "loss" in r][-1]
     assert set(record) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gb"}
@@ -265,8 +271,8 @@ def test_the_step_is_that_of_the_token_mean_over_the_global_batch_however_it_is_
             rows = len(tokens) // micro_steps
             pairs = zip(tokens.split(rows), labels.split(rows), strict=True)
             batches = [{"input_ids": t, "labels": y} for t, y in pairs]
-            loss, _, _ = train.train_step(model, optimizer, None, batches, env, 0.0)
-            losses.append((loss.item(), expected))
+            result = train.train_step(model, optimizer, None, batches, env, 0.0)
+            losses.append((result.loss.item(), expected))
     finally:
         shutdown()
     for loss, expected in losses:

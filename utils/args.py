@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = p.add_argument_group("model")
     model.add_argument("--config", help="HF config.json, a directory holding one, or a shape name")
+    model.add_argument(
+        "--init_from",
+        help="first weights: a transformers model directory or a step_<N> checkpoint (weights "
+        "only; step 0, fresh optimizer); ignored when --resume_dir resumes",
+    )
     model.add_argument("--enable_flash", action="store_true", help="flash attention kernels (GPU)")
     add_layout_flags(model)
     model.add_argument("--bf16", action="store_true", help="bf16 compute, fp32 master/reduce")

@@ -31,7 +31,7 @@ import pickle
 import re
 import shutil
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -629,9 +629,16 @@ def _safetensors_shapes(file: Path | str) -> dict[str, tuple[int, ...]]:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
 
 
-def check_shapes_match(saved: dict[str, tuple[int, ...]], model: nn.Module) -> None:
-    """A checkpoint of another model shape is refused with the list of differing tensors."""
+def check_shapes_match(
+    saved: dict[str, tuple[int, ...]],
+    model: nn.Module,
+    source: str = "checkpoint",
+    fresh: Iterable[str] = (),
+) -> None:
+    """Weights of another model shape are refused with the list of differing tensors; `fresh`
+    names parameters the model initializes itself, which the file need not hold."""
     expected = {canonical_name(n): tuple(p.shape) for n, p in model.named_parameters()}
+    expected = {k: v for k, v in expected.items() if k not in set(fresh)}
     if getattr(model.config, "tie_word_embeddings", False):
         saved = {k: v for k, v in saved.items() if k != "lm_head.weight"}
         expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
@@ -643,7 +650,7 @@ def check_shapes_match(saved: dict[str, tuple[int, ...]], model: nn.Module) -> N
     problems += [f"{name}: not in the model" for name in saved.keys() - expected.keys()]
     if problems:
         raise UserError(
-            "checkpoint does not match the model (--config): " + "; ".join(sorted(problems))
+            f"{source} does not match the model (--config): " + "; ".join(sorted(problems))
         )
 
 

@@ -6,6 +6,7 @@ import json
 import math
 import resource
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,24 @@ def peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 1e9
     kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kilobytes * 1024 / 1e9 if sys.platform != "darwin" else kilobytes / 1e9
+
+
+@dataclass
+class RunProgress:
+    """What a run has done beyond its step count, saved in every checkpoint (the "progress"
+    component): the tokens it trained on, global and padding excluded (None when resumed from
+    a checkpoint older than this record), and its Weights & Biases run id, so that a resumed
+    run continues both."""
+
+    tokens_seen: int | None = 0
+    wandb_run_id: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens_seen": self.tokens_seen, "wandb_run_id": self.wandb_run_id}
+
+    def load_state_dict(self, state: dict[str, Any] | None, source: str) -> None:
+        state = state or {"tokens_seen": None, "wandb_run_id": None}
+        self.tokens_seen, self.wandb_run_id = state["tokens_seen"], state["wandb_run_id"]
 
 
 class MetricsLogger:

@@ -1,0 +1,104 @@
+"""`--init_from`: a run starts from a transformers model directory (safetensors or .bin) or
+from one of this project's checkpoints. The step-0 evaluation must give the perplexity of the
+weights it started from, computed independently of the run; refusals are in test_bad_input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from datas.C4.c4_eval import evaluate_c4_ppl
+from tests.helpers import metrics_records, tiny_run_flags, torchrun_runs, train_in_process
+from utils.model import load_model_config
+
+MAX_WINDOWS = 8
+
+
+def eval_flags(c4: Path) -> list[str]:
+    return ["--eval_every=1", f"--eval_data={c4}", f"--eval_max_windows={MAX_WINDOWS}"]
+
+
+def first_eval(run_dir: Path) -> dict:
+    return next(r for r in metrics_records(run_dir) if "eval/c4_ppl" in r)
+
+
+@pytest.fixture(scope="module")
+def c4(tmp_path_factory, docstrings) -> Path:
+    path = tmp_path_factory.mktemp("c4") / "c4-validation.00000-of-00001.json.gz"
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps({"text": text}) + "\n" for text in docstrings[-60:])
+    return path.parent
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """The same random tiny Llama saved by transformers twice: as safetensors and as .bin."""
+    root = tmp_path_factory.mktemp("pretrained")
+    vocab = len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    torch.manual_seed(123)
+    model = LlamaForCausalLM(load_model_config("tiny", vocab))
+    model.save_pretrained(str(root / "safetensors"), safe_serialization=True)
+    model.save_pretrained(str(root / "bin"), safe_serialization=False)
+    return {"safetensors": root / "safetensors", "bin": root / "bin", "model": model}
+
+
+def test_a_run_starts_from_a_transformers_directory(
+    pretrained, c4, mds_tokens, tokenizer_dir, tmp_path
+):
+    """Two ranks (each reads only its rows), both file formats, and a supermask run, whose
+    scores are its own: the files hold none."""
+    supermask = tmp_path / "supermask.json"
+    supermask.write_text(json.dumps({"method": "supermask", "final_sparsity": 0.5}))
+    runs = {
+        "from_safetensors": [],
+        "from_bin": [],
+        "supermask": ["--enable_slt", f"--slt_config={supermask}"],
+    }
+    source = {"from_safetensors": "safetensors", "from_bin": "bin", "supermask": "safetensors"}
+    torchrun_runs(
+        [
+            tiny_run_flags(mds_tokens, tokenizer_dir, tmp_path, steps=1, num_workers=0)
+            + [f"--run_name={name}", "--local_batch=4", f"--init_from={pretrained[source[name]]}",
+               f"--config={pretrained[source[name]]}", *eval_flags(c4), *extra]
+            for name, extra in runs.items()
+        ],
+        tmp_path,
+    )  # fmt: skip
+    expected, _ = evaluate_c4_ppl(
+        pretrained["model"], str(tokenizer_dir), c4, seq_len=64, max_windows=MAX_WINDOWS
+    )
+    for name in ("from_safetensors", "from_bin"):
+        record = first_eval(tmp_path / name)
+        assert record["step"] == 0 and record["tokens_seen"] == 0
+        assert record["eval/c4_ppl"] == pytest.approx(expected, rel=1e-5)
+    step_1 = [
+        next(r for r in metrics_records(tmp_path / name) if "loss" in r)
+        for name in ("from_safetensors", "from_bin")
+    ]
+    assert step_1[0]["loss"] == pytest.approx(step_1[1]["loss"], rel=1e-6)
+    assert first_eval(tmp_path / "supermask")["step"] == 0
+
+
+def test_a_run_starts_from_a_checkpoint_with_a_fresh_schedule(
+    c4, mds_tokens, tokenizer_dir, tmp_path
+):
+    flags = tiny_run_flags(mds_tokens, tokenizer_dir, tmp_path, steps=2, num_workers=0)
+    flags += ["--local_batch=8", *eval_flags(c4)]
+    train_in_process(*flags, "--run_name=first", "--save_every=2")
+    step_2 = tmp_path / "first" / "step_000002"
+    train_in_process(*flags, "--run_name=second", f"--init_from={step_2}")
+    first = [r for r in metrics_records(tmp_path / "first") if "eval/c4_ppl" in r]
+    second = metrics_records(tmp_path / "second")
+    assert first_eval(tmp_path / "second")["eval/c4_ppl"] == pytest.approx(
+        first[-1]["eval/c4_ppl"], rel=1e-6
+    )
+    first_step = next(r for r in second if "loss" in r)
+    assert first_step["step"] == 1 and first_step["tokens_seen"] == 8 * 64
+    assert first_step["lr"] == pytest.approx(next(
+        r["lr"] for r in metrics_records(tmp_path / "first") if "loss" in r
+    ))  # fmt: skip

@@ -185,8 +185,10 @@ def run(args: Namespace, env: DistEnv) -> None:
         if sparse:
             print(sparse.describe(), flush=True)
 
-    if args.init_from and args.eval_every and start_step == 0:
-        evaluate(model, args, env, logger, progress, step=0)  # the starting point's perplexity
+    if args.init_from and args.eval_every and start_step == 0:  # the starting point's perplexity
+        if sparse:  # as step 1 will see it: a pruned pretrained model's masks are its own
+            sparse.before_step(1)
+        evaluate(model, args, env, logger, progress, step=0)
 
     # ---- the loop ----
     batches = iter(loader)

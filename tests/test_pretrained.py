@@ -4,6 +4,7 @@ weights it started from, computed independently of the run; refusals are in test
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 from pathlib import Path
@@ -17,6 +18,7 @@ from tests.helpers import metrics_records, tiny_run_flags, torchrun_runs, train_
 from utils.model import load_model_config
 
 MAX_WINDOWS = 8
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def eval_flags(c4: Path) -> list[str]:
@@ -47,19 +49,36 @@ def pretrained(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     return {"safetensors": root / "safetensors", "bin": root / "bin", "model": model}
 
 
+def pruned_by_magnitude(model: LlamaForCausalLM, sparsity: float) -> LlamaForCausalLM:
+    """A copy with the smallest-|w| share of each projection's entries set to zero."""
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in pruned.named_modules():
+            if name.rsplit(".", 1)[-1] in PROJECTIONS:
+                magnitude = module.weight.abs()
+                cut = magnitude.flatten().kthvalue(round(sparsity * magnitude.numel())).values
+                module.weight[magnitude <= cut] = 0
+    return pruned
+
+
 def test_a_run_starts_from_a_transformers_directory(
     pretrained, c4, mds_tokens, tokenizer_dir, tmp_path
 ):
-    """Two ranks (each reads only its rows), both file formats, and a supermask run, whose
-    scores are its own: the files hold none."""
-    supermask = tmp_path / "supermask.json"
-    supermask.write_text(json.dumps({"method": "supermask", "final_sparsity": 0.5}))
+    """Two ranks (each reads only its rows), both file formats; a pretrained model pruned by
+    magnitude (its masks come from the loaded weights) and given a supermask (its scores are
+    its own: the files hold none)."""
+    slt = {
+        "magnitude": {"method": "magnitude", "final_sparsity": 0.5, "schedule": "constant"},
+        "supermask": {"method": "supermask", "final_sparsity": 0.5},
+    }
+    for method, settings in slt.items():
+        (tmp_path / f"{method}.json").write_text(json.dumps(settings))
     runs = {
         "from_safetensors": [],
         "from_bin": [],
-        "supermask": ["--enable_slt", f"--slt_config={supermask}"],
+        **{m: ["--enable_slt", f"--slt_config={tmp_path / m}.json"] for m in slt},
     }
-    source = {"from_safetensors": "safetensors", "from_bin": "bin", "supermask": "safetensors"}
+    source = {name: "bin" if name == "from_bin" else "safetensors" for name in runs}
     torchrun_runs(
         [
             tiny_run_flags(mds_tokens, tokenizer_dir, tmp_path, steps=1, num_workers=0)
@@ -82,6 +101,12 @@ def test_a_run_starts_from_a_transformers_directory(
     ]
     assert step_1[0]["loss"] == pytest.approx(step_1[1]["loss"], rel=1e-6)
     assert first_eval(tmp_path / "supermask")["step"] == 0
+    pruned, _ = evaluate_c4_ppl(
+        pruned_by_magnitude(pretrained["model"], 0.5), str(tokenizer_dir), c4, seq_len=64,
+        max_windows=MAX_WINDOWS,
+    )  # fmt: skip
+    assert pruned != pytest.approx(expected, rel=1e-4)
+    assert first_eval(tmp_path / "magnitude")["eval/c4_ppl"] == pytest.approx(pruned, rel=1e-5)
 
 
 def test_a_run_starts_from_a_checkpoint_with_a_fresh_schedule(

@@ -193,6 +193,25 @@ def test_resume_restores_the_random_state(mds_tokens, tokenizer_dir, tmp_path, m
     assert torch.equal(seen[0], saved)
 
 
+def test_a_wsd_cooldown_branched_from_a_stable_checkpoint_is_the_longer_run(
+    mds_tokens, tokenizer_dir, tmp_path
+):
+    """One 4-step WSD run saves step 2 (its stable phase); resumed with --train_steps 6, it is
+    the 6-step run from scratch: the schedule is recomputed from the new budget."""
+    wsd = ["--lr_schedule=wsd", "--decay_fraction=0.5", "--local_batch=8", "--num_workers=0"]
+    train_in_process(*flags(mds_tokens, tokenizer_dir, tmp_path, "long", *wsd, "--train_steps=6"))
+    short = flags(mds_tokens, tokenizer_dir, tmp_path, "short", *wsd, "--save_every=2")
+    train_in_process(*short, "--train_steps=4")
+    branch = tmp_path / "short" / "step_000002"
+    train_in_process(*short, "--run_name=branch", "--train_steps=6", f"--resume_dir={branch}")
+    long, short_run, branched = (
+        {r["step"]: (r["lr"], r["loss"]) for r in metrics_records(tmp_path / name) if "loss" in r}
+        for name in ("long", "short", "branch")
+    )
+    assert short_run[3][0] < long[3][0]  # the short run was already cooling down at step 3
+    assert branched == {step: long[step] for step in range(3, 7)}
+
+
 def test_sigkill_of_a_rank_during_a_save_then_resubmit_recovers_exactly(
     text_baseline, out, mds_text, tokenizer_dir
 ):

@@ -71,6 +71,7 @@ from utils.optim import LRSchedule, build_optimizer, set_lr, skip_update_if
 from utils.parallelize import build_grad_scaler, compute_dtype, parallelize_model
 from utils.preemption import ExitPolicy
 from utils.pretrained import check_initial_weights, load_initial_weights
+from utils.profiling import RunProfiler
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -199,49 +200,59 @@ def run(args: Namespace, env: DistEnv) -> None:
         unit="step",
         disable=not (env.is_main and sys.stdout.isatty()),  # plain lines in SLURM logs
     )
-    for step in range(start_step + 1, args.train_steps + 1):
-        wait_start = time.perf_counter()
-        micro_batches = [next(batches) for _ in range(accum_steps)]
-        window.data_wait += time.perf_counter() - wait_start
-        lr = schedule.lr_at(step)
-        set_lr(optimizer, lr)
-        if sparse:
-            sparse.before_step(step)
-        result = train_step(model, optimizer, scaler, micro_batches, env, args.grad_clip, sparse)
-        guard.record(step, result.skipped, result.loss, loader.position())
-        window.add(result)
-        progress.tokens_seen += result.tokens
-        bar.update()
-
-        if step % args.log_every == 0 or step == args.train_steps:
-            stats = window.reduce_and_reset()
-            per_gpu = stats["tokens_per_s"] / env.world_size
-            stats |= {
-                "tokens_seen": progress.tokens_seen,
-                "lr": lr,
-                "tokens_per_s_per_gpu": per_gpu,
-                "mfu": flops * per_gpu / peak if peak else None,
-                "peak_mem_gb": peak_memory_gb(env.device),
-            }
+    profiler = RunProfiler(args.profile_steps, args.memory_snapshot, run_dir, env.rank, env.device)
+    with profiler:
+        for step in range(start_step + 1, args.train_steps + 1):
+            profiler.step_started(step)
+            wait_start = time.perf_counter()
+            micro_batches = [next(batches) for _ in range(accum_steps)]
+            window.data_wait += time.perf_counter() - wait_start
+            lr = schedule.lr_at(step)
+            set_lr(optimizer, lr)
             if sparse:
-                stats |= sparse.measure(step)
-            logger.log(step, stats)
-        stopping = exit_policy.should_exit(step)
-        scheduled = args.save_every and (step % args.save_every == 0 or step == args.train_steps)
-        if scheduled or stopping:
-            guard.flush()  # a step that must stop the run is never saved
-            checkpointer.save(step, vars(args))
-        # After the save, so a failing evaluation never costs the step its checkpoint; not
-        # when preempted, where the time left is short.
-        evaluate_now = args.eval_every and (step % args.eval_every == 0 or step == args.train_steps)
-        if evaluate_now and not exit_policy.signalled:
-            eval_start = time.perf_counter()
-            evaluate(model, args, env, logger, progress, step)
-            window.paused += time.perf_counter() - eval_start
-        if stopping:
-            if env.is_main:
-                tqdm.write(f"stopping after step {step} ({exit_policy.reason})")
-            break
+                sparse.before_step(step)
+            result = train_step(
+                model, optimizer, scaler, micro_batches, env, args.grad_clip, sparse
+            )
+            profiler.step_finished(step)
+            guard.record(step, result.skipped, result.loss, loader.position())
+            window.add(result)
+            progress.tokens_seen += result.tokens
+            bar.update()
+
+            if step % args.log_every == 0 or step == args.train_steps:
+                stats = window.reduce_and_reset()
+                per_gpu = stats["tokens_per_s"] / env.world_size
+                stats |= {
+                    "tokens_seen": progress.tokens_seen,
+                    "lr": lr,
+                    "tokens_per_s_per_gpu": per_gpu,
+                    "mfu": flops * per_gpu / peak if peak else None,
+                    "peak_mem_gb": peak_memory_gb(env.device),
+                }
+                if sparse:
+                    stats |= sparse.measure(step)
+                logger.log(step, stats)
+            stopping = exit_policy.should_exit(step)
+            scheduled = args.save_every and (
+                step % args.save_every == 0 or step == args.train_steps
+            )
+            if scheduled or stopping:
+                guard.flush()  # a step that must stop the run is never saved
+                checkpointer.save(step, vars(args))
+            # After the save, so a failing evaluation never costs the step its checkpoint; not
+            # when preempted, where the time left is short.
+            evaluate_now = args.eval_every and (
+                step % args.eval_every == 0 or step == args.train_steps
+            )
+            if evaluate_now and not exit_policy.signalled:
+                eval_start = time.perf_counter()
+                evaluate(model, args, env, logger, progress, step)
+                window.paused += time.perf_counter() - eval_start
+            if stopping:
+                if env.is_main:
+                    tqdm.write(f"stopping after step {step} ({exit_policy.reason})")
+                break
     guard.flush()
     bar.close()
     checkpointer.wait()

@@ -16,6 +16,7 @@ import yaml
 from utils.errors import ArgumentParser, UserError
 from utils.files import why_not_writable
 from utils.optim import DECAY_TYPES, LR_SCHEDULES
+from utils.profiling import step_range
 
 if TYPE_CHECKING:
     import torch
@@ -128,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--log_every", type=int, default=10, help="optimizer steps between log lines")
     out.add_argument("--enable_tensorboard", action="store_true")
     out.add_argument("--peak_tflops", type=float, help="device bf16 peak for MFU (default: by GPU)")
+
+    profiling = p.add_argument_group("profiling (docs/performance.md#profiling-a-run)")
+    profiling.add_argument(
+        "--profile_steps",
+        type=step_range,
+        help="A:B: trace optimizer steps A to B with torch.profiler, a Chrome trace per rank in "
+        "RUN_DIR/profile/",
+    )
+    profiling.add_argument(
+        "--memory_snapshot",
+        action="store_true",
+        help="CUDA: record the allocator's history; dump it on out-of-memory and at the end of "
+        "--profile_steps into RUN_DIR/memory_snapshot/",
+    )
 
     evaluation = p.add_argument_group("evaluation")
     evaluation.add_argument("--eval_every", type=int, default=0, help="optimizer steps; 0 = never")

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -194,3 +195,24 @@ def metrics_records(run_dir: Path) -> list[dict]:
 def logged_losses(run_dir: Path) -> dict[int, float]:
     """Step -> loss from a run's metrics.jsonl; a resumed run appends, so the last one wins."""
     return {r["step"]: r["loss"] for r in metrics_records(run_dir) if "loss" in r}
+
+
+def losses_by_step_safe(run_dir: Path) -> dict[int, float]:
+    try:
+        return logged_losses(run_dir)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 180, poll: float = 0.1):
+    """Poll `condition` until it holds; fail with the output if `proc` ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended first:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(poll)
+    proc.kill()
+    raise AssertionError("timed out")

@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from tests.helpers import (
     REPO,
     child_env,
     logged_losses,
+    losses_by_step_safe,
     metrics_records,
     tiny_run_flags,
     torchrun,
@@ -30,6 +30,7 @@ from tests.helpers import (
     torchrun_runs,
     torchrun_two_nodes,
     train_in_process,
+    wait_for,
 )
 
 STEPS = 12
@@ -506,29 +507,9 @@ def test_auto_ignores_staging_directories(interrupted, tmp_path):
 
 
 # ---------------------------------------------------------------- process helpers
-def wait_for(condition, proc: subprocess.Popen, timeout: float = 180, poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended first:\n{proc.stdout.read()[-3000:]}")
-        time.sleep(poll)
-    proc.kill()
-    raise AssertionError("timed out")
-
-
 def staging_dir_after_first(run_dir: Path) -> Path | None:
     """A checkpoint being written, once a complete one exists to fall back on."""
     return next((p for p in run_dir.glob(".step_*.tmp") if p.name != ".step_000001.tmp"), None)
-
-
-def losses_by_step_safe(run_dir: Path) -> dict[int, float]:
-    try:
-        return logged_losses(run_dir)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
 
 
 def worker_pids(torchrun_pid: int) -> list[int]:

@@ -1,16 +1,20 @@
 """The demo: a real, small, offline training run, end to end, on two CPU processes.
 
-1. corpus: the docstrings of Python's standard library (real English, on every machine);
+1. corpus: the docstrings of Python's standard library (real English, on every machine); the
+   last EVAL_DOCS are held out as a validation set in C4's file format;
 2. data: written to MDS with the project's preparation tool (`python -m datas.prepare`);
-3. tokenizer: a byte-level BPE trained on that corpus with `tokenizers`;
+3. tokenizer: a byte-level BPE trained on the training part with `tokenizers`;
 4. model: a tiny Llama config.json;
-5. `torchrun --nproc_per_node=2 train.py ...` on CPU (gloo), then a summary.
+5. `torchrun --nproc_per_node=2 train.py ...` on CPU (gloo), evaluating perplexity on the
+   held-out set every 100 steps;
+6. `python -m utils.compare` on the run: its table, and its loss and perplexity plot.
 
-Steps 1-4 are cached under .cache/demo/; the run goes to runs/demo/.
+Steps 1-4 are cached under .cache/demo/; the run and the plot go to runs/demo/.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import subprocess
@@ -24,6 +28,7 @@ from datas.local_corpus import stdlib_docstrings, train_byte_bpe, write_jsonl  #
 
 CACHE = REPO / ".cache" / "demo"
 OUTPUT = REPO / "runs" / "demo"
+EVAL_DOCS = 300
 
 MODEL = {
     "architectures": ["LlamaForCausalLM"],
@@ -54,19 +59,28 @@ TRAIN_FLAGS = [
     "--num_workers=1",
     "--run_name=run",
     "--enable_tensorboard",
+    "--eval_every=100",
+    "--eval_max_windows=256",
 ]
 
 
 def build_assets() -> dict[str, Path]:
-    """Corpus, MDS data, tokenizer and config, each made once."""
+    """Corpus, held-out set, MDS data, tokenizer and config, each made once."""
     corpus = CACHE / "corpus.jsonl"
+    held_out = CACHE / "eval" / "c4-validation.00000-of-00001.json.gz"
     tokenizer = CACHE / "tokenizer"
     mds = CACHE / "mds"
     config = CACHE / "model" / "config.json"
-    if not corpus.exists():
+    if not held_out.exists():  # the corpus is written after it: a corpus implies the split
         texts = list(stdlib_docstrings())
-        print(f"corpus: {len(texts)} standard-library docstrings -> {corpus}", flush=True)
-        write_jsonl(texts, corpus)
+        print(f"corpus: {len(texts)} standard-library docstrings, the last {EVAL_DOCS} held "
+              f"out -> {corpus}, {held_out.parent}", flush=True)  # fmt: skip
+        held_out.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(held_out, "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": text}) + "\n" for text in texts[-EVAL_DOCS:])
+        write_jsonl(texts[:-EVAL_DOCS], corpus)
+        for stale in (tokenizer, mds):  # made from a corpus that held the validation set
+            shutil.rmtree(stale, ignore_errors=True)
     if not (tokenizer / "tokenizer.json").exists():
         texts = [json.loads(line)["text"] for line in corpus.open()]
         print(f"tokenizer: byte-level BPE, vocab 2048 -> {tokenizer}", flush=True)
@@ -77,7 +91,7 @@ def build_assets() -> dict[str, Path]:
     if not config.exists():
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(json.dumps(MODEL, indent=2))
-    return {"data": mds, "tokenizer": tokenizer, "config": config}
+    return {"data": mds, "tokenizer": tokenizer, "config": config, "eval": held_out.parent}
 
 
 def run(cmd: list[str]) -> None:
@@ -93,6 +107,7 @@ def train(assets: dict[str, Path]) -> None:
         f"--config={assets['config']}",
         f"--output_dir={OUTPUT}",
         f"--tensorboard_dir={OUTPUT / 'tensorboard'}",
+        f"--eval_data={assets['eval']}",
         *TRAIN_FLAGS,
     ]  # fmt: skip
     print("train:", " ".join(cmd), flush=True)
@@ -101,11 +116,9 @@ def train(assets: dict[str, Path]) -> None:
 
 def summarize() -> None:
     run_dir = OUTPUT / "run"
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    losses = [r["loss"] for r in records if "loss" in r]
+    print("\n== demo finished ==", flush=True)
+    run([sys.executable, "-m", "utils.compare", str(run_dir), f"--plot={OUTPUT / 'run.png'}"])
     checkpoints = sorted(p.name for p in run_dir.glob("step_*"))
-    print("\n== demo finished ==")
-    print(f"loss: {losses[0]:.3f} (step {records[0]['step']}) -> {losses[-1]:.3f} (last step)")
     print(f"checkpoints: {run_dir} ({', '.join(checkpoints)})")
     print(f"metrics:     {run_dir / 'metrics.jsonl'}")
     print(f"tensorboard: tensorboard --logdir {OUTPUT / 'tensorboard'}")

@@ -1,0 +1,85 @@
+"""python -m utils.compare on real run directories: the table, the plot, runs logged before
+tokens_seen existed, and one-line errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import metrics_records, tiny_run_flags, train_in_process
+from utils import compare
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, mds_tokens, tokenizer_dir, docstrings) -> Path:
+    """Two 3-step runs with an evaluation at step 3: global batch 8, and 16 with an MFU."""
+    out = tmp_path_factory.mktemp("compare")
+    c4 = out / "c4" / "c4-validation.00000-of-00001.json.gz"
+    c4.parent.mkdir()
+    with gzip.open(c4, "wt") as f:
+        f.writelines(json.dumps({"text": text}) + "\n" for text in docstrings[-40:])
+    flags = tiny_run_flags(mds_tokens, tokenizer_dir, out, steps=3, num_workers=0)
+    flags += ["--eval_every=3", f"--eval_data={c4.parent}", "--eval_max_windows=4"]
+    train_in_process(*flags, "--run_name=small", "--local_batch=8")
+    train_in_process(*flags, "--run_name=big", "--local_batch=16", "--global_batch=16",
+                     "--peak_tflops=1")  # fmt: skip
+    return out
+
+
+def table_rows(printed: str) -> dict[str, list[str]]:
+    lines = [line for line in printed.splitlines() if line.startswith("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    return {cells[0]: cells for cells in rows}
+
+
+def test_the_table_summarizes_each_run(runs, capsys):
+    compare.main([str(runs / "small"), str(runs / "big")])
+    rows = table_rows(capsys.readouterr().out)
+    for name, tokens in (("small", "1,536"), ("big", "3,072")):
+        records = metrics_records(runs / name)
+        losses = [r["loss"] for r in records if "loss" in r]
+        ppl = [r["eval/c4_ppl"] for r in records if "eval/c4_ppl" in r]
+        run, steps, seen, final, best, c4_ppl, _, mfu = rows[name]
+        assert (steps, seen) == ("3", tokens)
+        assert float(final) == pytest.approx(losses[-1], abs=1e-4)
+        assert float(best) == pytest.approx(min(losses), abs=1e-4)
+        assert float(c4_ppl) == pytest.approx(ppl[-1], abs=1e-4)
+    assert rows["small"][7] == "-" and rows["big"][7].endswith("%")  # MFU needs a known peak
+
+
+def test_a_run_from_before_tokens_seen_counts_its_tokens_from_its_config(runs, tmp_path, capsys):
+    old = shutil.copytree(runs / "big", tmp_path / "big")
+    records = [{k: v for k, v in r.items() if k != "tokens_seen"} for r in metrics_records(old)]
+    (old / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    compare.main([str(old)])
+    assert table_rows(capsys.readouterr().out)["big"][2] == "3,072"
+
+
+def test_the_plot_is_written(runs, tmp_path):
+    from matplotlib.image import imread
+
+    plot = tmp_path / "plots" / "compare.png"
+    compare.main([str(runs / "small"), str(runs / "big"), f"--plot={plot}"])
+    height, width, _ = imread(plot).shape
+    assert width > height > 100
+    assert [p.name for p in plot.parent.iterdir()] == ["compare.png"]
+
+
+@pytest.mark.parametrize("case", ["not a run", "no matplotlib"])
+def test_mistakes_cost_one_line(runs, tmp_path, capsys, monkeypatch, case):
+    if case == "not a run":
+        argv, message = [str(tmp_path)], f"{tmp_path} has no metrics.jsonl"
+    else:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+        argv = [str(runs / "small"), f"--plot={tmp_path / 'x.png'}"]
+        message = "--plot needs matplotlib: pip install '.[plot]'"
+    with pytest.raises(SystemExit) as stop:
+        compare.main(argv)
+    assert stop.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {message}")

@@ -10,6 +10,7 @@ global_batch / (local_batch x world_size) micro-steps of local_batch sequences o
 from __future__ import annotations
 
 import math
+import secrets
 import sys
 import time
 from argparse import Namespace
@@ -53,6 +54,7 @@ from utils.loss import model_nll_sum, predicted_token_count, use_chunked_loss
 from utils.metrics import (
     MetricsLogger,
     RunProgress,
+    WandbOptions,
     describe_memory,
     memory_estimate,
     model_flops_per_token,
@@ -158,7 +160,17 @@ def run(args: Namespace, env: DistEnv) -> None:
     if args.enable_tensorboard:
         tensorboard_dir = Path(args.tensorboard_dir or Path(args.output_dir) / "tensorboard")
         tensorboard_dir = tensorboard_dir / run_name
-    logger = MetricsLogger(run_dir, tensorboard_dir, enabled=env.is_main, start_step=start_step)
+    wandb = None
+    if args.wandb_project:
+        if progress.wandb_run_id is None:  # a new run; a resumed one continues its W&B run
+            progress.wandb_run_id = broadcast_from_main(secrets.token_hex(4))
+        wandb = WandbOptions(
+            args.wandb_project, args.wandb_entity, args.wandb_run_name or run_name,
+            args.wandb_group, progress.wandb_run_id,
+        )  # fmt: skip
+    logger = MetricsLogger(
+        run_dir, tensorboard_dir, enabled=env.is_main, start_step=start_step, wandb=wandb
+    )
     parameters = {"trainable": trainable_parameters(model)}
     if sparse:  # a sparse model's trainable count says little without its dense size
         parameters["dense_model"] = dense_parameters(model_config)

@@ -34,3 +34,14 @@ def test_a_token_budget_becomes_whole_steps(tmp_path):
 )
 def test_activation_checkpointing_flag_keeps_the_seed_spellings(argv, mode):
     assert build_parser().parse_args(argv).activation_checkpointing == mode
+
+
+def test_wandb_without_its_package_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "wandb" else find_spec(name)
+    )
+    with pytest.raises(UserError, match=r"needs the wandb package: pip install '\.\[wandb\]'"):
+        parse_args(flags(tmp_path, "--wandb_project=p"))

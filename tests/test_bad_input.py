@@ -367,6 +367,7 @@ TRAIN_CASES = {
     "schedule unknown": (["--lr_schedule=step"], no_input, "invalid choice: 'step'"),
     "slt_lr without slt": (["--slt_lr=1e-3"], no_input, "--slt_lr and --slt_weight_decay need"),
     "steps and tokens": (["--train_tokens=1e6"], no_input, "both set the budget; give one"),
+    "wandb group alone": (["--wandb_group=g"], no_input, "--wandb_group: give --wandb_project too"),
     "profile steps reversed": (["--profile_steps=3:2"], no_input, "'3:2' needs 1 <= A <= B"),
     "profile steps not a range": (["--profile_steps=3"], no_input, "'3' is not A:B"),
     "init_from missing": (["--init_from=/nowhere"], no_input, "--init_from /nowhere is not a"),

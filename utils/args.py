@@ -5,6 +5,7 @@ those are loaded."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -152,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval_batch", type=int, default=8, help="windows per forward, per rank"
     )
     out.add_argument("--tensorboard_dir", help="default: output_dir/tensorboard")
+    out.add_argument(
+        "--wandb_project",
+        help="also log to this Weights & Biases project (pip install '.[wandb]'); a resumed "
+        "run keeps writing to its W&B run",
+    )
+    out.add_argument("--wandb_entity", help="W&B team or user (default: yours)")
+    out.add_argument("--wandb_run_name", help="W&B display name (default: --run_name)")
+    out.add_argument("--wandb_group", help="W&B group, e.g. one sweep")
     return p
 
 
@@ -341,6 +350,7 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.async_save and args.ckpt_type != "shard":
         raise UserError("--async_save works with --ckpt_type shard only")
+    _check_wandb(args)
 
 
 # Numbers a flag may take; the float flags must also be finite.
@@ -354,6 +364,16 @@ NON_NEGATIVE = (
     "exit_duration_mins", "eval_every", "num_workers", "slt_weight_decay",
 )  # fmt: skip
 BELOW_ONE = ("beta1", "beta2")  # and zero or more
+
+
+def _check_wandb(args: argparse.Namespace) -> None:
+    named = [
+        f"--{k}" for k in ("wandb_entity", "wandb_run_name", "wandb_group") if getattr(args, k)
+    ]
+    if named and not args.wandb_project:
+        raise UserError(f"{', '.join(named)}: give --wandb_project too (W&B logging is off)")
+    if args.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise UserError("--wandb_project needs the wandb package: pip install '.[wandb]'")
 
 
 def _resolve_budget(args: argparse.Namespace) -> None:

@@ -1,4 +1,5 @@
-"""What a run reports: console lines, metrics.jsonl, config.json, TensorBoard, and MFU."""
+"""What a run reports: console lines, metrics.jsonl, config.json, TensorBoard, Weights &
+Biases, and MFU."""
 
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def describe_memory(estimate: dict[str, float]) -> str:
     return f"memory per GPU, estimated: {parts}; {sum(estimate.values()):.2f} GB in all"
 
 
-# metrics.jsonl key -> TensorBoard tag, where they differ; other keys go to train/<key>.
+# metrics.jsonl key -> TensorBoard and W&B name, where they differ; others: _tag.
 TENSORBOARD_TAGS = {
     "tokens_per_s": "train/tokens_per_second",
     "tokens_per_s_per_gpu": "train/tokens_per_second_per_gpu",
@@ -132,20 +133,39 @@ class RunProgress:
         self.tokens_seen, self.wandb_run_id = state["tokens_seen"], state["wandb_run_id"]
 
 
+@dataclass
+class WandbOptions:
+    """Where a run logs in Weights & Biases (--wandb_*); `run_id` comes from the checkpoint
+    when the run resumes (RunProgress), so the W&B run continues too."""
+
+    project: str
+    entity: str | None
+    name: str
+    group: str | None
+    run_id: str
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a logger that does nothing, so callers need no `if`.
-
     A run that resumes at `start_step` continues its records: those of later steps (written
     after that checkpoint by the run that went on, or by an earlier branch) move from
     metrics.jsonl to metrics.dropped.jsonl, and TensorBoard hides its events of those steps
-    (`purge_step`), so no step is logged twice."""
+    (`purge_step`), so no step is logged twice. W&B cannot take a step back: it keeps the
+    first values of those steps (the same values, when the run resumed exactly) and ignores
+    the repeated ones."""
 
     def __init__(
-        self, run_dir: Path, tensorboard_dir: Path | None, enabled: bool, start_step: int = 0
+        self,
+        run_dir: Path,
+        tensorboard_dir: Path | None,
+        enabled: bool,
+        start_step: int = 0,
+        wandb: WandbOptions | None = None,
     ) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
         self.writer = None
+        self.wandb = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -155,6 +175,13 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(tensorboard_dir), purge_step=start_step + 1)
+        if wandb is not None:
+            import wandb as wandb_sdk
+
+            self.wandb = wandb_sdk.init(
+                project=wandb.project, entity=wandb.entity, name=wandb.name, group=wandb.group,
+                id=wandb.run_id, resume="allow", dir=str(run_dir),
+            )  # fmt: skip
 
     def write_config(
         self, args: dict[str, Any], model_config: PretrainedConfig, parameters: dict[str, int]
@@ -165,21 +192,25 @@ class MetricsLogger:
         (self.run_dir / "config.json").write_text(json.dumps(record, indent=2, default=str))
         if self.writer is not None:
             self.writer.add_text("args", "\n".join(f"    {k}: {v}" for k, v in args.items()))
+        if self.wandb is not None:
+            plain = json.loads(json.dumps(record, default=str))  # paths and dtypes as text
+            self.wandb.config.update(plain, allow_val_change=True)
 
     def log(self, step: int, metrics: dict[str, float | None]) -> None:
-        """Keys without a slash are training metrics (`train/<key>` in TensorBoard); others,
-        such as `eval/c4_ppl`, keep their name everywhere."""
+        """Keys without a slash are training metrics (`train/<key>` in TensorBoard and W&B);
+        others, such as `eval/c4_ppl`, keep their name everywhere."""
         if not self.enabled:
             return
         record = {"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}
         self.jsonl.write(json.dumps(record) + "\n")
         tqdm.write(format_line(record))
+        tagged = {_tag(key): value for key, value in metrics.items() if value is not None}
         if self.writer is not None:
-            for key, value in metrics.items():
-                if value is not None:
-                    tag = key if "/" in key else TENSORBOARD_TAGS.get(key, f"train/{key}")
-                    self.writer.add_scalar(tag, value, step)
+            for tag, value in tagged.items():
+                self.writer.add_scalar(tag, value, step)
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(tagged, step=step)
 
     def event(self, step: int, details: dict[str, Any]) -> None:
         """Something that happened at a step (not a metric): a metrics.jsonl record and a line."""
@@ -188,12 +219,21 @@ class MetricsLogger:
         record = {"step": step, **details}
         self.jsonl.write(json.dumps(record) + "\n")
         tqdm.write(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in details.items()))
+        if self.wandb is not None:
+            self.wandb.log({"event": json.dumps(details)}, step=step)
 
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
             if self.writer is not None:
                 self.writer.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def _tag(key: str) -> str:
+    """A metrics.jsonl key's name in TensorBoard and W&B."""
+    return key if "/" in key else TENSORBOARD_TAGS.get(key, f"train/{key}")
 
 
 def _drop_records_after(jsonl: Path, step: int) -> None:

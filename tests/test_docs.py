@@ -69,3 +69,15 @@ def test_flag_tables_list_real_train_flags(page: Path) -> None:
     assert flags, f"{page_id(page)} has no flag table"
     unknown = sorted(set(flags) - known)
     assert not unknown, f"{page_id(page)} lists flags train.py does not have: {unknown}"
+
+
+def test_the_training_page_lists_every_train_flag() -> None:
+    listed = set(flag_table_flags((REPO / "docs/training.md").read_text()))
+    flags = {
+        option
+        for action in build_parser()._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    }
+    missing = sorted(flags - listed)
+    assert not missing, f"docs/training.md's flag table lacks {missing}"

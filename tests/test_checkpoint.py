@@ -194,6 +194,46 @@ def test_resume_restores_the_random_state(mds_tokens, tokenizer_dir, tmp_path, m
     assert torch.equal(seen[0], saved)
 
 
+@pytest.mark.parametrize("ckpt_type", ["shard", "local"])
+def test_the_optimizer_takes_its_moments_from_the_checkpoint_and_its_settings_from_the_flags(
+    mds_tokens, tokenizer_dir, tmp_path, monkeypatch, ckpt_type
+):
+    """A checkpoint written before the optimizer groups had `lr_scale` (before #17) still
+    resumes, and the resumed run trains with its own --beta2 and --weight_decay."""
+    import train
+    from utils.checkpoint import Checkpointer
+
+    def without_lr_scale(*args, **kwargs):
+        optimizer = build_optimizer(*args, **kwargs)
+        for group in optimizer.param_groups:
+            del group["lr_scale"]
+        return optimizer
+
+    build_optimizer = train.build_optimizer
+    run = flags(mds_tokens, tokenizer_dir, tmp_path, "old", f"--ckpt_type={ckpt_type}")
+    run += ["--local_batch=8", "--num_workers=0", "--save_every=2", "--train_steps=2"]
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "build_optimizer", without_lr_scale)
+        train_in_process(*run)
+    groups, steps = [], set()
+    load = Checkpointer.load
+
+    def load_then_look(self, *args, **kwargs):
+        result = load(self, *args, **kwargs)
+        groups.extend(self.optimizer.param_groups)
+        steps.update(float(state["step"]) for state in self.optimizer.state.values())
+        return result
+
+    monkeypatch.setattr(Checkpointer, "load", load_then_look)
+    step = tmp_path / "old" / "step_000002"
+    train_in_process(*run, "--run_name=new", f"--resume_dir={step}", "--train_steps=3",
+                     "--beta2=0.99", "--weight_decay=0.05")  # fmt: skip
+    assert [g["betas"] for g in groups] == [(0.9, 0.99)] * 2
+    assert [(g["weight_decay"], g["lr_scale"]) for g in groups] == [(0.05, 1.0), (0.0, 1.0)]
+    assert steps == {2.0}  # the moments of 2 steps
+    assert logged_losses(tmp_path / "new").keys() == {3}
+
+
 def test_a_wsd_cooldown_branched_from_a_stable_checkpoint_is_the_longer_run(
     mds_tokens, tokenizer_dir, tmp_path
 ):

@@ -360,26 +360,35 @@ class Checkpointer:
 
 
 def load_weights_and_optimizer(step_dir: Path, ckpt_type: str, model, optimizer, rank_state):
-    """Fill the sharded model (and optimizer unless None) from a checkpoint directory."""
+    """Fill the sharded model (and optimizer unless None) from a checkpoint directory.
+
+    The optimizer takes its moments and step counts from the checkpoint and its hyperparameters
+    (betas, eps, weight decay, each group's learning-rate scale) from this run's flags, as the
+    learning rate already does: a checkpoint written before a hyperparameter existed still
+    loads, and the flags a run is resumed with are the ones it trains with."""
     if ckpt_type == "shard":
         model_state, optim_state = get_state_dict(model, optimizer or [])
-        state = {"model": model_state} | ({"optim": optim_state} if optimizer else {})
+        moments = {"optim": {"state": optim_state["state"]}} if optimizer else {}
+        state = {"model": model_state} | moments
         dcp_load(state, step_dir)
+        if optimizer:
+            optim_state["state"] = state["optim"]["state"]
         set_state_dict(
-            model,
-            optimizer or [],
-            model_state_dict=state["model"],
-            optim_state_dict=state.get("optim", {}),
+            model, optimizer or [], model_state_dict=state["model"], optim_state_dict=optim_state
         )
     elif ckpt_type == "full":
         is_main = dist.get_rank() == 0
         weights = full_checkpoint_weights(step_dir) if is_main else {}
         set_model_state_dict(model, weights, options=FULL_STATE_FROM_RANK0)
         if optimizer:
-            optim = torch.load(step_dir / "optimizer.pt", weights_only=True) if is_main else {}
+            groups = get_optimizer_state_dict(model, optimizer)["param_groups"]
+            optim = {}
+            if is_main:
+                saved = torch.load(step_dir / "optimizer.pt", weights_only=True)
+                optim = {"state": saved["state"], "param_groups": groups}
             set_optimizer_state_dict(model, optimizer, optim, options=FULL_STATE_FROM_RANK0)
     else:
-        _load_local_shards(model, optimizer, rank_state)
+        _load_local_shards(model, optimizer, rank_state, step_dir)
 
 
 # ---------------------------------------------------------------- transformers layout
@@ -570,19 +579,33 @@ def _local_shards(model: nn.Module, optimizer) -> dict[str, Any]:
     }
 
 
-def _load_local_shards(model: nn.Module, optimizer, rank_state: dict) -> None:
+def _load_local_shards(model: nn.Module, optimizer, rank_state: dict, step_dir: Path) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             local_tensor(param).copy_(rank_state["model"][canonical_name(name)])
     if optimizer is None:
         return
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     saved = rank_state["optim"]
+    if [len(g["params"]) for g in saved["param_groups"]] != [
+        len(g["params"]) for g in optimizer.param_groups
+    ]:  # its state is numbered in group order, which another grouping changes
+        raise UserError(
+            f"--resume_dir {step_dir} is a 'local' checkpoint whose optimizer groups its "
+            "parameters otherwise (--slt_lr, --slt_weight_decay); resume with the same flags, "
+            "or with --skip_optimizer"
+        )
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    hyperparameters = [
+        {key: value for key, value in group.items() if key != "params"}
+        for group in optimizer.param_groups
+    ]
     state = {
         index: {key: _like_param(value, params[index]) for key, value in entry.items()}
         for index, entry in saved["state"].items()
     }
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    for group, values in zip(optimizer.param_groups, hyperparameters, strict=True):
+        group.update(values)
 
 
 def _like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

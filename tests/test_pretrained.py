@@ -1,6 +1,6 @@
 """`--init_from`: a run starts from a transformers model directory (safetensors or .bin) or
-from one of this project's checkpoints. The step-0 evaluation must give the perplexity of the
-weights it started from, computed independently of the run; refusals are in test_bad_input."""
+from one of this project's checkpoints. The step-0 evaluation must give the perplexity the eval
+CLI gives the directory it started from; refusals are in test_bad_input."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from datas.C4 import c4_eval
 from datas.C4.c4_eval import evaluate_c4_ppl
 from tests.helpers import metrics_records, tiny_run_flags, torchrun_runs, train_in_process
 from utils.model import load_model_config
@@ -88,9 +89,10 @@ def test_a_run_starts_from_a_transformers_directory(
         ],
         tmp_path,
     )  # fmt: skip
-    expected, _ = evaluate_c4_ppl(
-        pretrained["model"], str(tokenizer_dir), c4, seq_len=64, max_windows=MAX_WINDOWS
-    )
+    expected = c4_eval.main([
+        f"--checkpoint={pretrained['safetensors']}", f"--data={c4}", f"--tokenizer={tokenizer_dir}",
+        "--seq_len=64", f"--max_windows={MAX_WINDOWS}",
+    ])["eval/c4_ppl"]  # fmt: skip
     for name in ("from_safetensors", "from_bin"):
         record = first_eval(tmp_path / name)
         assert record["step"] == 0 and record["tokens_seen"] == 0

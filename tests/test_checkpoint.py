@@ -459,7 +459,7 @@ def test_a_failing_evaluation_comes_after_the_save(
 
 def test_a_crafted_optimizer_entry_is_not_run(runs, tmp_path):
     """A `shard` checkpoint's non-tensor entries are pickles that DCP itself loads with
-    weights_only=False; here they must be plain values."""
+    the full unpickler (weights-only mode off); here they must be plain values."""
     import torch.distributed.checkpoint as dcp
 
     from utils.checkpoint import dcp_load

@@ -504,8 +504,9 @@ def _stitch_local_shards(step_dir: Path) -> dict[str, torch.Tensor]:
 def dcp_load(state: dict, step_dir: Path, **kwargs: Any) -> None:
     """torch.distributed.checkpoint.load, reading nothing that can run code. DCP reads a `shard`
     checkpoint's `.metadata` with plain pickle and its non-tensor entries (optimizer settings)
-    with torch.load's full unpickler (weights-only mode off): a crafted checkpoint would run code on every rank.
-    Here the metadata may hold DCP's own record types only, and the entries plain values."""
+    with torch.load's full unpickler (weights-only mode off): a crafted checkpoint would run
+    code on every rank. Here the metadata may hold DCP's own record types only, and the
+    entries plain values."""
     try:
         dcp.load(
             state, storage_reader=_TrustedReader(step_dir), planner=_TrustedPlanner(), **kwargs

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from datas import get_loader_builder
-from datas.C4.c4_eval import evaluate_c4_ppl, load_windows
+from datas.C4.c4_eval import eval_metrics, evaluate_c4_ppl, load_windows
 from datas.packing import token_count
 from slt import SLTConfig, SparseTraining, load_slt_config
 from slt.config import check_dense_start
@@ -288,15 +288,7 @@ def evaluate(
         model, args.tokenizer_dir, args.eval_data, seq_len=args.seq_len,
         batch_size=args.eval_batch, max_windows=args.eval_max_windows, device=env.device,
     )  # fmt: skip
-    logger.log(
-        step,
-        {
-            "eval/c4_ppl": ppl,
-            "eval/c4_loss": math.log(ppl),
-            "eval/tokens": ntokens,
-            "tokens_seen": progress.tokens_seen,
-        },
-    )
+    logger.log(step, eval_metrics(ppl, ntokens) | {"tokens_seen": progress.tokens_seen})
 
 
 def describe_parameters(parameters: dict[str, int]) -> str:

@@ -514,7 +514,7 @@ def dcp_load(state: dict, step_dir: Path, **kwargs: Any) -> None:
     except CheckpointException as err:
         exc = next(iter(err.failures.values()))[0]
         if isinstance(exc, UserError | pickle.UnpicklingError):
-            raise UserError(f"--resume_dir {step_dir}: {exc}") from err
+            raise UserError(f"checkpoint {step_dir}: {exc}") from err  # resume, init or export
         raise
 
 
@@ -661,8 +661,12 @@ def check_shapes_match(
 ) -> None:
     """Weights of another model shape are refused with the list of differing tensors; `fresh`
     names parameters the model initializes itself, which the file need not hold."""
-    expected = {canonical_name(n): tuple(p.shape) for n, p in model.named_parameters()}
-    expected = {k: v for k, v in expected.items() if k not in set(fresh)}
+    fresh = set(fresh)
+    expected = {
+        name: tuple(p.shape)
+        for name, p in ((canonical_name(n), p) for n, p in model.named_parameters())
+        if name not in fresh
+    }
     if getattr(model.config, "tie_word_embeddings", False):
         saved = {k: v for k, v in saved.items() if k != "lm_head.weight"}
         expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}

@@ -487,12 +487,12 @@ def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv | None) -> dict[s
         seed=args.seed,
         cache_dir=args.cache_dir,
     )
-    return {
-        "checkpoint": str(args.checkpoint),
-        "eval/c4_ppl": ppl,
-        "eval/c4_loss": math.log(ppl),
-        "eval/tokens": ntokens,
-    }
+    return {"checkpoint": str(args.checkpoint), **eval_metrics(ppl, ntokens)}
+
+
+def eval_metrics(ppl: float, ntokens: int) -> dict[str, float]:
+    """An evaluation as every sink records it (metrics.jsonl, TensorBoard, W&B, this CLI)."""
+    return {"eval/c4_ppl": ppl, "eval/c4_loss": math.log(ppl), "eval/tokens": ntokens}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -320,6 +320,28 @@ def test_converter_and_full_checkpoint_load_and_generate_in_transformers(
     assert model.generate(**prompt, max_new_tokens=4, do_sample=False).shape[1] > 0
 
 
+def test_saving_transformers_weights_prints_nothing_and_leaves_progress_bars_as_they_were(
+    tmp_path, capfd
+):
+    """transformers 5 draws a progress bar on stderr for every save_pretrained: on rank 0 of a
+    run it landed between the log lines at each `full` checkpoint, and before a save error's
+    one line."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from utils.checkpoint import save_transformers_weights
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    state = LlamaForCausalLM(config).state_dict()
+    capfd.readouterr()
+    hf_logging.enable_progress_bar()
+    save_transformers_weights(config, state, tmp_path / "model")
+    assert capfd.readouterr() == ("", "")
+    assert hf_logging.is_progress_bar_enabled()
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
 def test_resume_refuses_another_model_shape_and_local_on_another_world_size(
     interrupted, mds_text, tokenizer_dir, tmp_path, capsys
 ):

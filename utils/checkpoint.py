@@ -24,6 +24,7 @@ part, so a crash mid-write leaves at most a hidden `.step_<N>.tmp` that nothing 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -31,7 +32,7 @@ import pickle
 import re
 import shutil
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig
+from transformers.utils import logging as hf_logging
 
 from utils.distributed import DistEnv, local_tensor
 from utils.errors import UserError
@@ -398,8 +400,22 @@ def save_transformers_weights(config: PretrainedConfig, state: dict, out_dir: Pa
         shell = AutoModelForCausalLM.from_config(config)
     shell.load_state_dict(state, assign=True, strict=False)
     shell.tie_weights()  # a tied head has no tensor of its own in `state`
-    shell.save_pretrained(str(out_dir), safe_serialization=True, max_shard_size="5GB")
+    with transformers_progress_bars_off():
+        shell.save_pretrained(str(out_dir), safe_serialization=True, max_shard_size="5GB")
     inference_config(config).save_pretrained(str(out_dir))  # the run's, not the shell's copy
+
+
+@contextlib.contextmanager
+def transformers_progress_bars_off() -> Iterator[None]:
+    """transformers 5 draws a progress bar on stderr for each save, which would land between a
+    run's log lines and before a save error's one line."""
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def inference_config(config: PretrainedConfig) -> PretrainedConfig:

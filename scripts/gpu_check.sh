@@ -8,18 +8,27 @@
 #      back to its next backend for a call cuDNN cannot take);
 #   4. llama-130m variants, project only: cuDNN attention, no_shard, micro-batch 256;
 #   5. bench.slt, llama-130m, seq 256, micro-batch 64, every method against dense;
-#   6. a short slt training run (bf16, compile, chunked loss, full checkpoint) and its resume.
-# Wheels in .whl/ (git-ignored: mosaicml-streaming and what it needs, torchao) are installed
-# when the image lacks streaming; carry the folder. STAGES="1 2" picks stages: a device call
-# lasts at most 10 minutes, and stages 1-2 and 3-4 each take about five (compiling dominates).
+#   6. a short slt training run (bf16, compile, chunked loss, full checkpoint) and its resume;
+#   7. the recipe: train.py with its defaults and --bf16, text packed on the fly, C4 eval, a
+#      shard checkpoint, and the same run resumed from it by --resume_dir auto.
+# Wheels in .whl/ (git-ignored, made here by scripts/gpu_wheels.sh: mosaicml-streaming and what
+# it needs, torchao) are installed when the image lacks streaming; carry the folder. STAGES="1 2"
+# picks stages: a device call lasts at most 10 minutes, and stages 1-2 and 3-4 each take about
+# five (compiling dominates).
 # Each benchmark's JSON line goes to $OUT/<name>.json (the device tool brings back 8 files at
 # most: logs stay in /tmp/gpu_logs); a table of them all comes last.
 # EXTRA="--device cpu --config tiny --seq_len 64 --local_batch 2 --steps 1 --peak_tflops 1"
-# rehearses stages 1-4 on a CPU: it is appended to every benchmark's flags, and the last wins.
+# rehearses stages 1-4 on a CPU: it is appended to every benchmark's flags, and the last wins;
+# TRAIN_EXTRA does the same for the train.py runs of stages 6 and 7. Stages run in the order
+# STAGES names them.
 set -uo pipefail
 STAGES=${STAGES:-1 2}
 read -r -a EXTRA <<< "${EXTRA:-}"
+read -r -a TRAIN_EXTRA <<< "${TRAIN_EXTRA:-}"
 want() { [[ " $STAGES " == *" $1 "* ]]; }
+for stage in $STAGES; do
+  [[ $stage =~ ^[1-7]$ ]] || { echo "error: STAGES: no stage '$stage' (they are 1 to 7)"; exit 2; }
+done
 cd "$(dirname "$0")/.."
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/gpu_check}
@@ -27,6 +36,8 @@ A=/tmp/gpu_assets
 LOGS=/tmp/gpu_logs
 mkdir -p "$OUT" "$A" "$LOGS"
 if ! python -c "import streaming" 2>/dev/null; then
+  ls .whl/*.whl >/dev/null 2>&1 || { echo "error: no wheels in .whl/: run scripts/gpu_wheels.sh \
+where PyPI is reachable, and carry .whl"; exit 2; }
   pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl
 fi
 python -c "import torch, transformers; print(torch.__version__, transformers.__version__,
@@ -43,8 +54,10 @@ B1=(--config tinyllama-1.1b --seq_len 2048)
 B130=(--config llama-130m --seq_len 256 --data_dir "$A/blocks256" --tokenizer_dir "$A/tok"
       --num_workers 4 --num_canonical_nodes 1)
 
-if want 2 || want 4 || want 6; then
+if want 2 || want 4 || want 6 || want 7; then
 python - <<'PY'
+import gzip
+import json
 from pathlib import Path
 
 from datas.local_corpus import stdlib_docstrings, train_byte_bpe, write_jsonl
@@ -52,35 +65,40 @@ from datas.prepare import prepare_mds
 
 assets = Path("/tmp/gpu_assets")
 docs = list(stdlib_docstrings())
-# 12 copies: about 20,000 blocks of 256 tokens, so the timed steps of stage 2 never cross an
-# epoch boundary (one copy is 1,680 blocks, 13 steps of 128).
-write_jsonl(docs * 12, assets / "corpus" / "docs.jsonl")
-train_byte_bpe(docs, assets / "tok", vocab_size=2048)
+held_out, train_docs = docs[-300:], docs[:-300]
+# 12 copies: 17,676 blocks of 256 tokens, so the timed steps of stage 2 never cross an epoch
+# boundary (one copy is 1,473 blocks, 11 steps of 128).
+write_jsonl(train_docs * 12, assets / "corpus" / "docs.jsonl")
+train_byte_bpe(train_docs, assets / "tok", vocab_size=2048)
 prepare_mds([assets / "corpus"], assets / "blocks256", tokenizer=str(assets / "tok"),
             seq_len=256, progress=False)
+prepare_mds([assets / "corpus"], assets / "text", progress=False)
+(assets / "eval").mkdir(exist_ok=True)
+with gzip.open(assets / "eval" / "c4-validation.00000-of-00001.json.gz", "wt") as f:
+    f.writelines(json.dumps({"text": text}) + "\n" for text in held_out)
 print("assets ready")
 PY
 fi
 
-want 1 && bench 1b_default "${B1[@]}" --local_batch 8 --baseline --profile 2
-want 2 && bench 130m_default "${B130[@]}" --local_batch 128 --baseline --profile 3
-if want 3; then
+stage1() { bench 1b_default "${B1[@]}" --local_batch 8 --baseline --profile 2; }
+stage2() { bench 130m_default "${B130[@]}" --local_batch 128 --baseline --profile 3; }
+stage3() {
   bench 1b_cudnn "${B1[@]}" --local_batch 8 --attention_kernel cudnn --profile 1
   bench 1b_mb16 "${B1[@]}" --local_batch 16
   bench 1b_zero2 "${B1[@]}" --local_batch 8 --sharding_strategy shard_grad_op
   bench 1b_float8 "${B1[@]}" --local_batch 8 --float8
-fi
-if want 4; then
+}
+stage4() {
   bench 130m_cudnn "${B130[@]}" --local_batch 128 --attention_kernel cudnn --profile 1
   bench 130m_noshard "${B130[@]}" --local_batch 128 --sharding_strategy no_shard
   bench 130m_mb256 "${B130[@]}" --local_batch 256
-fi
-if want 5; then
+}
+stage5() {
   echo "== 5: slt methods, llama-130m"
   python -m bench.slt --config llama-130m --seq_len 256 --local_batch 64 --steps 10 \
     --device cuda --json | tee "$LOGS/slt.log"
-fi
-if want 6; then
+}
+stage6() {
   echo "== 6: slt training, bf16 + compile + chunked loss, full checkpoint, resume"
   echo '{"method": "magnitude", "final_sparsity": 0.5, "end_step": 20, "update_every": 5}' \
     > "$A/slt.json"
@@ -92,10 +110,46 @@ if want 6; then
       --local_batch 64 --train_steps 40 --warmup 5 --lr 3e-3 --bf16 --enable_slt \
       --slt_config "$A/slt.json" --ckpt_type full --save_every 20 --log_every 10 \
       --num_canonical_nodes 1 --output_dir /tmp/gpu_runs --run_name "slt_$run" \
-      "${resume[@]}" 2>&1 | grep -E "error|Error|^step|resumed|slt " | tail -8
+      "${resume[@]}" "${TRAIN_EXTRA[@]}" 2>&1 | grep -E "error|Error|^step|resumed|slt " | tail -8
     [ "$run" = first ] && mv /tmp/gpu_runs/slt_first /tmp/gpu_runs/slt
   done
-fi
+}
+stage7() {
+  echo "== 7: the recipe: defaults + --bf16, eval, shard checkpoints; resumed from step 30 by auto"
+  recipe=(--data_dir "$A/text" --tokenizer_dir "$A/tok" --config llama-60m --seq_len 512 --bf16
+          --global_batch 64 --local_batch 32 --train_steps 60 --warmup 10 --lr 3e-3 --log_every 5
+          --save_every 30 --eval_every 30 --eval_data "$A/eval" --num_workers 4
+          --num_canonical_nodes 1 --output_dir /tmp/gpu_runs --resume_dir auto)
+  rm -rf /tmp/gpu_runs/recipe /tmp/gpu_runs/recipe_resumed
+  mkdir -p /tmp/gpu_runs/recipe_resumed
+  for run in recipe recipe_resumed; do
+    [ "$run" = recipe_resumed ] && cp -r /tmp/gpu_runs/recipe/step_000030 /tmp/gpu_runs/recipe_resumed/
+    torchrun --standalone --nproc_per_node=1 train.py "${recipe[@]}" --run_name "$run" \
+      "${TRAIN_EXTRA[@]}" > "$LOGS/$run.log" 2>&1
+    echo "$run: exit $?"
+    grep -E "error|Error|resumed|^step|eval|saved" "$LOGS/$run.log" | tail -12
+  done
+  python - <<'PY' | tee "$OUT/recipe.txt"
+import json
+
+def records(run):
+    with open(f"/tmp/gpu_runs/{run}/metrics.jsonl") as f:
+        return {(r["step"], key): value for r in map(json.loads, f)
+                for key, value in r.items() if key in ("loss", "eval/c4_ppl")}
+
+first, resumed = records("recipe"), records("recipe_resumed")
+shared = sorted(k for k in resumed if k in first)
+print("step | metric | uninterrupted | resumed from step 30 | difference")
+for key in shared:
+    print(f"{key[0]} | {key[1]} | {first[key]:.6f} | {resumed[key]:.6f} | {resumed[key] - first[key]:+.2e}")
+print("max |difference|:", max((abs(resumed[k] - first[k]) for k in shared), default="no steps"))
+PY
+  python -m utils.compare /tmp/gpu_runs/recipe /tmp/gpu_runs/recipe_resumed | tee -a "$OUT/recipe.txt"
+}
+
+for stage in $STAGES; do
+  "stage$stage"
+done
 
 echo "== summary (tokens/s per GPU; MFU of 989 TFLOP/s; float8 has none)"
 python - "$OUT" <<'PY'

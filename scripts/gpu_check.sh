@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issues #6 and #7 on a one-GPU machine (see docs/gpu_check.md), by stage:
+# The GPU checks of issues #6, #7 and #18 on a one-GPU machine (see docs/gpu_check.md), by stage:
 #   1. tinyllama-1.1b, seq 2048, micro-batch 8: the default path against the baseline, profiled;
 #   2. llama-130m, seq 256, micro-batch 128, the real loader on pre-tokenized blocks, against
 #      the baseline, profiled;
@@ -20,9 +20,10 @@
 # EXTRA="--device cpu --config tiny --seq_len 64 --local_batch 2 --steps 1 --peak_tflops 1"
 # rehearses stages 1-4 on a CPU: it is appended to every benchmark's flags, and the last wins;
 # TRAIN_EXTRA does the same for the train.py runs of stages 6 and 7. Stages run in the order
-# STAGES names them.
+# STAGES names them. PY names the interpreter (default python3, the GPU image's).
 set -uo pipefail
 STAGES=${STAGES:-1 2}
+PY=${PY:-python3}
 read -r -a EXTRA <<< "${EXTRA:-}"
 read -r -a TRAIN_EXTRA <<< "${TRAIN_EXTRA:-}"
 want() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -34,36 +35,40 @@ export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=fal
 OUT=${OUT:-/tmp/gpu_check}
 A=/tmp/gpu_assets
 LOGS=/tmp/gpu_logs
+TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node=1)
 mkdir -p "$OUT" "$A" "$LOGS"
-if ! python -c "import streaming" 2>/dev/null; then
+if ! "$PY" -c "import streaming" 2>/dev/null; then
   ls .whl/*.whl >/dev/null 2>&1 || { echo "error: no wheels in .whl/: run scripts/gpu_wheels.sh \
 where PyPI is reachable, and carry .whl"; exit 2; }
-  pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl
+  "$PY" -m pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl
 fi
-python -c "import torch, transformers; print(torch.__version__, transformers.__version__,
+"$PY" -c "import torch, transformers; print(torch.__version__, transformers.__version__,
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 
 bench() {  # bench NAME FLAGS...: one bench.throughput run, its JSON line kept as NAME.json
   local name=$1
   shift
   echo "== $name: $*"
-  python -m bench.throughput --json "$@" "${EXTRA[@]}" 2>&1 | grep -v "is an Enum subclass" | tee "$LOGS/$name.log"
+  "$PY" -m bench.throughput --json "$@" "${EXTRA[@]}" 2>&1 | grep -v "is an Enum subclass" | tee "$LOGS/$name.log"
   tail -n 1 "$LOGS/$name.log" | grep '^{' > "$OUT/$name.json" || rm -f "$OUT/$name.json"
 }
 B1=(--config tinyllama-1.1b --seq_len 2048)
 B130=(--config llama-130m --seq_len 256 --data_dir "$A/blocks256" --tokenizer_dir "$A/tok"
       --num_workers 4 --num_canonical_nodes 1)
 
-if want 2 || want 4 || want 6 || want 7; then
-python - <<'PY'
+if { want 2 || want 4 || want 6 || want 7; } && [ ! -e "$A/ready" ]; then  # once per machine
+"$PY" - <<'PY'
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 from datas.local_corpus import stdlib_docstrings, train_byte_bpe, write_jsonl
 from datas.prepare import prepare_mds
 
 assets = Path("/tmp/gpu_assets")
+for stale in ("blocks256", "text"):  # left by an attempt that stopped half-way
+    shutil.rmtree(assets / stale, ignore_errors=True)
 docs = list(stdlib_docstrings())
 held_out, train_docs = docs[-300:], docs[:-300]
 # 12 copies: 17,676 blocks of 256 tokens, so the timed steps of stage 2 never cross an epoch
@@ -76,6 +81,7 @@ prepare_mds([assets / "corpus"], assets / "text", progress=False)
 (assets / "eval").mkdir(exist_ok=True)
 with gzip.open(assets / "eval" / "c4-validation.00000-of-00001.json.gz", "wt") as f:
     f.writelines(json.dumps({"text": text}) + "\n" for text in held_out)
+(assets / "ready").touch()
 print("assets ready")
 PY
 fi
@@ -95,17 +101,18 @@ stage4() {
 }
 stage5() {
   echo "== 5: slt methods, llama-130m"
-  python -m bench.slt --config llama-130m --seq_len 256 --local_batch 64 --steps 10 \
+  "$PY" -m bench.slt --config llama-130m --seq_len 256 --local_batch 64 --steps 10 \
     --device cuda --json | tee "$LOGS/slt.log"
 }
 stage6() {
   echo "== 6: slt training, bf16 + compile + chunked loss, full checkpoint, resume"
   echo '{"method": "magnitude", "final_sparsity": 0.5, "end_step": 20, "update_every": 5}' \
     > "$A/slt.json"
+  rm -rf /tmp/gpu_runs/slt /tmp/gpu_runs/slt_first /tmp/gpu_runs/slt_resumed
   for run in first resumed; do
     resume=()
     [ "$run" = resumed ] && resume=(--resume_dir /tmp/gpu_runs/slt/step_000020)
-    torchrun --standalone --nproc_per_node=1 train.py --data_dir "$A/blocks256" \
+    "${TORCHRUN[@]}" train.py --data_dir "$A/blocks256" \
       --tokenizer_dir "$A/tok" --config llama-60m --seq_len 256 --global_batch 64 \
       --local_batch 64 --train_steps 40 --warmup 5 --lr 3e-3 --bf16 --enable_slt \
       --slt_config "$A/slt.json" --ckpt_type full --save_every 20 --log_every 10 \
@@ -124,12 +131,12 @@ stage7() {
   mkdir -p /tmp/gpu_runs/recipe_resumed
   for run in recipe recipe_resumed; do
     [ "$run" = recipe_resumed ] && cp -r /tmp/gpu_runs/recipe/step_000030 /tmp/gpu_runs/recipe_resumed/
-    torchrun --standalone --nproc_per_node=1 train.py "${recipe[@]}" --run_name "$run" \
-      "${TRAIN_EXTRA[@]}" > "$LOGS/$run.log" 2>&1
+    "${TORCHRUN[@]}" train.py "${recipe[@]}" --run_name "$run" "${TRAIN_EXTRA[@]}" \
+      > "$LOGS/$run.log" 2>&1
     echo "$run: exit $?"
     grep -E "error|Error|resumed|^step|eval|saved" "$LOGS/$run.log" | tail -12
   done
-  python - <<'PY' | tee "$OUT/recipe.txt"
+  "$PY" - <<'PY' | tee "$OUT/recipe.txt"
 import json
 
 def records(run):
@@ -144,7 +151,7 @@ for key in shared:
     print(f"{key[0]} | {key[1]} | {first[key]:.6f} | {resumed[key]:.6f} | {resumed[key] - first[key]:+.2e}")
 print("max |difference|:", max((abs(resumed[k] - first[k]) for k in shared), default="no steps"))
 PY
-  python -m utils.compare /tmp/gpu_runs/recipe /tmp/gpu_runs/recipe_resumed | tee -a "$OUT/recipe.txt"
+  "$PY" -m utils.compare /tmp/gpu_runs/recipe /tmp/gpu_runs/recipe_resumed | tee -a "$OUT/recipe.txt"
 }
 
 for stage in $STAGES; do
@@ -152,7 +159,7 @@ for stage in $STAGES; do
 done
 
 echo "== summary (tokens/s per GPU; MFU of 989 TFLOP/s; float8 has none)"
-python - "$OUT" <<'PY'
+"$PY" - "$OUT" <<'PY'
 import json
 import sys
 from pathlib import Path

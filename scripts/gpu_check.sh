@@ -10,7 +10,8 @@
 #   5. bench.slt, llama-130m, seq 256, micro-batch 64, every method against dense;
 #   6. a short slt training run (bf16, compile, chunked loss, full checkpoint) and its resume;
 #   7. the recipe: train.py with its defaults and --bf16, text packed on the fly, C4 eval, a
-#      shard checkpoint, and the same run resumed from it by --resume_dir auto.
+#      shard checkpoint, and the same run resumed from it by --resume_dir auto; the first run
+#      also profiles steps 10-11 and dumps the CUDA allocator's history.
 # Wheels in .whl/ (git-ignored, made here by scripts/gpu_wheels.sh: mosaicml-streaming and what
 # it needs, torchao) are installed when the image lacks streaming; carry the folder. STAGES="1 2"
 # picks stages: a device call lasts at most 10 minutes, and stages 1-2 and 3-4 each take about
@@ -130,8 +131,10 @@ stage7() {
   rm -rf /tmp/gpu_runs/recipe /tmp/gpu_runs/recipe_resumed
   mkdir -p /tmp/gpu_runs/recipe_resumed
   for run in recipe recipe_resumed; do
-    [ "$run" = recipe_resumed ] && cp -r /tmp/gpu_runs/recipe/step_000030 /tmp/gpu_runs/recipe_resumed/
-    "${TORCHRUN[@]}" train.py "${recipe[@]}" --run_name "$run" "${TRAIN_EXTRA[@]}" \
+    extra=(--profile_steps 10:11 --memory_snapshot)  # the first run also profiles two steps
+    [ "$run" = recipe_resumed ] && extra=() &&
+      cp -r /tmp/gpu_runs/recipe/step_000030 /tmp/gpu_runs/recipe_resumed/
+    "${TORCHRUN[@]}" train.py "${recipe[@]}" --run_name "$run" "${extra[@]}" "${TRAIN_EXTRA[@]}" \
       > "$LOGS/$run.log" 2>&1
     echo "$run: exit $?"
     grep -E "error|Error|resumed|^step|eval|saved" "$LOGS/$run.log" | tail -12
@@ -152,6 +155,26 @@ for key in shared:
 print("max |difference|:", max((abs(resumed[k] - first[k]) for k in shared), default="no steps"))
 PY
   "$PY" -m utils.compare /tmp/gpu_runs/recipe /tmp/gpu_runs/recipe_resumed | tee -a "$OUT/recipe.txt"
+  "$PY" - <<'PY' | tee -a "$OUT/recipe.txt"
+import collections
+import json
+from pathlib import Path
+
+run = Path("/tmp/gpu_runs/recipe")
+for trace in sorted(run.glob("profile/*/rank_*.json")):
+    events = json.loads(trace.read_text())["traceEvents"]
+    kernels = collections.Counter()
+    for event in events:
+        if event.get("cat") == "kernel":
+            kernels[event["name"][:70]] += event.get("dur", 0)
+    steps = sum(1 for e in events if e.get("name", "").startswith("Optimizer.step"))
+    print(f"{trace.relative_to(run)}: {trace.stat().st_size / 1e6:.1f} MB, {steps} Optimizer.step "
+          f"events, {len(kernels)} CUDA kernels; the most time:")
+    for name, micros in kernels.most_common(6):
+        print(f"  {micros / 1e3:8.2f} ms  {name}")
+snapshots = sorted(run.glob("memory_snapshot/*"))
+print("memory snapshots:", ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in snapshots) or "none")
+PY
 }
 
 for stage in $STAGES; do

@@ -21,10 +21,12 @@
 # EXTRA="--device cpu --config tiny --seq_len 64 --local_batch 2 --steps 1 --peak_tflops 1"
 # rehearses stages 1-4 on a CPU: it is appended to every benchmark's flags, and the last wins;
 # TRAIN_EXTRA does the same for the train.py runs of stages 6 and 7. Stages run in the order
-# STAGES names them. PY names the interpreter (default python3, the GPU image's).
+# STAGES names them. PY names the interpreter (default python3, the GPU image's). Each run is
+# stopped after LIMIT seconds (default 300), so that a hang costs one check, not the call.
 set -uo pipefail
 STAGES=${STAGES:-1 2}
 PY=${PY:-python3}
+LIMIT=${LIMIT:-300}
 read -r -a EXTRA <<< "${EXTRA:-}"
 read -r -a TRAIN_EXTRA <<< "${TRAIN_EXTRA:-}"
 want() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -46,11 +48,18 @@ fi
 "$PY" -c "import torch, transformers; print(torch.__version__, transformers.__version__,
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 
+limited() {  # limited CMD...: CMD, stopped after $LIMIT seconds, so that a hang costs one check
+  timeout --kill-after=20 "$LIMIT" "$@"
+  local status=$?
+  [ "$status" = 124 ] && echo "error: stopped after $LIMIT s: $*"
+  return "$status"
+}
 bench() {  # bench NAME FLAGS...: one bench.throughput run, its JSON line kept as NAME.json
   local name=$1
   shift
   echo "== $name: $*"
-  "$PY" -m bench.throughput --json "$@" "${EXTRA[@]}" 2>&1 | grep -v "is an Enum subclass" | tee "$LOGS/$name.log"
+  limited "$PY" -m bench.throughput --json "$@" "${EXTRA[@]}" 2>&1 |
+    grep -v "is an Enum subclass" | tee "$LOGS/$name.log"
   tail -n 1 "$LOGS/$name.log" | grep '^{' > "$OUT/$name.json" || rm -f "$OUT/$name.json"
 }
 B1=(--config tinyllama-1.1b --seq_len 2048)
@@ -102,7 +111,7 @@ stage4() {
 }
 stage5() {
   echo "== 5: slt methods, llama-130m"
-  "$PY" -m bench.slt --config llama-130m --seq_len 256 --local_batch 64 --steps 10 \
+  limited "$PY" -m bench.slt --config llama-130m --seq_len 256 --local_batch 64 --steps 10 \
     --device cuda --json | tee "$LOGS/slt.log"
 }
 stage6() {
@@ -113,7 +122,7 @@ stage6() {
   for run in first resumed; do
     resume=()
     [ "$run" = resumed ] && resume=(--resume_dir /tmp/gpu_runs/slt/step_000020)
-    "${TORCHRUN[@]}" train.py --data_dir "$A/blocks256" \
+    limited "${TORCHRUN[@]}" train.py --data_dir "$A/blocks256" \
       --tokenizer_dir "$A/tok" --config llama-60m --seq_len 256 --global_batch 64 \
       --local_batch 64 --train_steps 40 --warmup 5 --lr 3e-3 --bf16 --enable_slt \
       --slt_config "$A/slt.json" --ckpt_type full --save_every 20 --log_every 10 \
@@ -134,7 +143,7 @@ stage7() {
     extra=(--profile_steps 10:11 --memory_snapshot)  # the first run also profiles two steps
     [ "$run" = recipe_resumed ] && extra=() &&
       cp -r /tmp/gpu_runs/recipe/step_000030 /tmp/gpu_runs/recipe_resumed/
-    "${TORCHRUN[@]}" train.py "${recipe[@]}" --run_name "$run" "${extra[@]}" "${TRAIN_EXTRA[@]}" \
+    limited "${TORCHRUN[@]}" train.py "${recipe[@]}" --run_name "$run" "${extra[@]}" "${TRAIN_EXTRA[@]}" \
       > "$LOGS/$run.log" 2>&1
     echo "$run: exit $?"
     grep -E "error|Error|resumed|^step|eval|saved" "$LOGS/$run.log" | tail -12

@@ -18,9 +18,9 @@
 # five (compiling dominates).
 # Each benchmark's JSON line goes to $OUT/<name>.json (the device tool brings back 8 files at
 # most: logs stay in /tmp/gpu_logs); a table of them all comes last.
-# EXTRA="--device cpu --config tiny --seq_len 64 --local_batch 2 --steps 1 --peak_tflops 1"
-# rehearses stages 1-4 on a CPU: it is appended to every benchmark's flags, and the last wins;
-# TRAIN_EXTRA does the same for the train.py runs of stages 6 and 7. Stages run in the order
+# EXTRA is appended to every benchmark's flags and TRAIN_EXTRA to the train.py runs' of stages
+# 6 and 7, and the last wins: that is how the script is rehearsed on a CPU (the command is in
+# docs/gpu_check.md). Stages run in the order
 # STAGES names them. PY names the interpreter (default python3, the GPU image's). Each run is
 # stopped after LIMIT seconds (default 300), so that a hang costs one check, not the call.
 set -uo pipefail

@@ -47,7 +47,11 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(mds_tokens, tokenizer_di
     [
         (["--nonfinite=stop"], {3}, "step 3: loss or gradients not finite (--nonfinite stop)"),
         (["--max_skipped=2"], {3, 4}, "steps 3-4: loss or gradients not finite (--max_skipped 2)"),
+        # the step-2 save is still being written in the background when step 3 is settled
+        (["--nonfinite=stop", "--async_save"], {3},
+         "step 3: loss or gradients not finite (--nonfinite stop)"),
     ],
+    ids=["stop", "max_skipped", "stop_during_async_save"],
 )
 def test_stopping_saves_nothing_and_names_the_last_good_checkpoint(
     extra, poisoned, message, mds_tokens, tokenizer_dir, tmp_path, monkeypatch, capsys

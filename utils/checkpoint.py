@@ -260,7 +260,9 @@ class Checkpointer:
         self._publish(saving, final)
 
     def checkpoint_before(self, step: int) -> Path | None:
-        """The newest complete checkpoint of this run written for a step before `step`."""
+        """The newest complete checkpoint of this run written for a step before `step`, a
+        background save finished first (a collective: the ranks stop at the same step)."""
+        self.wait()
         found = [p for p in complete_checkpoints(self.run_dir) if step_number(p) < step]
         return found[-1] if found else None
 

@@ -321,16 +321,25 @@ def test_converter_and_full_checkpoint_load_and_generate_in_transformers(
 
 
 def test_saving_transformers_weights_prints_nothing_and_leaves_progress_bars_as_they_were(
-    tmp_path, capfd
+    tmp_path, capfd, monkeypatch
 ):
     """transformers 5 draws a progress bar on stderr for every save_pretrained: on rank 0 of a
     run it landed between the log lines at each `full` checkpoint, and before a save error's
-    one line."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    one line. transformers 4 draws none, so the save here draws one as 5 does, through
+    transformers' own tqdm."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
     from transformers.utils import logging as hf_logging
 
     from utils.checkpoint import save_transformers_weights
 
+    save_pretrained = PreTrainedModel.save_pretrained
+
+    def save_with_a_bar(self, *args, **kwargs):
+        for _ in hf_logging.tqdm(range(1), desc="Writing model shards"):
+            pass
+        return save_pretrained(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_with_a_bar)
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
     state = LlamaForCausalLM(config).state_dict()

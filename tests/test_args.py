@@ -24,6 +24,20 @@ def test_a_token_budget_becomes_whole_steps(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--global_batch=0"], "--global_batch must be positive (got 0)"),
+        (["--train_tokens=inf"], "--train_tokens must be positive (got inf)"),
+        (["--train_tokens=nan"], "--train_tokens must be positive (got nan)"),
+    ],
+)
+def test_a_token_budget_over_bad_numbers_is_one_error_not_a_crash(tmp_path, extra, message):
+    with pytest.raises(UserError) as refused:
+        parse_args(flags(tmp_path, "--train_tokens=1e6", *extra))
+    assert str(refused.value) == message
+
+
+@pytest.mark.parametrize(
     "argv, mode",
     [
         ([], "none"),

@@ -304,8 +304,8 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("data_dir", "tokenizer_dir", "config"):
         if not getattr(args, flag):
             raise UserError(f"--{flag} is required")
+    _check_ranges(args)  # first: the budget divides by --global_batch x --seq_len
     _resolve_budget(args)
-    _check_ranges(args)
     if args.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
         raise UserError(
             f"--activation_checkpointing {args.activation_checkpointing} is not one of "

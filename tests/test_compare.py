@@ -60,6 +60,21 @@ def test_a_run_from_before_tokens_seen_counts_its_tokens_from_its_config(runs, t
     assert table_rows(capsys.readouterr().out)["big"][2] == "3,072"
 
 
+def test_a_last_line_cut_short_by_a_kill_is_left_out_and_a_bad_line_before_is_refused(
+    runs, tmp_path, capsys
+):
+    killed = shutil.copytree(runs / "small", tmp_path / "small")
+    metrics = killed / "metrics.jsonl"
+    logged = metrics.read_text()
+    metrics.write_text(logged + '{"step": 4, "loss": 6.')
+    compare.main([str(killed)])
+    assert table_rows(capsys.readouterr().out)["small"][1] == "3"
+    metrics.write_text('{"step": 4, "loss": 6.\n' + logged)
+    with pytest.raises(SystemExit):
+        compare.main([str(killed)])
+    assert f"error: {metrics}: line 1 is not JSON" in capsys.readouterr().err
+
+
 def test_the_plot_is_written(runs, tmp_path):
     from matplotlib.image import imread
 

@@ -43,10 +43,13 @@ def read_run(run_dir: Path) -> Run:
             f"{run_dir} has no metrics.jsonl; give run directories (output_dir/run_name)"
         )
     records = []
-    for number, line in enumerate(metrics.open(), start=1):
+    lines = metrics.read_text().splitlines(keepends=True)
+    for number, line in enumerate(lines, start=1):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
+            if number == len(lines) and not line.endswith("\n"):
+                break  # cut short by a kill, or still being written by a live run
             raise UserError(f"{metrics}: line {number} is not JSON") from None
     return Run(
         name=run_dir.name,

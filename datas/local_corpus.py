@@ -8,6 +8,7 @@ it with the `tokenizers` library.
 from __future__ import annotations
 
 import ast
+import gzip
 import json
 import sysconfig
 from collections.abc import Iterator
@@ -41,6 +42,15 @@ def write_jsonl(texts: list[str], path: Path) -> Path:
         for text in texts:
             f.write(json.dumps({"text": text}) + "\n")
     return path
+
+
+def write_c4_validation(texts: list[str], directory: Path) -> Path:
+    """Write `texts` as a validation set in C4's file format (one gzipped JSON-lines shard);
+    returns the directory, which --eval_data takes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with gzip.open(directory / "c4-validation.00000-of-00001.json.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": text}) + "\n" for text in texts)
+    return directory
 
 
 def train_byte_bpe(texts: list[str], out_dir: Path, vocab_size: int = 2048) -> Path:

@@ -14,7 +14,6 @@ Steps 1-4 are cached under .cache/demo/; the run and the plot go to runs/demo/.
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 import subprocess
@@ -24,7 +23,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from datas.local_corpus import stdlib_docstrings, train_byte_bpe, write_jsonl  # noqa: E402
+from datas.local_corpus import (  # noqa: E402
+    stdlib_docstrings,
+    train_byte_bpe,
+    write_c4_validation,
+    write_jsonl,
+)
 
 CACHE = REPO / ".cache" / "demo"
 OUTPUT = REPO / "runs" / "demo"
@@ -67,17 +71,15 @@ TRAIN_FLAGS = [
 def build_assets() -> dict[str, Path]:
     """Corpus, held-out set, MDS data, tokenizer and config, each made once."""
     corpus = CACHE / "corpus.jsonl"
-    held_out = CACHE / "eval" / "c4-validation.00000-of-00001.json.gz"
+    held_out = CACHE / "eval"
     tokenizer = CACHE / "tokenizer"
     mds = CACHE / "mds"
     config = CACHE / "model" / "config.json"
-    if not held_out.exists():  # the corpus is written after it: a corpus implies the split
+    if not corpus.exists():  # written after the held-out set: a corpus implies the split
         texts = list(stdlib_docstrings())
         print(f"corpus: {len(texts)} standard-library docstrings, the last {EVAL_DOCS} held "
-              f"out -> {corpus}, {held_out.parent}", flush=True)  # fmt: skip
-        held_out.parent.mkdir(parents=True, exist_ok=True)
-        with gzip.open(held_out, "wt", encoding="utf-8") as f:
-            f.writelines(json.dumps({"text": text}) + "\n" for text in texts[-EVAL_DOCS:])
+              f"out -> {corpus}, {held_out}", flush=True)  # fmt: skip
+        write_c4_validation(texts[-EVAL_DOCS:], held_out)
         write_jsonl(texts[:-EVAL_DOCS], corpus)
         for stale in (tokenizer, mds):  # made from a corpus that held the validation set
             shutil.rmtree(stale, ignore_errors=True)
@@ -91,7 +93,7 @@ def build_assets() -> dict[str, Path]:
     if not config.exists():
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(json.dumps(MODEL, indent=2))
-    return {"data": mds, "tokenizer": tokenizer, "config": config, "eval": held_out.parent}
+    return {"data": mds, "tokenizer": tokenizer, "config": config, "eval": held_out}
 
 
 def run(cmd: list[str]) -> None:

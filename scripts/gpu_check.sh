@@ -68,12 +68,10 @@ B130=(--config llama-130m --seq_len 256 --data_dir "$A/blocks256" --tokenizer_di
 
 if { want 2 || want 4 || want 6 || want 7; } && [ ! -e "$A/ready" ]; then  # once per machine
 "$PY" - <<'PY'
-import gzip
-import json
 import shutil
 from pathlib import Path
 
-from datas.local_corpus import stdlib_docstrings, train_byte_bpe, write_jsonl
+from datas.local_corpus import stdlib_docstrings, train_byte_bpe, write_c4_validation, write_jsonl
 from datas.prepare import prepare_mds
 
 assets = Path("/tmp/gpu_assets")
@@ -88,9 +86,7 @@ train_byte_bpe(train_docs, assets / "tok", vocab_size=2048)
 prepare_mds([assets / "corpus"], assets / "blocks256", tokenizer=str(assets / "tok"),
             seq_len=256, progress=False)
 prepare_mds([assets / "corpus"], assets / "text", progress=False)
-(assets / "eval").mkdir(exist_ok=True)
-with gzip.open(assets / "eval" / "c4-validation.00000-of-00001.json.gz", "wt") as f:
-    f.writelines(json.dumps({"text": text}) + "\n" for text in held_out)
+write_c4_validation(held_out, assets / "eval")
 (assets / "ready").touch()
 print("assets ready")
 PY

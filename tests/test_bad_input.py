@@ -21,6 +21,7 @@ import convert
 import train
 from datas import prepare
 from datas.C4 import c4_eval
+from datas.local_corpus import write_c4_validation
 from tests.helpers import tiny_run_flags, train_in_process
 
 MARKER = Path("/tmp/llm_playground_code_ran")
@@ -44,16 +45,13 @@ def saved(tmp_path_factory, mds_tokens, mds_text, tokenizer_dir, docstrings) -> 
         flags = tiny_run_flags(mds_tokens, tokenizer_dir, runs, steps=4, num_workers=0)
         train_in_process(*flags, "--local_batch=4", f"--run_name={name}", "--save_every=2",
                          f"--ckpt_type={ckpt}")  # fmt: skip
-    c4 = root / "c4" / "c4-validation.00000-of-00001.json.gz"
-    c4.parent.mkdir()
-    with gzip.open(c4, "wt") as f:
-        f.writelines(json.dumps({"text": text}) + "\n" for text in docstrings[-60:])
+    c4 = write_c4_validation(docstrings[-60:], root / "c4")
     return {
         "runs": runs,
         "shard": runs / "shard_run" / "step_000004",
         "shard_2": runs / "shard_run" / "step_000002",
         "full": runs / "full_run" / "step_000004",
-        "c4": c4.parent,
+        "c4": c4,
         "tokens": shutil.copytree(mds_tokens, root / "tokens"),
         "text": shutil.copytree(mds_text, root / "text"),
         "tokenizer": tokenizer_dir,

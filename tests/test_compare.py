@@ -3,7 +3,6 @@ tokens_seen existed, and one-line errors."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from datas.local_corpus import write_c4_validation
 from tests.helpers import metrics_records, tiny_run_flags, train_in_process
 from utils import compare
 
@@ -19,12 +19,9 @@ from utils import compare
 def runs(tmp_path_factory, mds_tokens, tokenizer_dir, docstrings) -> Path:
     """Two 3-step runs with an evaluation at step 3: global batch 8, and 16 with an MFU."""
     out = tmp_path_factory.mktemp("compare")
-    c4 = out / "c4" / "c4-validation.00000-of-00001.json.gz"
-    c4.parent.mkdir()
-    with gzip.open(c4, "wt") as f:
-        f.writelines(json.dumps({"text": text}) + "\n" for text in docstrings[-40:])
+    c4 = write_c4_validation(docstrings[-40:], out / "c4")
     flags = tiny_run_flags(mds_tokens, tokenizer_dir, out, steps=3, num_workers=0)
-    flags += ["--eval_every=3", f"--eval_data={c4.parent}", "--eval_max_windows=4"]
+    flags += ["--eval_every=3", f"--eval_data={c4}", "--eval_max_windows=4"]
     train_in_process(*flags, "--run_name=small", "--local_batch=8")
     train_in_process(*flags, "--run_name=big", "--local_batch=16", "--global_batch=16",
                      "--peak_tflops=1")  # fmt: skip

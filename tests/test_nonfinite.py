@@ -48,8 +48,11 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(mds_tokens, tokenizer_di
         (["--nonfinite=stop"], {3}, "step 3: loss or gradients not finite (--nonfinite stop)"),
         (["--max_skipped=2"], {3, 4}, "steps 3-4: loss or gradients not finite (--max_skipped 2)"),
         # the step-2 save is still being written in the background when step 3 is settled
-        (["--nonfinite=stop", "--async_save"], {3},
-         "step 3: loss or gradients not finite (--nonfinite stop)"),
+        (
+            ["--nonfinite=stop", "--async_save"],
+            {3},
+            "step 3: loss or gradients not finite (--nonfinite stop)",
+        ),
     ],
     ids=["stop", "max_skipped", "stop_during_async_save"],
 )

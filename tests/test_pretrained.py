@@ -5,7 +5,6 @@ CLI gives the directory it started from; refusals are in test_bad_input."""
 from __future__ import annotations
 
 import copy
-import gzip
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from datas.C4 import c4_eval
 from datas.C4.c4_eval import evaluate_c4_ppl
+from datas.local_corpus import write_c4_validation
 from tests.helpers import metrics_records, tiny_run_flags, torchrun_runs, train_in_process
 from utils.model import load_model_config
 
@@ -32,10 +32,7 @@ def first_eval(run_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def c4(tmp_path_factory, docstrings) -> Path:
-    path = tmp_path_factory.mktemp("c4") / "c4-validation.00000-of-00001.json.gz"
-    with gzip.open(path, "wt") as f:
-        f.writelines(json.dumps({"text": text}) + "\n" for text in docstrings[-60:])
-    return path.parent
+    return write_c4_validation(docstrings[-60:], tmp_path_factory.mktemp("c4"))
 
 
 @pytest.fixture(scope="module")

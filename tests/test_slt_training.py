@@ -4,7 +4,6 @@ exports a transformers Llama that is the trained network."""
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from convert import convert
+from datas.local_corpus import write_c4_validation
 from slt import SLTConfig, nm_mask, scheduled_sparsity
 from slt.export import dense_weights
 from slt.schedule import last_refresh
@@ -190,10 +190,7 @@ def test_resume_local_is_exact(one_rank, out, mds_tokens, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def c4_dir(docstrings, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("c4")
-    with gzip.open(root / "c4-validation.00000-of-00001.json.gz", "wt") as f:
-        f.writelines(json.dumps({"text": text}) + "\n" for text in docstrings[-100:])
-    return root
+    return write_c4_validation(docstrings[-100:], tmp_path_factory.mktemp("c4"))
 
 
 @pytest.fixture(scope="module")

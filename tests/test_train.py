@@ -6,7 +6,6 @@ batch (1 rank, other sharding strategies, two "nodes") must log the same loss cu
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from datas.local_corpus import write_c4_validation
 from tests.conftest import DATA_SEQ_LEN
 from tests.helpers import (
     logged_losses,
@@ -38,10 +38,7 @@ def runs(tmp_path_factory, mds_tokens, mds_text, tokenizer_dir, docstrings) -> d
     """The module's runs: the 2-rank ones in one torchrun launch, then `python train.py` on
     one rank. Returns each run's directory by name."""
     out = tmp_path_factory.mktemp("train_runs")
-    c4 = out / "c4" / "c4-validation.00000-of-00001.json.gz"
-    c4.parent.mkdir()
-    with gzip.open(c4, "wt") as f:
-        f.writelines(json.dumps({"text": text}) + "\n" for text in docstrings[-100:])
+    c4 = write_c4_validation(docstrings[-100:], out / "c4")
     args_file = out / "args.yaml"
     args_file.write_text("lr: 0.01\nlocal_batch: 2\nstrategy: overflow\n")
     two_ranks = {
@@ -56,7 +53,7 @@ def runs(tmp_path_factory, mds_tokens, mds_text, tokenizer_dir, docstrings) -> d
         "bf16_overflow": (mds_text, [
             f"--args_file={args_file}", "--bf16", "--num_workers=1",
             f"--local_cache_dir={out / 'cache'}", "--enable_tensorboard", "--eval_every=4",
-            f"--eval_data={c4.parent}", "--eval_max_windows=6", "--peak_tflops=0.5",
+            f"--eval_data={c4}", "--eval_max_windows=6", "--peak_tflops=0.5",
         ]),
         "fp16_trunc": (mds_text, [
             "--local_batch=2", "--fp16", "--strategy=trunc", "--sharding_strategy=hybrid_shard",

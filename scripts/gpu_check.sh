@@ -34,7 +34,7 @@ for stage in $STAGES; do
   [[ $stage =~ ^[1-7]$ ]] || { echo "error: STAGES: no stage '$stage' (they are 1 to 7)"; exit 2; }
 done
 cd "$(dirname "$0")/.."
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/gpu_check}
 A=/tmp/gpu_assets
 LOGS=/tmp/gpu_logs
@@ -43,7 +43,8 @@ mkdir -p "$OUT" "$A" "$LOGS"
 if ! "$PY" -c "import streaming" 2>/dev/null; then
   ls .whl/*.whl >/dev/null 2>&1 || { echo "error: no wheels in .whl/: run scripts/gpu_wheels.sh \
 where PyPI is reachable, and carry .whl"; exit 2; }
-  "$PY" -m pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl
+  "$PY" -m pip install --quiet --upgrade --no-index --no-deps --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 "$PY" -c "import torch, transformers; print(torch.__version__, transformers.__version__,
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
@@ -51,7 +52,7 @@ fi
 limited() {  # limited CMD...: CMD, stopped after $LIMIT seconds, so that a hang costs one check
   timeout --kill-after=20 "$LIMIT" "$@"
   local status=$?
-  [ "$status" = 124 ] && echo "error: stopped after $LIMIT s: $*"
+  [[ $status = 124 || $status = 137 ]] && echo "error: stopped after $LIMIT s: $*"
   return "$status"
 }
 bench() {  # bench NAME FLAGS...: one bench.throughput run, its JSON line kept as NAME.json
@@ -114,18 +115,23 @@ stage6() {
   echo "== 6: slt training, bf16 + compile + chunked loss, full checkpoint, resume"
   echo '{"method": "magnitude", "final_sparsity": 0.5, "end_step": 20, "update_every": 5}' \
     > "$A/slt.json"
-  rm -rf /tmp/gpu_runs/slt /tmp/gpu_runs/slt_first /tmp/gpu_runs/slt_resumed
-  for run in first resumed; do
-    resume=()
-    [ "$run" = resumed ] && resume=(--resume_dir /tmp/gpu_runs/slt/step_000020)
-    limited "${TORCHRUN[@]}" train.py --data_dir "$A/blocks256" \
-      --tokenizer_dir "$A/tok" --config llama-60m --seq_len 256 --global_batch 64 \
-      --local_batch 64 --train_steps 40 --warmup 5 --lr 3e-3 --bf16 --enable_slt \
-      --slt_config "$A/slt.json" --ckpt_type full --save_every 20 --log_every 10 \
-      --num_canonical_nodes 1 --output_dir /tmp/gpu_runs --run_name "slt_$run" \
-      "${resume[@]}" "${TRAIN_EXTRA[@]}" 2>&1 | grep -E "error|Error|^step|resumed|slt " | tail -8
-    [ "$run" = first ] && mv /tmp/gpu_runs/slt_first /tmp/gpu_runs/slt
-  done
+  rm -rf /tmp/gpu_runs/slt /tmp/gpu_runs/slt_resumed
+  slt_run slt || return
+  slt_run slt_resumed --resume_dir /tmp/gpu_runs/slt/step_000020
+}
+slt_run() {  # slt_run NAME FLAGS...: one stage-6 run; fails when train.py does
+  limited "${TORCHRUN[@]}" train.py --data_dir "$A/blocks256" \
+    --tokenizer_dir "$A/tok" --config llama-60m --seq_len 256 --global_batch 64 \
+    --local_batch 64 --train_steps 40 --warmup 5 --lr 3e-3 --bf16 --enable_slt \
+    --slt_config "$A/slt.json" --ckpt_type full --save_every 20 --log_every 10 \
+    --num_canonical_nodes 1 --output_dir /tmp/gpu_runs --run_name "$1" "${@:2}" \
+    "${TRAIN_EXTRA[@]}" > "$LOGS/$1.log" 2>&1
+  report_run "$1" $?
+}
+report_run() {  # report_run NAME STATUS: the end of a train.py log; fails when STATUS does
+  echo "$1: exit $2"
+  grep -E "error|Error|resumed|^step|eval|slt " "$LOGS/$1.log" | tail -12
+  return "$2"
 }
 stage7() {
   echo "== 7: the recipe: defaults + --bf16, eval, shard checkpoints; resumed from step 30 by auto"
@@ -134,16 +140,14 @@ stage7() {
           --save_every 30 --eval_every 30 --eval_data "$A/eval" --num_workers 4
           --num_canonical_nodes 1 --output_dir /tmp/gpu_runs --resume_dir auto)
   rm -rf /tmp/gpu_runs/recipe /tmp/gpu_runs/recipe_resumed
-  mkdir -p /tmp/gpu_runs/recipe_resumed
-  for run in recipe recipe_resumed; do
-    extra=(--profile_steps 10:11 --memory_snapshot)  # the first run also profiles two steps
-    [ "$run" = recipe_resumed ] && extra=() &&
-      cp -r /tmp/gpu_runs/recipe/step_000030 /tmp/gpu_runs/recipe_resumed/
-    limited "${TORCHRUN[@]}" train.py "${recipe[@]}" --run_name "$run" "${extra[@]}" "${TRAIN_EXTRA[@]}" \
-      > "$LOGS/$run.log" 2>&1
-    echo "$run: exit $?"
-    grep -E "error|Error|resumed|^step|eval|saved" "$LOGS/$run.log" | tail -12
-  done
+  limited "${TORCHRUN[@]}" train.py "${recipe[@]}" --run_name recipe \
+    --profile_steps 10:11 --memory_snapshot "${TRAIN_EXTRA[@]}" > "$LOGS/recipe.log" 2>&1
+  report_run recipe $? || return
+  mkdir -p /tmp/gpu_runs/recipe_resumed  # holding only the first run's step-30 checkpoint
+  cp -r /tmp/gpu_runs/recipe/step_000030 /tmp/gpu_runs/recipe_resumed/
+  limited "${TORCHRUN[@]}" train.py "${recipe[@]}" --run_name recipe_resumed "${TRAIN_EXTRA[@]}" \
+    > "$LOGS/recipe_resumed.log" 2>&1
+  report_run recipe_resumed $? || return
   "$PY" - <<'PY' | tee "$OUT/recipe.txt"
 import json
 

@@ -29,7 +29,10 @@ def json_lines_texts(path: Path, field: str, hint: str) -> Iterator[str]:
 
 
 def text_field(record: Any, field: str, where: str, hint: str) -> str:
-    """`record[field]` if `record` is a mapping with a string there; else a UserError."""
+    """`record[field]` if `record` is a mapping with a string there, "" if it holds null (an
+    empty document, as a parquet null is); else a UserError."""
+    if isinstance(record, dict) and field in record and record[field] is None:
+        return ""
     if not isinstance(record, dict) or not isinstance(record.get(field), str):
         names = ", ".join(record) if isinstance(record, dict) else "none"
         raise UserError(f"{where}: no string field {field!r} (fields: {names or 'none'}); {hint}")

@@ -21,14 +21,17 @@ def test_every_input_format_is_read(tmp_path, data_docs):
     docs = data_docs[:12]
     inputs = tmp_path / "in"
     inputs.mkdir()
-    (inputs / "a.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs[:3]))
+    # a null text is an empty document, skipped, in JSON as in parquet
+    (inputs / "a.jsonl").write_text(
+        "".join(json.dumps({"body": d}) + "\n" for d in [*docs[:3], None])
+    )
     with gzip.open(inputs / "b.json.gz", "wt") as f:
         f.writelines(json.dumps({"body": d}) + "\n" for d in docs[3:6])
-    pq.write_table(pa.table({"body": docs[6:9]}), inputs / "c.parquet")
+    pq.write_table(pa.table({"body": [*docs[6:9], None]}), inputs / "c.parquet")
     for i, doc in enumerate(docs[9:]):
         (inputs / f"d{i}.txt").write_text(doc)
     stats = prepare_mds([inputs], tmp_path / "mds", text_field="body", progress=False)
-    assert (stats.files, stats.documents, stats.samples) == (6, 12, 12)
+    assert (stats.files, stats.documents, stats.samples, stats.skipped_empty) == (6, 12, 12, 2)
 
     from streaming import StreamingDataset
 

@@ -12,10 +12,12 @@ import json
 import os
 import pickle
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 import convert
 import train
@@ -159,6 +161,19 @@ def garbage_trainer_state(root: Path, saved) -> Path:
     return step
 
 
+def trainer_state_zip_not_from_torch(root: Path, saved) -> Path:
+    step = checkpoint_copy(saved, "shard", root)
+    with zipfile.ZipFile(step / "trainer.pt", "w") as archive:
+        archive.writestr("notes.txt", "a zip archive, but no checkpoint")
+    return step
+
+
+def trainer_state_of_something_else(root: Path, saved) -> Path:
+    step = checkpoint_copy(saved, "shard", root)
+    torch.save({"weights": torch.zeros(2)}, step / "trainer.pt")
+    return step
+
+
 def crafted_metadata(root: Path, saved) -> Path:
     step = checkpoint_copy(saved, "shard", root)
     (step / ".metadata").write_bytes(pickle.dumps(RunsCode()))
@@ -297,6 +312,16 @@ TRAIN_CASES = {
         ["--resume_dir={X}"],
         garbage_trainer_state,
         "trainer.pt is damaged",
+    ),  # fmt: skip
+    "resume trainer a zip not from torch": (
+        ["--resume_dir={X}"],
+        trainer_state_zip_not_from_torch,
+        "trainer.pt is damaged (",
+    ),  # fmt: skip
+    "resume trainer of something else": (
+        ["--resume_dir={X}"],
+        trainer_state_of_something_else,
+        "trainer.pt is damaged (",
     ),  # fmt: skip
     "resume crafted metadata": (["--resume_dir={X}"], crafted_metadata, "it may run code"),
     "args_file not yaml": (["--args_file={X}"], args_file("a: [1,"), "is not valid YAML or JSON"),

@@ -121,18 +121,23 @@ def checkpoint_problem(step_dir: Path) -> str | None:
         return "no trainer.pt: not a complete checkpoint"
     if not zipfile.is_zipfile(archives[0]):
         return f"{archives[0]} is damaged"
-    trainer = torch.load(archives[0], weights_only=True)
-    archives += [step_dir / f"rank_{rank:05d}.pt" for rank in range(trainer["world_size"])]
-    if trainer["ckpt_type"] == "full":
+    try:  # a zip archive, but maybe not torch's, or not of a trainer state
+        trainer = torch.load(archives[0], weights_only=True)
+        world_size, ckpt_type = trainer["world_size"], trainer["ckpt_type"]
+    except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, TypeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return f"{archives[0]} is damaged ({type(err).__name__}: {reason})"
+    archives += [step_dir / f"rank_{rank:05d}.pt" for rank in range(world_size)]
+    if ckpt_type == "full":
         archives.append(step_dir / "optimizer.pt")
     for path in archives:
         if not path.is_file():
             return f"{path} is missing"
         if not zipfile.is_zipfile(path):
             return f"{path} is cut short or damaged"
-    if trainer["ckpt_type"] == "shard":
+    if ckpt_type == "shard":
         return _dcp_files_problem(step_dir)
-    if trainer["ckpt_type"] == "full":
+    if ckpt_type == "full":
         return _safetensors_problem(step_dir)
     return None
 

@@ -428,6 +428,30 @@ def test_keep_last_never_deletes_the_checkpoint_just_saved(mds_tokens, tokenizer
     assert not list(run_dir.glob(".*")), "a hidden directory was left behind"
 
 
+def test_an_old_checkpoint_that_cannot_be_deleted_costs_a_warning_not_the_run(
+    mds_tokens, tokenizer_dir, tmp_path, monkeypatch, capsys
+):
+    """--keep_last 1 on a file system that refuses to delete step 2: step 4 is saved and the
+    run finishes (the failed prune used to be reported as a failed save of step 4)."""
+    from utils import checkpoint
+
+    def refused(path):
+        raise PermissionError(13, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(checkpoint, "_delete_dir", refused)
+    run = flags(mds_tokens, tokenizer_dir, tmp_path, "undeletable", "--save_every=2")
+    train_in_process(*run, "--keep_last=1", "--local_batch=4", "--train_steps=4")
+    run_dir = tmp_path / "undeletable"
+    assert [p.name for p in checkpoint.complete_checkpoints(run_dir)] == [
+        "step_000002",
+        "step_000004",
+    ]
+    [warning] = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warning == (f"warning: --keep_last 1: could not delete {run_dir / 'step_000002'} "
+                       f"([Errno 13] Operation not permitted: '{run_dir / 'step_000002'}'); "
+                       "delete it by hand")  # fmt: skip
+
+
 def test_a_checkpoint_whose_deletion_is_interrupted_no_longer_looks_complete(
     interrupted, tmp_path, monkeypatch
 ):

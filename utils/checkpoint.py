@@ -31,6 +31,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -306,11 +307,12 @@ class Checkpointer:
         if self.env.is_main:
             saving.run(lambda: self._publish_on_main(saving.staging, final))
         saving.agree()
+        if self.env.is_main:  # after the save is in: housekeeping that fails costs a warning
+            self._prune(step_number(final))
 
     def _publish_on_main(self, staging: Path, final: Path) -> None:
         _fsync_tree(staging)
         _replace_dir(staging, final)
-        self._prune(step_number(final))
 
     def _prune(self, saved_step: int) -> None:
         """--keep_last K: the checkpoint just saved and the K - 1 newest before it stay. Newer
@@ -321,7 +323,11 @@ class Checkpointer:
             return
         older = [p for p in complete_checkpoints(self.run_dir) if step_number(p) < saved_step]
         for old in older[: max(len(older) - (self.keep_last - 1), 0)]:
-            _delete_dir(old)
+            try:
+                _delete_dir(old)
+            except OSError as err:
+                print(f"warning: --keep_last {self.keep_last}: could not delete {old} ({err}); "
+                      "delete it by hand", file=sys.stderr, flush=True)  # fmt: skip
 
     # ---------------------------------------------------------------- load
     def load(self, step_dir: Path, *, skip_optimizer: bool = False) -> int:

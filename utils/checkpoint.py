@@ -58,7 +58,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
-from utils.distributed import DistEnv, local_tensor
+from utils.distributed import DistEnv, gather_from_every_rank, local_tensor
 from utils.errors import UserError
 from utils.model import canonical_name
 
@@ -798,7 +798,9 @@ class _Saving:
         self.agree()
 
     def agree(self) -> None:
-        failures = [self.failure] if self.env.world_size == 1 else _gather_all(self.failure)
+        failures = (
+            [self.failure] if self.env.world_size == 1 else gather_from_every_rank(self.failure)
+        )
         failed = next((failure for failure in failures if failure), None)
         if failed is None:
             return
@@ -816,9 +818,3 @@ def _is_write_failure(err: Exception) -> bool:
     (`inline_container`) and safetensors (`I/O error`) make of an OSError they hit."""
     text = str(err)
     return isinstance(err, OSError) or "inline_container" in text or "I/O error" in text
-
-
-def _gather_all(value: Any) -> list[Any]:
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered

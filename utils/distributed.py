@@ -137,6 +137,13 @@ def broadcast_from_main(obj: Any) -> Any:
     return holder[0]
 
 
+def gather_from_every_rank(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank (a collective every rank reaches)."""
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def shutdown() -> None:
     """Destroy the process group once nothing else holds it. A group kept alive by a leftover
     reference cycle (a sharded model, a device mesh) is freed only at interpreter exit, where

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from utils.distributed import gather_from_every_rank
 from utils.errors import UserError
 
 
@@ -68,7 +68,10 @@ class NonFiniteGuard:
             self.in_a_row = 0
             return
         self.in_a_row += 1
-        ranks = _gather({"loss_finite": bool(torch.isfinite(step.local_loss)), **step.position})
+        # a collective: the ranks all settle the same steps together
+        ranks = gather_from_every_rank(
+            {"loss_finite": bool(torch.isfinite(step.local_loss)), **step.position}
+        )
         stopping = self.policy == "stop" or self.in_a_row >= self.max_skipped
         self.log_event(
             step.number,
@@ -96,10 +99,3 @@ class NonFiniteGuard:
             f"{steps}: loss or gradients not finite ({why}); stopped without saving; {resume} "
             "with a lower --lr or --grad_clip (metrics.jsonl names each rank's loader position)"
         )
-
-
-def _gather(value: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every rank's `value`, on every rank (the ranks all settle the same steps together)."""
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered

@@ -33,7 +33,7 @@ from datas.mds import (
 )
 from datas.packing import STRATEGIES, DocChunk, DocumentFeed, Packer, make_packer
 from datas.tokenizer import encode_documents, load_tokenizer
-from utils.distributed import DistEnv, environment_world
+from utils.distributed import DistEnv, environment_world, gather_from_every_rank
 from utils.errors import UserError
 
 
@@ -166,11 +166,7 @@ class TrainLoader:
         return bool(value.item())
 
     def _gather(self, value: Any) -> list[Any]:
-        if self.world.world_size == 1:
-            return [value]
-        gathered: list[Any] = [None] * self.world.world_size
-        dist.all_gather_object(gathered, value)
-        return gathered
+        return [value] if self.world.world_size == 1 else gather_from_every_rank(value)
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's resume state. Collective: every rank must call it at the same step.

@@ -19,16 +19,12 @@ class ExitPolicy:
         self.exit_interval = exit_interval
         self.deadline = time.monotonic() + 60 * exit_duration_mins if exit_duration_mins else None
         self.reason = ""
+        self.signalled = False  # SIGTERM reached some rank (agreed at the last `should_exit`)
         self._sigterm = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame) -> None:
         self._sigterm = True
-
-    @property
-    def signalled(self) -> bool:
-        """SIGTERM reached some rank (agreed at the last `should_exit`)."""
-        return self.reason.startswith("SIGTERM")
 
     def should_exit(self, step: int) -> bool:
         """A collective: True on every rank when any rank has a reason to stop after `step`."""
@@ -39,6 +35,8 @@ class ExitPolicy:
         ]
         flags = torch.tensor(local, dtype=torch.int32)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        agreed = flags.tolist()
+        self.signalled = bool(agreed[0])
         reasons = ["SIGTERM", f"--exit_interval {self.exit_interval}", "--exit_duration_mins"]
-        self.reason = ", ".join(r for r, flag in zip(reasons, flags.tolist(), strict=True) if flag)
+        self.reason = ", ".join(r for r, flag in zip(reasons, agreed, strict=True) if flag)
         return bool(self.reason)

@@ -24,7 +24,7 @@ from bench import throughput
 from slt import METHOD_DEFAULTS, SLTConfig
 from utils.distributed import DistEnv, init_distributed, shutdown
 from utils.errors import UserError, exit_on_user_error
-from utils.model import count_parameters
+from utils.model import count_parameters, trainable_parameters
 
 METHODS = ("dense", *METHOD_DEFAULTS)
 
@@ -99,7 +99,7 @@ def measure(args: argparse.Namespace, env: DistEnv) -> dict:
         "tokens_per_s": timing.tokens_per_s,
         "peak_mem_gb": timing.peak_mem_gb,
         "parameters": count_parameters(setup.model),
-        "trainable_parameters": sum(p.numel() for p in setup.model.parameters() if p.requires_grad),
+        "trainable_parameters": trainable_parameters(setup.model),
         "optimizer_state": optimizer_state_size(setup.optimizer),
         "sparsity": sparsity,
     }

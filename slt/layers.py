@@ -86,9 +86,6 @@ class SparseLinear(nn.Module):
         """Gradient terms of the method itself (SR-STE's decay), added once per optimizer step
         to the accumulated, unscaled gradient; `dtype` is the compute dtype of the forward."""
 
-    def trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
     def initial_value(self, name: str, generator: torch.Generator, std: float) -> torch.Tensor:
         """The full initial value of parameter `name` (see utils.model.init_weights)."""
         if name == "bias":

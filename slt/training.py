@@ -14,6 +14,7 @@ from slt.layers import SparseLinear, ThresholdedLinear
 from slt.patch import patch_llama
 from slt.schedule import last_refresh, refresh_due, scheduled_sparsity
 from utils.errors import UserError
+from utils.model import trainable_parameters
 
 
 class SparseTraining:
@@ -97,7 +98,7 @@ class SparseTraining:
         ]
 
     def trainable_parameters(self) -> int:
-        return sum(layer.trainable_parameters() for layer in self.layers.values())
+        return sum(trainable_parameters(layer) for layer in self.layers.values())
 
     def describe(self) -> str:
         dense = sum(layer.in_features * layer.out_features for layer in self.layers.values())

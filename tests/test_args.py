@@ -59,3 +59,13 @@ def test_wandb_without_its_package_is_refused_before_anything_runs(tmp_path, mon
     )
     with pytest.raises(UserError, match=r"needs the wandb package: pip install '\.\[wandb\]'"):
         parse_args(flags(tmp_path, "--wandb_project=p"))
+
+
+def test_an_args_file_passes_its_values_as_written(tmp_path):
+    """YAML 1.1 reads 10:11 as the number 611 (base 60) and 010 as 8 (octal); a flag's value
+    is what the user wrote, converted by the flag as on the command line."""
+    run = tmp_path / "run.yaml"
+    run.write_text("profile_steps: 10:11\nrun_name: 010\nlr: 0.01\nbf16: true\nseed:\n")
+    args = parse_args(flags(tmp_path, f"--args_file={run}"))
+    assert (args.profile_steps, args.run_name, args.lr, args.bf16, args.seed) == (
+        (10, 11), "010", 0.01, True, 42)  # fmt: skip

@@ -344,7 +344,7 @@ TRAIN_CASES = {
     "args_file float steps": (
         ["--args_file={X}"],
         args_file("train_steps: 1.0e+5\n"),
-        "invalid int value: '100000.0'",
+        "invalid int value: '1.0e+5'",  # as written
     ),
     "args_file unknown key": (
         ["--args_file={X}"],

@@ -284,13 +284,24 @@ def _args_file_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
     return tokens
 
 
+class _FlagLoader(yaml.SafeLoader):
+    """YAML whose plain values stay text, for the flags to convert as the command line's:
+    only true/false and null are read as such (YAML 1.1 makes 10:11 the number 611, and 010
+    the number 8)."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag.endswith((":bool", ":null"))]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
 def _read_mapping(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"--args_file {path} does not exist; give a YAML or JSON file of flags")
     try:
         text = file.read_text()
-        values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+        values = json.loads(text) if file.suffix == ".json" else yaml.load(text, _FlagLoader)
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
         reason = str(err).splitlines()[0]
         raise UserError(f"--args_file {path} is not valid YAML or JSON ({reason})") from err

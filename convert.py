@@ -17,7 +17,7 @@ from transformers import AutoConfig
 
 from datas.tokenizer import load_tokenizer
 from slt.export import dense_weights
-from utils.checkpoint import save_transformers_weights, write_model_files
+from utils.checkpoint import fsync_tree, replace_dir, save_transformers_weights, write_model_files
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 
 
@@ -35,9 +35,8 @@ def convert(step_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if out_dir.exists():  # --overwrite
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
+    fsync_tree(staging)
+    replace_dir(staging, out_dir)  # an --overwrite's old export goes once the new one is in
     return out_dir
 
 

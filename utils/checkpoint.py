@@ -311,8 +311,8 @@ class Checkpointer:
             self._prune(step_number(final))
 
     def _publish_on_main(self, staging: Path, final: Path) -> None:
-        _fsync_tree(staging)
-        _replace_dir(staging, final)
+        fsync_tree(staging)
+        replace_dir(staging, final)
 
     def _prune(self, saved_step: int) -> None:
         """--keep_last K: the checkpoint just saved and the K - 1 newest before it stay. Newer
@@ -732,7 +732,7 @@ def _save_durably(obj: Any, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     for path in [*root.rglob("*"), root]:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -749,8 +749,8 @@ def _delete_dir(path: Path) -> None:
     shutil.rmtree(hidden)
 
 
-def _replace_dir(staging: Path, final: Path) -> None:
-    """Rename into place; an older directory of the same step goes only once the new is in."""
+def replace_dir(staging: Path, final: Path) -> None:
+    """Rename into place; an older directory of the same name goes only once the new is in."""
     old = final.with_name(f".{final.name}.old")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)

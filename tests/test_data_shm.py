@@ -81,15 +81,18 @@ def test_cleanup_keeps_other_jobs_and_removes_ours_and_orphans(tmp_path):
 
     shm = Path("/dev/shm")
     ours, other = str(tmp_path / "ours"), str(tmp_path / "other")
-    layout = {"999001": other, "999002": ours, "999003": None}
+    layout = {"999001": other, "999002": ours, "999003": None, "999004": other}
     for prefix, local in layout.items():
         if local:
             (shm / f"{prefix}_locals").write_bytes(_pack_locals([local], int(prefix)))
         (shm / f"{prefix}_barrier").write_bytes(b"\0" * 8)
         Path(tempfile.gettempdir(), f"{prefix}_cache_filelock").touch()
+    # 999004: a registry a finished dataset emptied, as streaming does it (a size of zero)
+    emptied = shm / "999004_locals"
+    emptied.write_bytes(bytes(4) + emptied.read_bytes()[4:])
     try:
         removed = clean_stale_shared_memory([ours])
-        assert {"999002", "999003"} <= set(removed) and "999001" not in removed
+        assert {"999002", "999003", "999004"} <= set(removed) and "999001" not in removed
         assert (shm / "999001_locals").exists() and (shm / "999001_barrier").exists()
         assert not (shm / "999002_barrier").exists() and not (shm / "999003_barrier").exists()
         assert not Path(tempfile.gettempdir(), "999003_cache_filelock").exists()

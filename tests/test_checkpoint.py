@@ -512,7 +512,7 @@ def test_a_failing_evaluation_comes_after_the_save(
     assert (tmp_path / "eval_breaks" / "step_000002" / "trainer.pt").is_file()
 
 
-def test_a_crafted_optimizer_entry_is_not_run(runs, tmp_path):
+def test_a_crafted_optimizer_entry_is_not_run(tmp_path):
     """A `shard` checkpoint's non-tensor entries are pickles that DCP itself loads with
     the full unpickler (weights-only mode off); here they must be plain values."""
     import torch.distributed.checkpoint as dcp

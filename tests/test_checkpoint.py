@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -528,6 +529,11 @@ def test_a_crafted_optimizer_entry_is_not_run(tmp_path):
     # Named as a checkpoint, not as --resume_dir: init_from and the converter read it too.
     crafted = re.escape(f"checkpoint {tmp_path / 'crafted'}: ")
     with pytest.raises(UserError, match=f"^{crafted}.*Weights only load failed"):
+        dcp_load({"optim": {"lr": 0.0}}, tmp_path / "crafted", no_dist=True)
+    assert not (tmp_path / "ran").exists()
+    # and a crafted .metadata, which DCP's own fallback would report as "metadata is None"
+    (tmp_path / "crafted" / ".metadata").write_bytes(pickle.dumps(RunsCode()))
+    with pytest.raises(UserError, match=f"^{crafted}its .metadata refers to posix.system"):
         dcp_load({"optim": {"lr": 0.0}}, tmp_path / "crafted", no_dist=True)
     assert not (tmp_path / "ran").exists()
 

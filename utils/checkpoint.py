@@ -536,14 +536,17 @@ def dcp_load(state: dict, step_dir: Path, **kwargs: Any) -> None:
     with torch.load's full unpickler (weights-only mode off): a crafted checkpoint would run
     code on every rank. Here the metadata may hold DCP's own record types only, and the
     entries plain values."""
+    reader = _TrustedReader(step_dir)
     try:
-        dcp.load(
-            state, storage_reader=_TrustedReader(step_dir), planner=_TrustedPlanner(), **kwargs
-        )
+        # First here: inside dcp.load a refusal would come out as DCP's "metadata is None".
+        reader.read_metadata()
+        dcp.load(state, storage_reader=reader, planner=_TrustedPlanner(), **kwargs)
+    except (UserError, pickle.UnpicklingError) as err:
+        raise UserError(f"checkpoint {step_dir}: {err}") from err  # resume, init or export
     except CheckpointException as err:
         exc = next(iter(err.failures.values()))[0]
         if isinstance(exc, UserError | pickle.UnpicklingError):
-            raise UserError(f"checkpoint {step_dir}: {exc}") from err  # resume, init or export
+            raise UserError(f"checkpoint {step_dir}: {exc}") from err
         raise
 
 
@@ -551,12 +554,15 @@ class _TrustedReader(dcp.FileSystemReader):
     def __init__(self, step_dir: Path) -> None:
         super().__init__(str(step_dir))
         self.step_dir = step_dir
+        self._metadata: Any = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        path = self.step_dir / ".metadata"
-        with path.open("rb") as file:
-            _MetadataUnpickler(file).load()  # refuses anything but DCP's record types
-        return super().read_metadata(*args, **kwargs)
+        """The checkpoint's metadata, checked once (DCP asks for it again)."""
+        if self._metadata is None:
+            with (self.step_dir / ".metadata").open("rb") as file:
+                _MetadataUnpickler(file).load()  # refuses anything but DCP's record types
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
 
 
 class _MetadataUnpickler(pickle.Unpickler):

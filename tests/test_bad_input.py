@@ -371,6 +371,31 @@ TRAIN_CASES = {
     "eval data with pkl": (["--eval_every=2", "--eval_data={X}"], mds_with_pkl_column, "runs code"),
     "flash on cpu": (["--enable_flash"], no_input, "--enable_flash needs a CUDA GPU"),
     "bf16 and fp16": (["--bf16", "--fp16"], no_input, "--bf16 and --fp16 exclude each other"),
+    "global_batch not a multiple": (
+        ["--global_batch=6"],
+        no_input,
+        "--global_batch 6 is not divisible by --local_batch 4",
+    ),
+    "masking beyond the blocks": (
+        ["--seq_len=128", "--document_masking"],
+        no_input,
+        "blocks of 64 tokens, not --seq_len 128",
+    ),
+    "output not writable": (
+        ["--output_dir=/proc/forbidden"],
+        no_input,
+        "--output_dir /proc/forbidden is not writable",
+    ),
+    "async save of full": (
+        ["--ckpt_type=full", "--async_save"],
+        no_input,
+        "--async_save works with --ckpt_type shard",
+    ),
+    "float8 with slt": (
+        ["--float8", "--enable_slt", "--slt_config=x.json"],
+        no_input,
+        "--float8 and --enable_slt exclude",
+    ),
     "stop with fp16": (["--fp16", "--nonfinite=stop"], no_input, "does not go with --fp16"),
     "slt config not json": (["--enable_slt", "--slt_config={X}"], a_file, "is not valid JSON"),
     "slt without config": (["--enable_slt"], no_input, "go together"),

@@ -435,11 +435,12 @@ def test_an_old_checkpoint_that_cannot_be_deleted_costs_a_warning_not_the_run(
     """--keep_last 1 on a file system that refuses to delete step 2: step 4 is saved and the
     run finishes (the failed prune used to be reported as a failed save of step 4)."""
     from utils import checkpoint
+    from utils.checkpoint import checkpointer
 
     def refused(path):
         raise PermissionError(13, "Operation not permitted", str(path))
 
-    monkeypatch.setattr(checkpoint, "_delete_dir", refused)
+    monkeypatch.setattr(checkpointer, "delete_dir", refused)
     run = flags(mds_tokens, tokenizer_dir, tmp_path, "undeletable", "--save_every=2")
     train_in_process(*run, "--keep_last=1", "--local_batch=4", "--train_steps=4")
     run_dir = tmp_path / "undeletable"
@@ -459,6 +460,7 @@ def test_a_checkpoint_whose_deletion_is_interrupted_no_longer_looks_complete(
     import shutil
 
     from utils import checkpoint
+    from utils.checkpoint import publish
 
     run_dir = tmp_path / "run"
     shutil.copytree(interrupted("full") / f"step_{STEPS:06d}", run_dir / "step_000012")
@@ -467,9 +469,9 @@ def test_a_checkpoint_whose_deletion_is_interrupted_no_longer_looks_complete(
         (Path(path) / "model.safetensors").unlink()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    monkeypatch.setattr(publish.shutil, "rmtree", killed_midway)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint._delete_dir(run_dir / "step_000012")
+        publish.delete_dir(run_dir / "step_000012")
     assert checkpoint.complete_checkpoints(run_dir) == []
 
 

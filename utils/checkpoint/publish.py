@@ -1,0 +1,111 @@
+"""How a checkpoint reaches the disk: durable writes, publishing a staged directory whole,
+deleting by a hidden rename first, and a failed write agreed on by every rank."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.api import CheckpointException
+
+from utils.distributed import DistEnv, gather_from_every_rank
+from utils.errors import UserError
+
+
+def save_durably(obj: Any, path: Path) -> None:
+    with path.open("wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_tree(root: Path) -> None:
+    for path in [*root.rglob("*"), root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def delete_dir(path: Path) -> None:
+    """Renamed to a hidden name first: a kill midway leaves a hidden directory that nothing
+    reads, never a half-deleted checkpoint that still looks complete."""
+    hidden = path.with_name(f".{path.name}.deleting")
+    path.rename(hidden)
+    shutil.rmtree(hidden)
+
+
+def replace_dir(staging: Path, final: Path) -> None:
+    """Rename into place; an older directory of the same name goes only once the new is in."""
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- failures
+class Saving:
+    """One checkpoint being written. A write that fails on one rank (the metadata and `full`
+    weights are written by rank 0 alone) must not leave the others waiting in the next
+    collective until the process-group timeout: each rank keeps its failure, `agree` gathers
+    them (a collective every rank reaches), and every rank then raises the same error."""
+
+    def __init__(self, step: int, staging: Path, env: DistEnv) -> None:
+        self.step = step
+        self.staging = staging
+        self.env = env
+        self.failure: str | None = None
+
+    def run(self, write: Callable[[], Any]) -> None:
+        """This rank's part; a write failure is kept for `agree`, a bug propagates."""
+        if self.failure is not None:
+            return
+        try:
+            write()
+        except Exception as err:
+            if not _is_write_failure(err):
+                raise
+            self.failure = f"rank {self.env.rank}: {err}"
+
+    def run_collective(self, write: Callable[[], Any]) -> None:
+        """A collective write (DCP), which raises the same error on every rank itself."""
+        try:
+            write()
+        except CheckpointException as err:
+            failures = err.failures.items()  # rank -> (exception, its stack)
+            self.failure = "; ".join(f"rank {rank}: {exc}" for rank, (exc, _) in failures)
+        self.agree()
+
+    def agree(self) -> None:
+        failures = (
+            [self.failure] if self.env.world_size == 1 else gather_from_every_rank(self.failure)
+        )
+        failed = next((failure for failure in failures if failure), None)
+        if failed is None:
+            return
+        if self.env.is_main:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        raise UserError(
+            f"could not save step {self.step} in {self.staging.parent} ({failed}); "
+            "check its free space and permissions, or change --output_dir; "
+            "the checkpoints saved before are intact"
+        )
+
+
+def _is_write_failure(err: Exception) -> bool:
+    """An error of the file system rather than of the code: OSError, and what torch.save
+    (`inline_container`) and safetensors (`I/O error`) make of an OSError they hit."""
+    text = str(err)
+    return isinstance(err, OSError) or "inline_container" in text or "I/O error" in text

@@ -68,8 +68,11 @@ def train_byte_bpe(texts: list[str], out_dir: Path, vocab_size: int = 2048) -> P
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+    fast = PreTrainedTokenizerFast(  # no token_type_ids, which a Llama does not take
+        tokenizer_object=tokenizer,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_input_names=["input_ids", "attention_mask"],
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))

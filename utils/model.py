@@ -82,11 +82,22 @@ def build_meta_model(config: PretrainedConfig, attn_implementation: str) -> nn.M
 
     The model gets its own copy of the config: transformers writes the attention implementation
     into the config it is given, and every layer reads it there at each call, so a second model
-    built from a shared config (the FLOP count's) would switch the first one's attention."""
+    built from a shared config (the FLOP count's) would switch the first one's attention.
+
+    The input embedding has no padding_idx, although the config keeps the tokenizer's
+    pad_token_id."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(
+        model = AutoModelForCausalLM.from_config(
             copy.deepcopy(config), attn_implementation=attn_implementation
         )
+    # transformers (4 and 5) makes config.pad_token_id the embedding's padding_idx: that row gets
+    # no gradient (and transformers' own init zeroes it). The pad has no role in training (packed
+    # rows hold no padding; a padded row's padding is out of the loss, labels -100), while a pad
+    # that is also a real token, most often EOS (pad = EOS when a tokenizer has none), would
+    # never train, though EOS ends every document. The config keeps pad_token_id: the saved
+    # config.json and generation_config.json give it to generate().
+    model.get_input_embeddings().padding_idx = None
+    return model
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -9,7 +9,6 @@ global_batch / (local_batch x world_size) micro-steps of local_batch sequences o
 
 from __future__ import annotations
 
-import math
 import secrets
 import sys
 import time
@@ -39,7 +38,7 @@ from utils.attention import (
     document_attention_kwargs,
     set_attention_kernels,
 )
-from utils.checkpoint import Checkpointer, resolve_resume_dir
+from utils.checkpoint import Checkpointer, own_run_dir, resolve_resume_dir
 from utils.distributed import (
     DistEnv,
     broadcast_from_main,
@@ -52,6 +51,7 @@ from utils.errors import UserError, exit_on_user_error
 from utils.float8 import check_float8, convert_to_float8
 from utils.loss import model_nll_sum, predicted_token_count, use_chunked_loss
 from utils.metrics import (
+    LogWindow,
     MetricsLogger,
     RunProgress,
     WandbOptions,
@@ -105,174 +105,178 @@ def run(args: Namespace, env: DistEnv) -> None:
             check_dense_start(slt_config)
     run_name = broadcast_from_main(args.run_name or default_run_name(args, model_config))
     run_dir = Path(args.output_dir) / run_name
-    resume_dir = resolve_resume_dir(args.resume_dir, run_dir)
+    with own_run_dir(run_dir, env):  # one run at a time writes here, only adding to it
+        resume_dir = resolve_resume_dir(args.resume_dir, run_dir, args.train_steps)
 
-    # ---- model: built on the meta device, sharded, then each rank materializes its shards ----
-    torch.manual_seed(args.seed)
-    model, sparse = build_model(options, model_config, env, slt_config)
-    if args.init_from and resume_dir is None:  # a resumed run continues its own weights
-        fresh = sparse.parameters_a_dense_start_lacks() if sparse else set()
-        load_initial_weights(model, args.init_from, fresh)
-    flops = model_flops_per_token(model_config, args.seq_len)
-    optimizer = build_optimizer(
-        model,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        fp16=args.fp16,
-        betas=(args.beta1, args.beta2),
-        eps=args.eps,
-        own=sparse.own_parameters() if sparse else (),
-        own_lr=args.slt_lr,
-        own_weight_decay=args.slt_weight_decay,
-    )
-    schedule = LRSchedule(
-        args.lr, args.min_lr, args.warmup, args.train_steps, args.lr_schedule,
-        args.decay_fraction, args.decay_type,
-    )  # fmt: skip
-    scaler = build_grad_scaler(args.fp16, env.device)
-
-    # ---- run state: resume, logging ----
-    progress = RunProgress()
-    checkpointer = Checkpointer(
-        run_dir,
-        args.ckpt_type,
-        env,
-        model=model,
-        optimizer=optimizer,
-        scaler=scaler,
-        loader=loader,
-        model_config=model_config,
-        tokenizer_dir=Path(args.tokenizer_dir),
-        sharding_strategy=args.sharding_strategy,
-        keep_last=args.keep_last,
-        async_save=args.async_save,
-        components={"progress": progress} | ({"slt": sparse} if sparse else {}),
-    )
-    start_step = 0
-    if resume_dir is not None:
-        start_step = checkpointer.load(resume_dir, skip_optimizer=args.skip_optimizer)
-        if progress.tokens_seen is None:  # a checkpoint from before it was recorded
-            progress.tokens_seen = start_step * args.global_batch * args.seq_len
-        if env.is_main:
-            print(f"resumed from {resume_dir} at step {start_step}", flush=True)
-    exit_policy = ExitPolicy(args.exit_interval, args.exit_duration_mins)
-    tensorboard_dir = None
-    if args.enable_tensorboard:
-        tensorboard_dir = Path(args.tensorboard_dir or Path(args.output_dir) / "tensorboard")
-        tensorboard_dir = tensorboard_dir / run_name
-    wandb = None
-    if args.wandb_project:
-        if progress.wandb_run_id is None:  # a new run; a resumed one continues its W&B run
-            progress.wandb_run_id = broadcast_from_main(secrets.token_hex(4))
-        wandb = WandbOptions(
-            args.wandb_project, args.wandb_entity, args.wandb_run_name or run_name,
-            args.wandb_group, progress.wandb_run_id,
-        )  # fmt: skip
-    logger = MetricsLogger(
-        run_dir, tensorboard_dir, enabled=env.is_main, start_step=start_step, wandb=wandb
-    )
-    parameters = {"trainable": trainable_parameters(model)}
-    if sparse:  # a sparse model's trainable count says little without its dense size
-        parameters["dense_model"] = dense_parameters(model_config)
-    logger.write_config(vars(args) | {"run_name": run_name}, model_config, parameters)
-    guard = NonFiniteGuard(
-        args.nonfinite, args.max_skipped, logger.event, checkpointer.checkpoint_before
-    )
-    peak = None if args.float8 else peak_flops(env.device, args.peak_tflops)  # no float8 MFU
-    memory = memory_estimate(
-        model_config,
-        parameters["trainable"],
-        shard_ways=shard_ways(env, args.sharding_strategy),
-        tokens=args.local_batch * args.seq_len,
-        activation_checkpointing=args.activation_checkpointing,
-        chunked_loss=args.chunked_loss,
-        compute_bytes=options.dtype.itemsize,
-    )
-    if env.is_main:
-        print(
-            f"run {run_name}: {describe_parameters(parameters)}, world size {env.world_size}, "
-            f"{accum_steps} micro-steps of {args.local_batch} x {args.seq_len} tokens per step",
-            flush=True,
+        # ---- model: built on the meta device, sharded, then each rank materializes its shards
+        torch.manual_seed(args.seed)
+        model, sparse = build_model(options, model_config, env, slt_config)
+        if args.init_from and resume_dir is None:  # a resumed run continues its own weights
+            fresh = sparse.parameters_a_dense_start_lacks() if sparse else set()
+            load_initial_weights(model, args.init_from, fresh)
+        flops = model_flops_per_token(model_config, args.seq_len)
+        optimizer = build_optimizer(
+            model,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            fp16=args.fp16,
+            betas=(args.beta1, args.beta2),
+            eps=args.eps,
+            own=sparse.own_parameters() if sparse else (),
+            own_lr=args.slt_lr,
+            own_weight_decay=args.slt_weight_decay,
         )
-        print(describe_memory(memory), flush=True)
-        if sparse:
-            print(sparse.describe(), flush=True)
+        schedule = LRSchedule(
+            args.lr, args.min_lr, args.warmup, args.train_steps, args.lr_schedule,
+            args.decay_fraction, args.decay_type,
+        )  # fmt: skip
+        scaler = build_grad_scaler(args.fp16, env.device)
 
-    if args.init_from and args.eval_every and start_step == 0:  # the starting point's perplexity
-        if sparse:  # as step 1 will see it: a pruned pretrained model's masks are its own
-            sparse.before_step(1)
-        evaluate(model, args, env, logger, progress, step=0)
-
-    # ---- the loop ----
-    batches = iter(loader)
-    window = LogWindow(env.device)
-    bar = tqdm(
-        total=args.train_steps,
-        initial=start_step,
-        unit="step",
-        disable=not (env.is_main and sys.stdout.isatty()),  # plain lines in SLURM logs
-    )
-    profiler = RunProfiler(args.profile_steps, args.memory_snapshot, run_dir, env.rank, env.device)
-    with profiler:
-        for step in range(start_step + 1, args.train_steps + 1):
-            profiler.step_started(step)
-            wait_start = time.perf_counter()
-            micro_batches = [next(batches) for _ in range(accum_steps)]
-            window.data_wait += time.perf_counter() - wait_start
-            lr = schedule.lr_at(step)
-            set_lr(optimizer, lr)
+        # ---- run state: resume, logging ----
+        progress = RunProgress()
+        window = LogWindow(env.device)  # the steps since the last log line
+        checkpointer = Checkpointer(
+            run_dir,
+            args.ckpt_type,
+            env,
+            model=model,
+            optimizer=optimizer,
+            scaler=scaler,
+            loader=loader,
+            model_config=model_config,
+            tokenizer_dir=Path(args.tokenizer_dir),
+            sharding_strategy=args.sharding_strategy,
+            keep_last=args.keep_last,
+            async_save=args.async_save,
+            components={"progress": progress, "log_window": window}
+            | ({"slt": sparse} if sparse else {}),
+        )
+        start_step = 0
+        if resume_dir is not None:
+            start_step = checkpointer.load(resume_dir, skip_optimizer=args.skip_optimizer)
+            if progress.tokens_seen is None:  # a checkpoint from before it was recorded
+                progress.tokens_seen = start_step * args.global_batch * args.seq_len
+            if resume_dir.parent.resolve() != run_dir.resolve():  # a branch: a W&B run of its own
+                progress.wandb_run_id = None
+            if env.is_main:
+                print(f"resumed from {resume_dir} at step {start_step}", flush=True)
+        exit_policy = ExitPolicy(args.exit_interval, args.exit_duration_mins)
+        tensorboard_dir = None
+        if args.enable_tensorboard:
+            tensorboard_dir = Path(args.tensorboard_dir or Path(args.output_dir) / "tensorboard")
+            tensorboard_dir = tensorboard_dir / run_name
+        wandb = None
+        if args.wandb_project:
+            if progress.wandb_run_id is None:  # a new run; a resumed one continues its W&B run
+                progress.wandb_run_id = broadcast_from_main(secrets.token_hex(4))
+            wandb = WandbOptions(
+                args.wandb_project, args.wandb_entity, args.wandb_run_name or run_name,
+                args.wandb_group, progress.wandb_run_id,
+            )  # fmt: skip
+        logger = MetricsLogger(
+            run_dir, tensorboard_dir, enabled=env.is_main, start_step=start_step, wandb=wandb
+        )
+        parameters = {"trainable": trainable_parameters(model)}
+        if sparse:  # a sparse model's trainable count says little without its dense size
+            parameters["dense_model"] = dense_parameters(model_config)
+        logger.write_config(vars(args) | {"run_name": run_name}, model_config, parameters)
+        guard = NonFiniteGuard(
+            args.nonfinite, args.max_skipped, logger.event, checkpointer.checkpoint_before
+        )
+        peak = None if args.float8 else peak_flops(env.device, args.peak_tflops)  # no float8 MFU
+        memory = memory_estimate(
+            model_config,
+            parameters["trainable"],
+            shard_ways=shard_ways(env, args.sharding_strategy),
+            tokens=args.local_batch * args.seq_len,
+            activation_checkpointing=args.activation_checkpointing,
+            chunked_loss=args.chunked_loss,
+            compute_bytes=options.dtype.itemsize,
+        )
+        if env.is_main:
+            print(
+                f"run {run_name}: {describe_parameters(parameters)}, world size {env.world_size}, "
+                f"{accum_steps} micro-steps of {args.local_batch} x {args.seq_len} tokens per step",
+                flush=True,
+            )
+            print(describe_memory(memory), flush=True)
             if sparse:
-                sparse.before_step(step)
-            result = train_step(
-                model, optimizer, scaler, micro_batches, env, args.grad_clip, sparse
-            )
-            profiler.step_finished(step)
-            guard.record(step, result.skipped, result.loss, loader.position())
-            window.add(result)
-            progress.tokens_seen += result.tokens
-            bar.update()
+                print(sparse.describe(), flush=True)
 
-            if step % args.log_every == 0 or step == args.train_steps:
-                stats = window.reduce_and_reset()
-                per_gpu = stats["tokens_per_s"] / env.world_size
-                stats |= {
-                    "tokens_seen": progress.tokens_seen,
-                    "lr": lr,
-                    "tokens_per_s_per_gpu": per_gpu,
-                    "mfu": flops * per_gpu / peak if peak else None,
-                    "peak_mem_gb": peak_memory_gb(env.device),
-                }
+        # The starting point's perplexity: a pretrained model's, or that of the step resumed
+        # from, whose evaluation came after its checkpoint (and may have been cut off).
+        if evaluation_due(args, start_step) and (start_step or args.init_from):
+            if sparse and start_step == 0:  # as step 1 will see it: a pruned model's own masks
+                sparse.before_step(1)
+            evaluate(model, args, env, logger, progress, step=start_step)
+
+        # ---- the loop ----
+        batches = iter(loader)
+        bar = tqdm(
+            total=args.train_steps,
+            initial=start_step,
+            unit="step",
+            disable=not (env.is_main and sys.stdout.isatty()),  # plain lines in SLURM logs
+        )
+        profiler = RunProfiler(
+            args.profile_steps, args.memory_snapshot, run_dir, env.rank, env.device
+        )
+        with profiler, checkpointer:  # a background save is published, also if the loop fails
+            for step in range(start_step + 1, args.train_steps + 1):
+                profiler.step_started(step)
+                wait_start = time.perf_counter()
+                micro_batches = [next(batches) for _ in range(accum_steps)]
+                window.data_wait += time.perf_counter() - wait_start
+                lr = schedule.lr_at(step)
+                set_lr(optimizer, lr)
                 if sparse:
-                    stats |= sparse.measure(step)
-                logger.log(step, stats)
-            stopping = exit_policy.should_exit(step)
-            scheduled = args.save_every and (
-                step % args.save_every == 0 or step == args.train_steps
-            )
-            if scheduled or stopping:
-                guard.flush()  # a step that must stop the run is never saved
-                checkpointer.save(step, vars(args))
-            # After the save, so a failing evaluation never costs the step its checkpoint; not
-            # when preempted, where the time left is short.
-            evaluate_now = args.eval_every and (
-                step % args.eval_every == 0 or step == args.train_steps
-            )
-            if evaluate_now and not exit_policy.signalled:
-                eval_start = time.perf_counter()
-                evaluate(model, args, env, logger, progress, step)
-                window.paused += time.perf_counter() - eval_start
-            if stopping:
-                if env.is_main:
-                    tqdm.write(f"stopping after step {step} ({exit_policy.reason})")
-                break
-    guard.flush()
-    bar.close()
-    checkpointer.wait()
-    logger.close()
-    if env.is_main:
-        print(f"done: checkpoints and metrics in {run_dir}", flush=True)
-        if tensorboard_dir is not None:
-            print(f"TensorBoard: tensorboard --logdir {tensorboard_dir}", flush=True)
+                    sparse.before_step(step)
+                result = train_step(
+                    model, optimizer, scaler, micro_batches, env, args.grad_clip, sparse
+                )
+                profiler.step_finished(step)
+                guard.record(step, result.skipped, result.loss, loader.position())
+                window.add(result.loss, result.grad_norm, result.skipped, result.tokens)
+                progress.tokens_seen += result.tokens
+                bar.update()
+
+                if step % args.log_every == 0 or step == args.train_steps:
+                    stats = window.reduce_and_reset()
+                    per_gpu = stats["tokens_per_s"] / env.world_size
+                    stats |= {
+                        "tokens_seen": progress.tokens_seen,
+                        "lr": lr,
+                        "tokens_per_s_per_gpu": per_gpu,
+                        "mfu": flops * per_gpu / peak if peak else None,
+                        "peak_mem_gb": peak_memory_gb(env.device),
+                    }
+                    if sparse:
+                        stats |= sparse.measure(step)
+                    logger.log(step, stats)
+                stopping = exit_policy.should_exit(step)
+                scheduled = args.save_every and (
+                    step % args.save_every == 0 or step == args.train_steps
+                )
+                if scheduled or stopping:
+                    guard.flush()  # a step that must stop the run is never saved
+                    checkpointer.save(step, vars(args))
+                # After the save, so a failing evaluation never costs the step its checkpoint; not
+                # when preempted, where the time left is short.
+                if evaluation_due(args, step) and not exit_policy.signalled:
+                    eval_start = time.perf_counter()
+                    evaluate(model, args, env, logger, progress, step)
+                    window.paused += time.perf_counter() - eval_start
+                if stopping:
+                    if env.is_main:
+                        tqdm.write(f"stopping after step {step} ({exit_policy.reason})")
+                    break
+        guard.flush()
+        bar.close()
+        logger.close()
+        if env.is_main:
+            print(f"done: checkpoints and metrics in {run_dir}", flush=True)
+            if tensorboard_dir is not None:
+                print(f"TensorBoard: tensorboard --logdir {tensorboard_dir}", flush=True)
 
 
 def evaluate(
@@ -289,6 +293,10 @@ def evaluate(
         batch_size=args.eval_batch, max_windows=args.eval_max_windows, device=env.device,
     )  # fmt: skip
     logger.log(step, eval_metrics(ppl, ntokens) | {"tokens_seen": progress.tokens_seen})
+
+
+def evaluation_due(args: Namespace, step: int) -> bool:
+    return bool(args.eval_every) and (step % args.eval_every == 0 or step == args.train_steps)
 
 
 def describe_parameters(parameters: dict[str, int]) -> str:
@@ -374,51 +382,6 @@ def model_inputs(
     if "position_ids" in batch:
         inputs |= document_attention_kwargs(batch["position_ids"], attn_implementation, device)
     return inputs
-
-
-class LogWindow:
-    """Sums over the steps between two log lines, kept on the device: no host sync per step.
-    Skipped steps (not finite) are counted, and left out of the loss and gradient norm."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._reset()
-
-    def _reset(self) -> None:
-        self.loss = torch.zeros((), device=self.device)
-        self.grad_norm_sq = torch.zeros((), device=self.device)
-        self.skipped = torch.zeros((), device=self.device)
-        self.steps = 0
-        self.tokens = 0
-        self.data_wait = 0.0
-        self.paused = 0.0  # evaluation time, not training time
-        self.start = time.perf_counter()
-
-    def add(self, step: StepResult) -> None:
-        self.loss += torch.where(step.skipped, 0.0, step.loss)
-        self.grad_norm_sq += torch.where(step.skipped, 0.0, step.grad_norm.float() ** 2)
-        self.skipped += step.skipped
-        self.steps += 1
-        self.tokens += step.tokens
-
-    def reduce_and_reset(self) -> dict[str, float | None]:
-        """One all-reduce for the window (the global loss), one read."""
-        loss = self.loss.clone()
-        dist.all_reduce(loss)
-        loss, grad_norm_sq, skipped = torch.stack([loss, self.grad_norm_sq, self.skipped]).tolist()
-        tokens = self.tokens
-        applied = self.steps - int(skipped)
-        elapsed = time.perf_counter() - self.start - self.paused
-        stats = {
-            "loss": loss / applied if applied else None,
-            "grad_norm": math.sqrt(grad_norm_sq / applied) if applied else None,
-            "skipped_steps": int(skipped),
-            "tokens_per_s": tokens / elapsed,
-            "step_time": elapsed / self.steps,
-            "data_wait_fraction": self.data_wait / elapsed,
-        }
-        self._reset()
-        return stats
 
 
 def build_loader(args: Namespace, env: DistEnv):

@@ -7,11 +7,13 @@ import json
 import math
 import resource
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 from transformers import PretrainedConfig
 
@@ -133,6 +135,84 @@ class RunProgress:
         self.tokens_seen, self.wandb_run_id = state["tokens_seen"], state["wandb_run_id"]
 
 
+class LogWindow:
+    """The steps between two log lines, kept on the device (no host sync per step): each
+    step's loss (this rank's share until `settle` sums it over ranks), gradient norm and
+    skipped flag. Skipped steps (not finite) are counted, and left out of the loss and norm.
+
+    Saved in every checkpoint (the "log_window" component): a run stopped between two log
+    lines and resumed logs the records an uninterrupted run logs, since both reduce the same
+    per-step values in the same order."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.settled = torch.zeros((3, 0), device=self.device)  # loss, grad norm, skipped
+        self.pending: list[torch.Tensor] = []
+        self.tokens = 0
+        self.data_wait = 0.0
+        self.paused = 0.0  # evaluation time, not training time
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, skipped: torch.Tensor, tokens: int):
+        self.pending.append(torch.stack([loss.float(), grad_norm.float(), skipped.float()]))
+        self.tokens += tokens
+
+    def settle(self) -> None:
+        """A collective: the pending steps' losses summed over ranks (one all-reduce)."""
+        if not self.pending:
+            return
+        steps = torch.stack(self.pending, dim=1)
+        dist.all_reduce(steps[0])
+        self.settled = torch.cat([self.settled, steps], dim=1)
+        self.pending = []
+
+    def reduce_and_reset(self) -> dict[str, float | None]:
+        """A collective; one read of the device."""
+        self.settle()
+        loss, grad_norm, skipped = self.settled
+        applied_mask = skipped == 0
+        sums = torch.stack(
+            [loss[applied_mask].sum(), (grad_norm[applied_mask] ** 2).sum(), skipped.sum()]
+        )
+        loss_sum, grad_norm_sq, skipped_count = sums.tolist()
+        steps = self.settled.shape[1]
+        applied = steps - int(skipped_count)
+        elapsed = time.perf_counter() - self.start - self.paused
+        stats = {
+            "loss": loss_sum / applied if applied else None,
+            "grad_norm": math.sqrt(grad_norm_sq / applied) if applied else None,
+            "skipped_steps": int(skipped_count),
+            "tokens_per_s": self.tokens / elapsed,
+            "step_time": elapsed / steps,
+            "data_wait_fraction": self.data_wait / elapsed,
+        }
+        self._reset()
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        """Taken on every rank (a collective) before a save."""
+        self.settle()
+        return {
+            "steps": self.settled.cpu(),
+            "tokens": self.tokens,
+            "data_wait": self.data_wait,
+            "elapsed": time.perf_counter() - self.start - self.paused,
+        }
+
+    def load_state_dict(self, state: dict[str, Any] | None, source: str) -> None:
+        """A checkpoint from before the window was saved resumes with an empty window."""
+        self._reset()
+        if state is None:
+            return
+        self.settled = state["steps"].to(self.device)
+        self.tokens = state["tokens"]
+        self.data_wait = state["data_wait"]
+        self.start -= state["elapsed"]
+
+
 @dataclass
 class WandbOptions:
     """Where a run logs in Weights & Biases (--wandb_*); `run_id` comes from the checkpoint
@@ -169,7 +249,8 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        _drop_records_after(run_dir / "metrics.jsonl", start_step)
+        # A run that starts again at step 0 keeps no record (its step-0 evaluation comes again).
+        _drop_records_after(run_dir / "metrics.jsonl", start_step if start_step else -1)
         self.jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1)
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -237,14 +318,16 @@ def _tag(key: str) -> str:
 
 
 def _drop_records_after(jsonl: Path, step: int) -> None:
-    """Move the records of steps after `step` (and any line a kill cut short) to the side file
-    `<name>.dropped.jsonl`, appended to, never deleted."""
+    """Move the records of steps after `step`, the evaluation of `step` itself (a resumed run
+    evaluates it again: it came after the checkpoint) and any line a kill cut short to the
+    side file `<name>.dropped.jsonl`, appended to, never deleted."""
     if not jsonl.is_file():
         return
     kept, dropped = [], []
     for line in jsonl.read_text().splitlines(keepends=True):
         try:
-            later = json.loads(line)["step"] > step
+            record = json.loads(line)
+            later = record["step"] > step or (record["step"] == step and _is_eval(record))
         except (ValueError, KeyError, TypeError):
             later = True
         (dropped if later else kept).append(line if line.endswith("\n") else line + "\n")
@@ -255,6 +338,10 @@ def _drop_records_after(jsonl: Path, step: int) -> None:
     partial = jsonl.with_name(f".{jsonl.name}.tmp")
     partial.write_text("".join(kept))
     partial.replace(jsonl)
+
+
+def _is_eval(record: dict[str, Any]) -> bool:
+    return any(key.startswith("eval/") for key in record)
 
 
 def _finite_or_none(value: float | None) -> float | None:

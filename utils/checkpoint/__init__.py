@@ -23,7 +23,8 @@ part, so a crash mid-write leaves at most a hidden `.step_<N>.tmp` that nothing 
 
 Where each part lives: `layout` (names, finding and checking checkpoints, the transformers
 layout, reading any format), `checkpointer` (`Checkpointer`: save and load during training),
-`publish` (durable writes and atomic publishing), `trusted` (reading pickles with no code run).
+`publish` (durable writes and atomic publishing), `rundir` (what a run may do in its run
+directory: one run at a time, only adding to it), `trusted` (reading pickles with no code run).
 """
 
 from utils.checkpoint.checkpointer import Checkpointer, load_weights_and_optimizer
@@ -34,12 +35,12 @@ from utils.checkpoint.layout import (
     load_transformers_weights,
     read_model_tensors,
     read_trainer_state,
-    resolve_resume_dir,
     save_transformers_weights,
     saved_shapes,
     write_model_files,
 )
 from utils.checkpoint.publish import fsync_tree, replace_dir
+from utils.checkpoint.rundir import own_run_dir, resolve_resume_dir
 from utils.checkpoint.trusted import dcp_load
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "load_weights_and_optimizer",
     "read_model_tensors",
     "read_trainer_state",
+    "own_run_dir",
     "replace_dir",
     "resolve_resume_dir",
     "save_transformers_weights",

@@ -41,7 +41,7 @@ from utils.checkpoint.layout import (
     write_model_files,
 )
 from utils.checkpoint.publish import Saving, delete_dir, fsync_tree, replace_dir, save_durably
-from utils.checkpoint.trusted import dcp_load
+from utils.checkpoint.trusted import dcp_load, load_torch_file
 from utils.distributed import DistEnv, local_tensor
 from utils.errors import UserError
 from utils.model import canonical_name
@@ -102,11 +102,13 @@ class Checkpointer:
         before are untouched and the half-written one is removed."""
         self.wait()
         loader_state = self.loader.state_dict()  # a collective: the ranks agree on the data
+        # On every rank: a component's state may need a collective; rank 0's is saved.
+        component_states = {name: c.state_dict() for name, c in self.components.items()}
         final = self.run_dir / step_dir_name(step)
         staging = self.run_dir / f".{final.name}.tmp"
         saving = Saving(step, staging, self.env)
         if self.env.is_main:
-            saving.run(lambda: self._stage_metadata(staging, step, args))
+            saving.run(lambda: self._stage_metadata(staging, step, args, component_states))
         saving.agree()  # also the barrier: the staging directory exists for every rank
         rank_state = {"loader": loader_state, "rng": _rng_state()}
         if self.ckpt_type == "local":
@@ -137,6 +139,33 @@ class Checkpointer:
         saving.run_collective(future.result)
         self._publish(saving, final)
 
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        """Leaving the training loop: a background save is finished and published, also when
+        the loop failed (an evaluation, the loader, out of memory) after it was started."""
+        if exc_type is None:
+            self.wait()
+        else:
+            self._publish_background_save_alone()
+
+    def _publish_background_save_alone(self) -> None:
+        """No collective here: a failure may have reached one rank only. Rank 0's background
+        write completes only after every rank's part and DCP's metadata are written (its
+        coordinator gathers them), so rank 0 alone can tell that the save is whole."""
+        if self._pending is None:
+            return
+        future, saving, final = self._pending
+        self._pending = None
+        try:
+            future.result()  # on every rank: its part is on disk before the process ends
+            if self.env.is_main:
+                self._publish_on_main(saving.staging, final)
+        except Exception as err:  # the loop's own error is the one to report
+            print(f"warning: the background save of step {saving.step} could not be "
+                  f"published ({err})", file=sys.stderr, flush=True)  # fmt: skip
+
     def checkpoint_before(self, step: int) -> Path | None:
         """The newest complete checkpoint of this run written for a step before `step`, a
         background save finished first (a collective: the ranks stop at the same step)."""
@@ -144,7 +173,9 @@ class Checkpointer:
         found = [p for p in complete_checkpoints(self.run_dir) if step_number(p) < step]
         return found[-1] if found else None
 
-    def _stage_metadata(self, staging: Path, step: int, args: dict[str, Any]) -> None:
+    def _stage_metadata(
+        self, staging: Path, step: int, args: dict[str, Any], component_states: dict[str, Any]
+    ) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         trainer = {
@@ -153,7 +184,7 @@ class Checkpointer:
             "world_size": self.env.world_size,
             "sharding_strategy": self.sharding_strategy,
             "ckpt_type": self.ckpt_type,
-        } | {name: component.state_dict() for name, component in self.components.items()}
+        } | component_states
         save_durably(trainer, staging / "trainer.pt")
         (staging / "args.json").write_text(json.dumps(args, indent=2, default=str))
         if self._tokenizer is None and self.tokenizer_dir is not None:
@@ -214,7 +245,7 @@ class Checkpointer:
         if trainer["ckpt_type"] == "local":
             self._check_local_compatible(step_dir, trainer)
         rank_file = step_dir / f"rank_{self.env.rank if same_world else 0:05d}.pt"
-        rank_state = torch.load(rank_file, weights_only=True)
+        rank_state = load_torch_file(rank_file)
         optimizer = None if skip_optimizer else self.optimizer
         load_weights_and_optimizer(
             step_dir, trainer["ckpt_type"], self.model, optimizer, rank_state
@@ -266,12 +297,14 @@ def load_weights_and_optimizer(step_dir: Path, ckpt_type: str, model, optimizer,
     elif ckpt_type == "full":
         is_main = dist.get_rank() == 0
         weights = full_checkpoint_weights(step_dir) if is_main else {}
+        if is_main and model.config.tie_word_embeddings:  # saved once, under the embedding
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
         set_model_state_dict(model, weights, options=FULL_STATE_FROM_RANK0)
         if optimizer:
             groups = get_optimizer_state_dict(model, optimizer)["param_groups"]
             optim = {}
             if is_main:
-                saved = torch.load(step_dir / "optimizer.pt", weights_only=True)
+                saved = load_torch_file(step_dir / "optimizer.pt")
                 optim = {"state": saved["state"], "param_groups": groups}
             set_optimizer_state_dict(model, optimizer, optim, options=FULL_STATE_FROM_RANK0)
     else:

@@ -621,3 +621,24 @@ def worker_pids(torchrun_pid: int) -> list[int]:
     """The training processes torchrun started (its children running train.py)."""
     children = Path(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children").read_text().split()
     return sorted(int(pid) for pid in children)
+
+
+@pytest.mark.parametrize("ckpt", ["shard", "full", "local"])
+def test_a_tied_embedding_model_resumes_and_starts_others_from_every_format(
+    ckpt, mds_tokens, tokenizer_dir, tmp_path
+):
+    """A `full` checkpoint holds a tied head once, under the embedding; resuming it (every
+    SLURM requeue) failed with `Missing key(s) in state_dict: "lm_head.weight"`."""
+    from utils.model import NAMED_SHAPES
+
+    config = tmp_path / "tied.json"
+    config.write_text(json.dumps(NAMED_SHAPES["tiny"] | {"model_type": "llama",
+                                                         "tie_word_embeddings": True}))  # fmt: skip
+    run = [*flags(mds_tokens, tokenizer_dir, tmp_path, "tied", f"--ckpt_type={ckpt}"),
+           f"--config={config}", "--local_batch=4", "--save_every=2", "--train_steps=4"]  # fmt: skip
+    train_in_process(*run, "--exit_interval=2")
+    train_in_process(*run, "--resume_dir=auto")
+    assert logged_losses(tmp_path / "tied").keys() == {1, 2, 3, 4}
+    if ckpt != "local":  # a local checkpoint is refused as --init_from, as any model's is
+        started = [arg.replace("--run_name=tied", "--run_name=started") for arg in run]
+        train_in_process(*started, f"--init_from={tmp_path / 'tied' / 'step_000004'}")

@@ -9,7 +9,9 @@
    held-out set every 100 steps;
 6. `python -m utils.compare` on the run: its table, and its loss and perplexity plot.
 
-Steps 1-4 are cached under .cache/demo/; the run and the plot go to runs/demo/.
+Steps 1-4 are cached under .cache/demo/; the run and the plot go to runs/demo/: the first
+demo is runs/demo/run/ with runs/demo/run.png, a rerun keeps it and writes run-2/ and
+run-2.png, then run-3, and so on (nothing a demo wrote is deleted).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from datas.local_corpus import (  # noqa: E402
     write_c4_validation,
     write_jsonl,
 )
+from utils.errors import ArgumentParser, exit_on_user_error  # noqa: E402
 
 CACHE = REPO / ".cache" / "demo"
 OUTPUT = REPO / "runs" / "demo"
@@ -61,7 +64,6 @@ TRAIN_FLAGS = [
     "--log_every=25",
     "--save_every=150",
     "--num_workers=1",
-    "--run_name=run",
     "--enable_tensorboard",
     "--eval_every=100",
     "--eval_max_windows=256",
@@ -100,7 +102,17 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, cwd=REPO, check=True)
 
 
-def train(assets: dict[str, Path]) -> None:
+def new_run_name() -> str:
+    """`run` for the first demo, then `run-2`, `run-3`...: the first name whose run directory
+    and plot are both free, so a rerun never overwrites an earlier demo."""
+    name, n = "run", 1
+    while (OUTPUT / name).exists() or (OUTPUT / f"{name}.png").exists():
+        n += 1
+        name = f"run-{n}"
+    return name
+
+
+def train(assets: dict[str, Path], run_name: str) -> None:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "train.py",
@@ -110,23 +122,41 @@ def train(assets: dict[str, Path]) -> None:
         f"--output_dir={OUTPUT}",
         f"--tensorboard_dir={OUTPUT / 'tensorboard'}",
         f"--eval_data={assets['eval']}",
+        f"--run_name={run_name}",
         *TRAIN_FLAGS,
     ]  # fmt: skip
     print("train:", " ".join(cmd), flush=True)
     run(cmd)
 
 
-def summarize() -> None:
-    run_dir = OUTPUT / "run"
+def summarize(run_name: str) -> None:
+    run_dir = OUTPUT / run_name
     print("\n== demo finished ==", flush=True)
-    run([sys.executable, "-m", "utils.compare", str(run_dir), f"--plot={OUTPUT / 'run.png'}"])
+    run([sys.executable, "-m", "utils.compare", str(run_dir), f"--plot={OUTPUT / run_name}.png"])
     checkpoints = sorted(p.name for p in run_dir.glob("step_*"))
     print(f"checkpoints: {run_dir} ({', '.join(checkpoints)})")
     print(f"metrics:     {run_dir / 'metrics.jsonl'}")
     print(f"tensorboard: tensorboard --logdir {OUTPUT / 'tensorboard'}")
 
 
+def build_parser() -> ArgumentParser:
+    return ArgumentParser(
+        prog="scripts/demo.py",
+        description="A real, small, offline training run on two CPU processes (torchrun, "
+        "gloo): builds a corpus, MDS data, a tokenizer and a tiny Llama config once under "
+        ".cache/demo/, trains 300 steps, and plots loss and C4 perplexity. Each demo is a "
+        "new run in runs/demo/ (run, run-2, run-3, ...); earlier ones are kept. Takes no "
+        "options.",
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    with exit_on_user_error():
+        build_parser().parse_args(argv)
+    run_name = new_run_name()
+    train(build_assets(), run_name)
+    summarize(run_name)
+
+
 if __name__ == "__main__":
-    shutil.rmtree(OUTPUT / "run", ignore_errors=True)
-    train(build_assets())
-    summarize()
+    main()

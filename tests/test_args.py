@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 
 import pytest
 
-from utils.args import build_parser, parse_args
+from utils.args import build_parser, grad_accum_steps, parse_args
 from utils.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def flags(tmp_path: Path, *extra: str) -> list[str]:
@@ -69,3 +73,59 @@ def test_an_args_file_passes_its_values_as_written(tmp_path):
     args = parse_args(flags(tmp_path, f"--args_file={run}"))
     assert (args.profile_steps, args.run_name, args.lr, args.bf16, args.seed) == (
         (10, 11), "010", 0.01, True, 42)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "warning"),
+    [
+        (["--train_steps=4"], "warning: --warmup 2000 >= --train_steps 4: the learning rate "
+         "never reaches --lr 0.0003 before the last step and never decays to --min_lr (it ends "
+         "at 6e-07); lower --warmup for a run this short"),
+        (["--train_steps=4", "--warmup=4", "--lr_schedule=constant"], "warning: --warmup 4 >= "
+         "--train_steps 4: the learning rate never reaches --lr 0.0003 before the last step (it "
+         "ends at 0.0003); lower --warmup for a run this short"),
+        (["--train_steps=10", "--warmup=8", "--lr_schedule=wsd", "--decay_fraction=0.5"],
+         "warning: --lr_schedule wsd: a decay of 5 steps (--decay_fraction 0.5 of 10) would "
+         "start inside --warmup 8; it decays over the 2 steps after the warmup instead"),
+        (["--train_steps=10", "--warmup=9"], None),
+        (["--train_steps=10", "--warmup=5", "--lr_schedule=wsd", "--decay_fraction=0.5"], None),
+    ],
+)  # fmt: skip
+def test_a_schedule_the_flags_cannot_give_is_one_warning_at_start_up(
+    tmp_path, capsys, monkeypatch, extra, warning
+):
+    """Not refused: short test runs keep the default --warmup 2000. Printed once: by rank 0
+    (or a world of one), not by every rank."""
+    monkeypatch.delenv("RANK", raising=False)
+    parse_args(flags(tmp_path, *extra))
+    assert capsys.readouterr().err.splitlines() == ([warning] if warning else [])
+    monkeypatch.setenv("RANK", "1")
+    parse_args(flags(tmp_path, *extra))
+    assert capsys.readouterr().err == ""
+
+
+def readme_7b_example() -> tuple[list[str], str]:
+    """The README's "7B on 32 GPUs" command's flags, and the sentence under it."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### 7B on 32 GPUs", 1)[1].split("\n#", 1)[0]
+    command, after = re.fullmatch(r"\s*```bash\n(.*?)```\s*(.*)", section, re.DOTALL).groups()
+    words = shlex.split(command.replace("\\\n", " "))
+    assert words[:2] == ["sbatch", "scripts/slurm_train.sbatch"], words
+    return words[2:], after.split("\n\n", 1)[0]
+
+
+def test_the_readme_7b_example_takes_the_steps_it_says(tmp_path):
+    """The README's own flags, parsed (its paths swapped for writable ones; the later flag
+    wins): the number of steps and the micro-steps it states are what train.py computes
+    (1.3e11 / (512 x 2048) = 123,977.7, so 123,978 steps; the README said 123,979)."""
+    readme_flags, sentence = readme_7b_example()
+    local = [f"--tokenizer_dir={tmp_path}", f"--output_dir={tmp_path / 'out'}",
+             f"--local_cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    args = parse_args([*readme_flags, *local])
+    nodes, gpus, micro, steps = re.search(
+        r"(\d+) nodes x (\d+) GPUs, (\d+) micro-steps of .*?, ([\d,]+) steps\.", sentence,
+        re.DOTALL,
+    ).groups()  # fmt: skip
+    assert args.train_steps == int(steps.replace(",", ""))
+    world_size = int(nodes) * int(gpus)
+    assert grad_accum_steps(args.global_batch, args.local_batch, world_size) == int(micro)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from utils.model import build_meta_model, load_model_config
-from utils.optim import LRSchedule, build_optimizer, set_lr
+from utils.optim import DECAY_TYPES, LR_SCHEDULES, LRSchedule, build_optimizer, set_lr
 
 SCHEDULE = dict(lr=1e-3, min_lr=1e-4, warmup=10, total=110)
 
@@ -94,3 +99,88 @@ def test_slt_parameters_take_their_own_rate_and_decay():
     assert len(scores["params"]) == 14  # the 7 projections of 2 layers
     assert (scores["lr"], scores["weight_decay"]) == (pytest.approx(1.5e-3), 0.0)
     assert optimizer.defaults["betas"] == (0.8, 0.9) and optimizer.defaults["eps"] == 1e-6
+
+
+def decaying_steps(schedule: LRSchedule) -> int:
+    """How many steps after the warmup run below `lr`: the decay's length, measured."""
+    rates = [schedule.lr_at(t) for t in range(schedule.warmup + 1, schedule.total + 1)]
+    return sum(rate < schedule.lr for rate in rates)
+
+
+def documented_decay_steps(fraction: float, total: int) -> int:
+    """docs/training.md: `decay_fraction x train_steps` as written, rounded half up, at
+    least 1. Worked out with fractions, not the way utils/optim.py does it."""
+    return max(math.floor(Fraction(repr(fraction)) * total + Fraction(1, 2)), 1)
+
+
+def test_a_short_wsd_run_still_decays_to_min_lr_at_its_last_step():
+    """--decay_fraction 0.05 of 4 steps is 0.2 of a step: it used to round to no decay at all,
+    the run ending at --lr."""
+    schedule = LRSchedule(lr=1e-3, min_lr=1e-4, warmup=0, total=4, shape="wsd",
+                          decay_fraction=0.05)  # fmt: skip
+    assert [schedule.lr_at(t) for t in range(1, 5)] == [1e-3, 1e-3, 1e-3, 1e-4]
+
+
+@pytest.mark.parametrize(
+    ("fraction", "total", "steps"),
+    [(0.25, 10, 3), (0.35, 10, 4), (0.15, 10, 2), (0.45, 10, 5), (0.2, 110, 22), (0.05, 4, 1)],
+)
+def test_the_wsd_decay_length_rounds_half_up(fraction, total, steps):
+    """Python's round() rounds half to even: 0.25 of 10 decayed 2 steps, 0.35 of 10 decayed 4."""
+    schedule = LRSchedule(lr=1e-3, min_lr=1e-4, warmup=0, total=total, shape="wsd",
+                          decay_fraction=fraction)  # fmt: skip
+    assert decaying_steps(schedule) == steps == documented_decay_steps(fraction, total)
+
+
+def test_a_wsd_decay_that_would_start_inside_the_warmup_starts_after_it():
+    """Half of 10 steps would decay from step 6, inside an 8-step warmup: the warmup runs
+    whole, and the decay takes the 2 steps left (utils/args.py warns at start-up)."""
+    schedule = LRSchedule(lr=1e-3, min_lr=1e-4, warmup=8, total=10, shape="wsd",
+                          decay_fraction=0.5)  # fmt: skip
+    rates = [schedule.lr_at(t) for t in range(1, 11)]
+    assert rates[:8] == pytest.approx([1e-3 * t / 8 for t in range(1, 9)], rel=1e-12)
+    assert rates[7] == 1e-3 and rates[8] == pytest.approx(5.5e-4) and rates[9] == 1e-4
+
+
+FRACTIONS = st.one_of(
+    st.integers(1, 100).map(lambda k: k / 100),  # as typed: many exact halves of a step
+    st.integers(1, 1000).map(lambda k: k / 1000),
+    st.floats(min_value=0, max_value=1, exclude_min=True),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    total=st.integers(1, 2000),
+    warmup=st.integers(0, 2100),
+    shape=st.sampled_from(LR_SCHEDULES),
+    decay_type=st.sampled_from(DECAY_TYPES),
+    fraction=FRACTIONS,
+    lr=st.floats(1e-6, 1.0),
+    min_share=st.floats(0.0, 0.9),
+)
+def test_the_schedule_over_its_space(total, warmup, shape, decay_type, fraction, lr, min_share):
+    """Every step's rate lies in [min_lr, lr] after the warmup and in (0, lr] during it (the
+    warmup starts at lr / warmup, below min_lr when the warmup is long); the warmup rises, the
+    rest never rises; a decaying shape ends at min_lr exactly, after a decay as long as
+    documented (wsd: the rounded fraction, at least 1, after the warmup at the latest)."""
+    min_lr = lr * min_share
+    schedule = LRSchedule(lr, min_lr, warmup, total, shape, fraction, decay_type)
+    rates = [schedule.lr_at(t) for t in range(1, total + 1)]
+    warming, after = rates[: min(warmup, total)], rates[min(warmup, total) :]
+    assert all(0 < rate <= lr for rate in warming)
+    assert all(a < b for a, b in zip(warming, warming[1:], strict=False))
+    assert all(min_lr <= rate <= lr for rate in after)
+    assert all(a >= b for a, b in zip(after, after[1:], strict=False))
+    if warmup >= total:  # the run ends inside the warmup (utils/args.py warns)
+        assert rates[-1] == pytest.approx(lr * total / max(warmup, 1), rel=1e-12)
+        return
+    if shape == "constant":
+        assert after == [lr] * len(after)
+        return
+    assert rates[-1] == min_lr
+    if shape == "wsd":
+        expected = min(documented_decay_steps(fraction, total), total - warmup)
+    else:
+        expected = total - warmup
+    assert decaying_steps(schedule) == expected

@@ -8,6 +8,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +17,7 @@ import yaml
 
 from utils.errors import ArgumentParser, UserError
 from utils.files import why_not_writable
-from utils.optim import DECAY_TYPES, LR_SCHEDULES
+from utils.optim import DECAY_TYPES, LR_SCHEDULES, LRSchedule, decay_steps
 from utils.profiling import step_range
 
 if TYPE_CHECKING:
@@ -240,7 +241,21 @@ def apply_device_defaults(args: argparse.Namespace, device: torch.device) -> Non
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags, with those of --args_file in front of the command line's (which win)."""
+    """The flags, with those of --args_file in front of the command line's (which win). A
+    mistake here depends on the command line and the node's files only, so every rank of a
+    node finds the same one: the UserError says so (`every_rank`, utils/errors.py)."""
+    try:
+        args = _parse_and_check(argv)
+    except UserError as err:
+        err.every_rank = True
+        raise
+    warning = schedule_warning(args)
+    if warning and os.environ.get("RANK", "0") == "0":  # once, not once per rank
+        print(warning, file=sys.stderr, flush=True)
+    return args
+
+
+def _parse_and_check(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args_file = parser.parse_args(argv).args_file
@@ -254,6 +269,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     check_args(args)
     return args
+
+
+def schedule_warning(args: argparse.Namespace) -> str | None:
+    """One line when the learning-rate schedule cannot be what the flags ask, or None. Not an
+    error: short test runs keep the default --warmup 2000 on purpose."""
+    warmup, steps = args.warmup, args.train_steps
+    if warmup >= steps:
+        ends = LRSchedule(args.lr, args.min_lr, warmup, steps).lr_at(steps)
+        decays = "" if args.lr_schedule == "constant" else " and never decays to --min_lr"
+        return (
+            f"warning: --warmup {warmup} >= --train_steps {steps}: the learning rate never "
+            f"reaches --lr {args.lr:g} before the last step{decays} (it ends at {ends:.3g}); "
+            "lower --warmup for a run this short"
+        )
+    if args.lr_schedule == "wsd":
+        asked = decay_steps(args.decay_fraction, steps)
+        if warmup > steps - asked:
+            return (
+                f"warning: --lr_schedule wsd: a decay of {asked} steps (--decay_fraction "
+                f"{args.decay_fraction:g} of {steps}) would start inside --warmup {warmup}; "
+                f"it decays over the {steps - warmup} steps after the warmup instead"
+            )
+    return None
 
 
 def _args_file_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
@@ -419,18 +457,11 @@ def _check_ranges(args: argparse.Namespace) -> None:
 
 
 def _check_run_name(args: argparse.Namespace) -> None:
-    """A plain name (the run lives in output_dir/run_name), and never one whose directory
-    holds another run, unless this one resumes: nothing a user saved is overwritten."""
+    """A plain name: the run lives in output_dir/run_name (what it may do there:
+    utils/checkpoint/rundir.py)."""
     name = args.run_name
     if not name or name in (".", "..") or any(sep in name for sep in "/\\"):
         raise UserError(f"--run_name {name!r} must be a plain name, without / or \\")
-    run_dir = Path(args.output_dir) / name
-    holds_a_run = (run_dir / "metrics.jsonl").exists() or any(run_dir.glob("step_*"))
-    if holds_a_run and args.resume_dir is None:
-        raise UserError(
-            f"--run_name {name}: {run_dir} already holds a run; continue it with "
-            "--resume_dir auto, or pick a new --run_name"
-        )
 
 
 def _check_writable_dir(path: Path, flag: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 
 import torch
 from torch import nn
@@ -65,8 +66,12 @@ class LRSchedule:
     - cosine: down to `min_lr` at step `total` along half a cosine;
     - linear: down to `min_lr` at step `total` along a line;
     - constant: `lr` to the end;
-    - wsd (warmup-stable-decay): `lr` until the last `decay_fraction` of the `total` steps,
-      which decay to `min_lr` along `decay_type` (linear, cosine, or 1 - sqrt).
+    - wsd (warmup-stable-decay): `lr` until the last `decay_steps(decay_fraction, total)`
+      steps, which decay to `min_lr` along `decay_type` (linear, cosine, or 1 - sqrt); a
+      decay that would start inside the warmup starts right after it instead (shorter).
+
+    Every decaying shape is at `min_lr` at step `total` as long as `warmup < total`; with
+    `warmup >= total` the run ends inside the warmup (utils/args.py warns at start-up).
 
     A pure function of the step: a resumed run takes exactly the uninterrupted run's rates,
     and a wsd run resumed with another `total` keeps `lr` until its own decay begins."""
@@ -80,12 +85,12 @@ class LRSchedule:
     decay_type: str = "linear"
 
     def lr_at(self, step: int) -> float:
-        if step <= self.warmup:
-            return self.lr * step / max(self.warmup, 1)
+        if step <= self.warmup:  # the share first: lr * W / W can round to above lr
+            return self.lr * (step / max(self.warmup, 1))
         if self.shape == "constant":
             return self.lr
         if self.shape == "wsd":
-            start = max(self.total - round(self.decay_fraction * self.total), self.warmup)
+            start = self.decay_start
             if step <= start:
                 return self.lr
             curve = self.decay_type
@@ -93,6 +98,22 @@ class LRSchedule:
             start, curve = self.warmup, self.shape
         progress = min((step - start) / max(self.total - start, 1), 1.0)
         return self.min_lr + (self.lr - self.min_lr) * _remaining(progress, curve)
+
+    @property
+    def decay_start(self) -> int:
+        """The last step before the decay: wsd's stable phase ends here, after the warmup."""
+        if self.shape != "wsd":
+            return self.warmup
+        return max(self.total - decay_steps(self.decay_fraction, self.total), self.warmup)
+
+
+def decay_steps(decay_fraction: float, total: int) -> int:
+    """wsd's decay length: `decay_fraction x total` rounded half up, the fraction taken as
+    written (0.25 of 10 is 3 steps, 0.35 of 10 is 4; Python's `round` would give 2 and 4, and
+    the float product 0.2 x 110 = 22.000000000000004 would ceil to 23), and at least one step,
+    so the last step is at `min_lr` however short the run."""
+    exact = Decimal(repr(float(decay_fraction))) * total
+    return max(int(exact.to_integral_value(rounding=ROUND_HALF_UP)), 1)
 
 
 def _remaining(progress: float, curve: str) -> float:

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,10 @@ import train
 from datas import prepare
 from datas.C4 import c4_eval
 from datas.local_corpus import write_c4_validation
-from tests.helpers import tiny_run_flags, train_in_process
+from tests.helpers import metrics_records, tiny_run_flags, train_in_process
+from utils import errors
+from utils.args import parse_args
+from utils.errors import UserError, exit_on_user_error
 
 MARKER = Path("/tmp/llm_playground_code_ran")
 
@@ -476,9 +480,7 @@ def test_train_auto_names_the_newest_intact_checkpoint(saved, tmp_path, capsys):
     argv = train_argv(saved, run.parent, ["--run_name=damaged", "--resume_dir=auto"])
     line = fails_with_one_line(lambda: train.main(argv), capsys, saved)
     assert f"{run / 'step_000004' / 'rank_00000.pt'} is cut short" in line
-    assert line.endswith(
-        f"resume from {run / 'step_000002'} with --resume_dir {run / 'step_000002'}"
-    )
+    assert line.endswith(f"move it out of the run directory to resume from {run / 'step_000002'}")
 
 
 @pytest.mark.parametrize(
@@ -654,3 +656,169 @@ def test_c4_eval(case, saved, tmp_path, capsys):
         argv = [arg.replace(key, str(value)) for arg in argv]
     argv += ["--cache_dir", str(tmp_path / "cache")]
     assert message in fails_with_one_line(lambda: c4_eval.main(argv), capsys, saved)
+
+
+# ---------------------------------------------------------------- under torchrun: who prints
+def exits_with(error: UserError, capsys) -> str:
+    """`error` raised inside `exit_on_user_error`: status 2; returns what stderr got."""
+    with pytest.raises(SystemExit) as stop, exit_on_user_error():
+        raise error
+    assert stop.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.fixture
+def torchrun_rank(monkeypatch):
+    """Set this process's place as torchrun would; SIGTERM's handler is restored after."""
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def place(rank: int, local_rank: int) -> None:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+
+    yield place
+    signal.signal(signal.SIGTERM, handler)
+
+
+def test_rank_0_prints_the_error_and_another_rank_names_itself(torchrun_rank, capsys):
+    """2 ranks used to print two identical `error:` lines, then torchrun its summary: which
+    rank said what was not told."""
+    torchrun_rank(0, 0)
+    assert (
+        exits_with(UserError("could not save step 2"), capsys) == "error: could not save step 2\n"
+    )
+    torchrun_rank(1, 1)
+    assert exits_with(UserError("could not save step 2"), capsys) == (
+        "error (rank 1): could not save step 2\n"
+    )
+
+
+def test_a_flag_error_is_one_line_per_node(torchrun_rank, capsys, monkeypatch, tmp_path):
+    """A bad flag is found alike on every rank (parse_args says so: `every_rank`): the node's
+    first rank prints it, the others wait silently for torchrun to end them once it has
+    exited (exiting first could make torchrun kill the first rank before it printed); a rank
+    that outlives the wait prints its own line, so the error is never lost."""
+    with pytest.raises(UserError) as refused:
+        parse_args(["--data_dir=d", f"--tokenizer_dir={tmp_path}", "--config=tiny", "--lr=-1"])
+    error = refused.value
+    assert error.every_rank
+    waits = []
+
+    def wait(seconds: float) -> None:
+        assert capsys.readouterr().err == ""  # nothing printed before the wait
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # torchrun's SIGTERM ends it
+        waits.append(seconds)
+
+    monkeypatch.setattr(errors.time, "sleep", wait)
+    torchrun_rank(1, 1)
+    assert exits_with(error, capsys) == "error (rank 1): --lr must be positive (got -1.0)\n"
+    assert waits == [errors.EVERY_RANK_GRACE_S]
+    torchrun_rank(8, 0)  # the first rank of the second node: its node's log gets the line
+    assert exits_with(error, capsys) == "error (rank 8): --lr must be positive (got -1.0)\n"
+    torchrun_rank(0, 0)
+    assert exits_with(error, capsys) == "error: --lr must be positive (got -1.0)\n"
+    assert waits == [errors.EVERY_RANK_GRACE_S]
+
+
+# ---------------------------------------------------------------- what a run may do in a run dir
+def copied_run(root: Path, saved, name: str = "copy") -> Path:
+    """A copy of the shard run (checkpoints at steps 2 and 4 of 4, its metrics)."""
+    return shutil.copytree(saved["shard"].parent, root / "runs" / name)
+
+
+def finished_without_checkpoint(root: Path, saved) -> Path:
+    run = root / "runs" / "copy"
+    run.mkdir(parents=True)
+    shutil.copy(saved["shard"].parent / "metrics.jsonl", run)
+    return run
+
+
+def with_later_file(root: Path, saved) -> Path:
+    run = copied_run(root, saved)
+    (run / "step_000006").write_text("a user's notes")
+    return run
+
+
+def with_later_directory(root: Path, saved) -> Path:
+    run = copied_run(root, saved)
+    (run / "step_000005").mkdir()
+    (run / "step_000005" / "notes.txt").write_text("a user's notes")
+    return run
+
+
+# How the run directory was left, the resume flag, and what the refusal says.
+RUN_DIR_CASES = {
+    "another run's checkpoint into a run": (copied_run, "{full}", "its newest checkpoint is"),
+    "an earlier step of the run itself": (copied_run, "{own_2}", "branch from this checkpoint"),
+    "an earlier step, as a relative path": (copied_run, "{own_2_rel}", "under a new --run_name"),
+    "auto on a finished run without a checkpoint": (
+        finished_without_checkpoint, "auto", "holds a finished run (step 4 logged)",
+    ),
+    "auto with a file named like a later step": (with_later_file, "auto", "step_000006, after"),
+    "auto with a later step directory of a user": (
+        with_later_directory, "auto", "holds step_000005, after step_000004",
+    ),
+    "no resume into a run": (copied_run, None, "already holds a run"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", RUN_DIR_CASES)
+def test_train_never_writes_over_what_a_run_directory_holds(
+    case, saved, tmp_path, capsys, monkeypatch
+):
+    """Refused in one line before the model is built; the run directory, its checkpoints and
+    its metrics are left exactly as they were (fails_with_one_line compares every file)."""
+    make, resume, message = RUN_DIR_CASES[case]
+    run = make(tmp_path, saved)
+    monkeypatch.chdir(tmp_path)
+    resume_flag = []
+    if resume:
+        resume = resume.format(
+            full=saved["full"], own_2=run / "step_000002",
+            own_2_rel=Path("runs") / run.name / "step_000002",
+        )  # fmt: skip
+        resume_flag = [f"--resume_dir={resume}"]
+    argv = train_argv(saved, run.parent, [f"--run_name={run.name}", *resume_flag])
+    line = fails_with_one_line(lambda: train.main(argv), capsys, saved | {"run": run})
+    assert message in line
+
+
+def test_train_refuses_a_run_directory_another_run_is_writing_to(saved, tmp_path, capsys):
+    import fcntl
+
+    run = tmp_path / "runs" / "busy"
+    run.mkdir(parents=True)
+    with (run / ".lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("process 1 on elsewhere")
+        held.flush()
+        argv = train_argv(saved, run.parent, ["--run_name=busy"])
+        line = fails_with_one_line(lambda: train.main(argv), capsys, saved)
+    assert line == (
+        f"error: --run_name busy: {run} is in use by another run (process 1 on elsewhere); "
+        "wait for it to end, or pick a new --run_name"
+    )
+    assert not (run / "metrics.jsonl").exists()
+    train_in_process(*argv)  # the lock went with its holder
+    assert (run / "metrics.jsonl").exists()
+
+
+def test_a_branch_and_a_restart_before_the_first_checkpoint_leave_every_saved_file(saved, tmp_path):
+    """Branching from another run's checkpoint under a new name trains, and changes nothing of
+    the parent; a run killed before its first checkpoint starts again at step 0 with its old
+    records moved aside, not deleted."""
+    before = fingerprints([saved["runs"]])
+    out = tmp_path / "runs"
+    train_in_process(
+        *train_argv(saved, out, ["--run_name=branch", f"--resume_dir={saved['shard_2']}"])
+    )
+    assert [r["step"] for r in metrics_records(out / "branch") if "loss" in r] == [3, 4]
+    restarted = out / "restarted"
+    restarted.mkdir()
+    old_lines = (saved["shard"].parent / "metrics.jsonl").read_text().splitlines()[:2]
+    (restarted / "metrics.jsonl").write_text("\n".join(old_lines) + "\n")
+    train_in_process(*train_argv(saved, out, ["--run_name=restarted", "--resume_dir=auto"]))
+    assert [r["step"] for r in metrics_records(restarted)] == [1, 2, 3, 4]
+    assert (restarted / "metrics.dropped.jsonl").read_text().splitlines() == old_lines
+    assert fingerprints([saved["runs"]]) == before

@@ -409,8 +409,9 @@ def test_a_write_failure_on_one_rank_stops_every_rank_with_one_line(
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, timeout=120)
     assert proc.returncode != 0
     errors = [f.read_text().strip().splitlines() for f in sorted(logs.rglob("stderr.log"))]
-    assert len(errors) == 2 and errors[0] == errors[1], errors
+    assert len(errors) == 2, errors
     (line,) = errors[0]
+    assert errors[1] == [line.replace("error: ", "error (rank 1): ", 1)], errors
     assert line.startswith(f"error: could not save step 2 in {disk / 'full_disk'} (rank 0: ")
     assert line.endswith("or change --output_dir; the checkpoints saved before are intact")
 

@@ -30,6 +30,7 @@ from utils.checkpoint import (
     read_trainer_state,
     saved_shapes,
 )
+from utils.checkpoint.trusted import load_torch_file
 from utils.errors import UserError
 from utils.model import canonical_name
 
@@ -140,7 +141,7 @@ def _weight_sources(directory: Path, stack: ExitStack) -> Iterator[tuple[str, An
             for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 yield name, handle.get_slice(name)
             continue
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        state = load_torch_file(file, f"--init_from {file}", map_location="cpu", mmap=True)
         for name, tensor in state.items():
             yield name, _Sliceable(tensor)
 

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
-from utils.checkpoint.trusted import TrustedReader, dcp_load
+from utils.checkpoint.trusted import TrustedReader, dcp_load, load_torch_file
 from utils.errors import UserError
 from utils.model import canonical_name
 
@@ -51,34 +51,6 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / "trainer.pt").is_file()]
 
 
-def resolve_resume_dir(resume_dir: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from, checked whole before anything is built (a UserError
-    names its first missing or cut-short file); `auto`: the run's newest complete
-    checkpoint, or None to start fresh."""
-    if resume_dir is None:
-        return None
-    if resume_dir != "auto":
-        problem = checkpoint_problem(Path(resume_dir))
-        if problem:
-            raise UserError(f"--resume_dir {resume_dir}: {problem}; give an intact step_<N>")
-        return Path(resume_dir)
-    found = complete_checkpoints(run_dir)
-    if not found:
-        return None
-    problem = checkpoint_problem(found[-1])
-    if problem:
-        intact = next((p for p in reversed(found[:-1]) if checkpoint_problem(p) is None), None)
-        fallback = (
-            f"resume from {intact} with --resume_dir {intact}"
-            if intact
-            else "none before it is intact"
-        )
-        raise UserError(
-            f"--resume_dir auto: the newest checkpoint {found[-1]}: {problem}; {fallback}"
-        )
-    return found[-1]
-
-
 def checkpoint_problem(step_dir: Path) -> str | None:
     """What is missing or cut short in a checkpoint, read from sizes and file headers only
     (cheap enough for start-up); None when everything is there."""
@@ -88,9 +60,11 @@ def checkpoint_problem(step_dir: Path) -> str | None:
     if not zipfile.is_zipfile(archives[0]):
         return f"{archives[0]} is damaged"
     try:  # a zip archive, but maybe not torch's, or not of a trainer state
-        trainer = torch.load(archives[0], weights_only=True)
+        trainer = load_torch_file(archives[0])
         world_size, ckpt_type = trainer["world_size"], trainer["ckpt_type"]
-    except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, TypeError) as err:
+    except UserError as err:  # its pickle names more than tensors and plain values
+        return str(err)
+    except (RuntimeError, EOFError, KeyError, TypeError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         return f"{archives[0]} is damaged ({type(err).__name__}: {reason})"
     archives += [step_dir / f"rank_{rank:05d}.pt" for rank in range(world_size)]
@@ -109,16 +83,23 @@ def checkpoint_problem(step_dir: Path) -> str | None:
 
 
 def _dcp_files_problem(step_dir: Path) -> str | None:
-    """Every byte range the DCP metadata points to lies inside its file."""
+    """Every byte range the DCP metadata points to lies inside a file of the checkpoint."""
     if not (step_dir / ".metadata").is_file():
         return f"{step_dir / '.metadata'} is missing"
     try:
         storage = TrustedReader(step_dir).read_metadata().storage_data
-    except (UserError, pickle.UnpicklingError, EOFError) as err:
+        ends: dict[str, int] = {}
+        for info in storage.values():
+            end = info.offset + info.length
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), end)
+    except UserError as err:
         return f"{step_dir / '.metadata'} is unreadable ({err})"
-    ends: dict[str, int] = {}
-    for info in storage.values():
-        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, KeyError, AttributeError):
+        # DCP's own record types built from arguments they never hold: damaged, not crafted
+        return f"{step_dir / '.metadata'} is damaged"
+    outside = sorted(name for name in ends if Path(name).name != name or name in (".", ".."))
+    if outside:
+        return f"{step_dir / '.metadata'} points outside its checkpoint ({outside[0]!r})"
     for name, end in sorted(ends.items()):
         path = step_dir / name
         if not path.is_file():
@@ -176,11 +157,21 @@ def inference_config(config: PretrainedConfig) -> PretrainedConfig:
 def write_model_files(config: PretrainedConfig, out_dir: Path, tokenizer) -> None:
     """Everything of a transformers model directory but the weights: config.json,
     generation_config.json (special token ids from the config, which has the tokenizer's) and
-    the tokenizer as transformers saves it (chat template and added tokens included)."""
+    the tokenizer as transformers saves it (chat template and added tokens included), returning
+    only what a Llama takes: `generate(**tokenizer(text, return_tensors="pt"))` works."""
     config = inference_config(config)
     config.save_pretrained(str(out_dir))
     GenerationConfig.from_model_config(config).save_pretrained(str(out_dir))
     if tokenizer is not None:
+        # transformers 4's tokenizers return token_type_ids unless told otherwise, and generate()
+        # refuses an input the model does not take. save_pretrained writes init_kwargs, so both
+        # are set, on a shallow copy: the caller's tokenizer stays as it is.
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.model_input_names = ["input_ids", "attention_mask"]
+        tokenizer.init_kwargs = {
+            **tokenizer.init_kwargs,
+            "model_input_names": tokenizer.model_input_names,
+        }
         tokenizer.save_pretrained(str(out_dir))
 
 
@@ -223,7 +214,7 @@ def read_trainer_state(step_dir: Path) -> dict:
     problem = checkpoint_problem(step_dir)
     if problem:
         raise UserError(f"checkpoint {step_dir}: {problem}")
-    return torch.load(step_dir / "trainer.pt", weights_only=True)
+    return load_torch_file(step_dir / "trainer.pt")
 
 
 def read_model_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
@@ -252,7 +243,7 @@ def _read_dcp_model(step_dir: Path) -> dict[str, torch.Tensor]:
 
 def _stitch_local_shards(step_dir: Path) -> dict[str, torch.Tensor]:
     """Concatenate the dim-0 shards of one replica, in shard order, cut to the full shape."""
-    ranks = [torch.load(f, weights_only=True) for f in sorted(step_dir.glob("rank_*.pt"))]
+    ranks = [load_torch_file(f) for f in sorted(step_dir.glob("rank_*.pt"))]
     replica = sorted(
         (r for r in ranks if r["mesh"].get("replicate", 0) == 0), key=lambda r: r["mesh"]["shard"]
     )
@@ -277,7 +268,7 @@ def saved_shapes(step_dir: Path, ckpt_type: str) -> dict[str, tuple[int, ...]]:
         for file in transformers_weight_files(step_dir):
             shapes |= _safetensors_shapes(file)
         return _with_own_states(step_dir, shapes, _safetensors_shapes)
-    rank0 = torch.load(step_dir / "rank_00000.pt", weights_only=True)
+    rank0 = load_torch_file(step_dir / "rank_00000.pt")
     return {k: tuple(v) for k, v in rank0["shapes"].items()}
 
 

@@ -416,20 +416,6 @@ def test_a_write_failure_on_one_rank_stops_every_rank_with_one_line(
     assert line.endswith("or change --output_dir; the checkpoints saved before are intact")
 
 
-def test_keep_last_never_deletes_the_checkpoint_just_saved(mds_tokens, tokenizer_dir, tmp_path):
-    """Resumed from step 4 into a run that holds steps 4 and 6, with --keep_last 1: the save
-    of step 5 prunes step 4, the only one before it, and keeps itself and step 6 (pruning by
-    step number alone deleted step 5, the checkpoint just written)."""
-    run = flags(mds_tokens, tokenizer_dir, tmp_path, "prune", "--save_every=2", "--keep_last=2")
-    run += ["--local_batch=4", "--train_steps=6", "--num_workers=0"]
-    train_in_process(*run)
-    run_dir = tmp_path / "prune"
-    resume = [f"--resume_dir={run_dir / 'step_000004'}", "--keep_last=1", "--save_every=1"]
-    train_in_process(*run, *resume, "--train_steps=5")
-    assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_000005", "step_000006"]
-    assert not list(run_dir.glob(".*")), "a hidden directory was left behind"
-
-
 def test_an_old_checkpoint_that_cannot_be_deleted_costs_a_warning_not_the_run(
     mds_tokens, tokenizer_dir, tmp_path, monkeypatch, capsys
 ):
@@ -603,13 +589,16 @@ def test_auto_ignores_staging_directories(interrupted, tmp_path):
     import shutil
 
     from utils.checkpoint import resolve_resume_dir
+    from utils.errors import UserError
 
     run = tmp_path / "run"
     shutil.copytree(interrupted("full") / f"step_{STEPS:06d}", run / "step_000002")
     (run / ".step_000004.tmp").mkdir()
-    (run / "step_000006").mkdir()  # no trainer.pt: not complete
-    assert resolve_resume_dir("auto", run) == run / "step_000002"
-    assert resolve_resume_dir("auto", tmp_path / "fresh") is None
+    assert resolve_resume_dir("auto", run, STEPS) == run / "step_000002"
+    assert resolve_resume_dir("auto", tmp_path / "fresh", STEPS) is None
+    (run / "step_000006").mkdir()  # no trainer.pt: not this run's, and in the way of its saves
+    with pytest.raises(UserError, match="holds step_000006, after step_000002"):
+        resolve_resume_dir("auto", run, STEPS)
 
 
 # ---------------------------------------------------------------- process helpers

@@ -4,6 +4,7 @@ run leaves in metrics.jsonl and TensorBoard."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -23,9 +24,9 @@ def test_flops_per_token_count_the_output_head_tied_or_not(tied):
 
 
 def test_resuming_from_an_earlier_step_logs_each_step_once(mds_tokens, tokenizer_dir, tmp_path):
-    """Steps 1-6, then resumed from step 4 into the same run: metrics.jsonl holds each step
-    once (steps 5-6 of the first pass move to metrics.dropped.jsonl) and TensorBoard shows
-    each step once."""
+    """Steps 1-6, killed before the save of step 6 (its checkpoint removed), then resumed by
+    auto from step 4: metrics.jsonl holds each step once (steps 5-6 of the first pass move to
+    metrics.dropped.jsonl) and TensorBoard shows each step once."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     flags = tiny_run_flags(mds_tokens, tokenizer_dir, tmp_path, steps=6, num_workers=0)
@@ -33,7 +34,8 @@ def test_resuming_from_an_earlier_step_logs_each_step_once(mds_tokens, tokenizer
     train_in_process(*flags)
     run_dir = tmp_path / "again"
     first = {r["step"]: r["loss"] for r in metrics_records(run_dir)}
-    train_in_process(*flags, f"--resume_dir={run_dir / 'step_000004'}")
+    shutil.rmtree(run_dir / "step_000006")
+    train_in_process(*flags, "--resume_dir=auto")
     records = metrics_records(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert {r["step"]: r["loss"] for r in records} == first  # the same steps, computed again

@@ -1,20 +1,23 @@
 """A run that fails or stops anywhere keeps its newest completed checkpoint, and resuming from it
 gives the records of a run that never stopped.
 
-In-process worlds of one (tests.helpers.train_in_process): a fault is an exception injected at
-one point of the loop, by replacing the function that runs there.
+A fault is an exception injected at one point of the loop, by replacing the function that runs
+there: in worlds of one in this process (tests.helpers.train_in_process), and on 2 ranks in
+torchrun launches (tests/scripts/fault_runs.py).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
 
 import train
 from datas.local_corpus import write_c4_validation
-from tests.helpers import metrics_records, tiny_run_flags, train_in_process
+from tests.helpers import REPO, metrics_records, tiny_run_flags, torchrun, train_in_process
+from utils.args import grad_accum_steps
 from utils.checkpoint import checkpointer as checkpointer_module
 from utils.checkpoint import complete_checkpoints
 from utils.metrics import MetricsLogger
@@ -102,13 +105,14 @@ def failing_future(original, *args, **kwargs):
     return Failed()
 
 
-def failing_batches(original, *args, **kwargs):
-    """The loader, whose iterator fails at its third batch (step 3)."""
-    loader = original(*args, **kwargs)
+def failing_batches(original, args, env):
+    """The loader, whose iterator fails at the first micro-batch of step 3."""
+    loader = original(args, env)
+    fail_at = 2 * grad_accum_steps(args.global_batch, args.local_batch, env.world_size)
 
     def batches():
         for index, batch in enumerate(loader):
-            if index == 4:  # two micro-batches a step
+            if index == fail_at:
                 raise Injected("data fetch")
             yield batch
 
@@ -190,3 +194,40 @@ def test_after_a_fault_anywhere_the_newest_completed_step_is_published_and_resum
     assert complete_checkpoints(run_dir)[-1].name == f"step_{newest:06d}"
     train_in_process(*flags, "--resume_dir=auto")
     assert records(run_dir) == uninterrupted
+
+
+# ------------------------------------------------------------------ two ranks
+FAULT_RUNS = REPO / "tests" / "scripts" / "fault_runs.py"
+ON_EVERY_RANK = ["data fetch", "optimizer step", "logging", "evaluation"]
+
+
+def test_on_two_ranks_a_fault_on_one_rank_or_on_all_publishes_the_newest_step_and_resumes_exactly(
+    mds_tokens, tokenizer_dir, eval_data, tmp_path
+):
+    """`shard` with --async_save on 2 ranks, where the save of step 2 is still being written
+    when the fault comes: rank 1's evaluation of step 2 failing alone (an out-of-memory error
+    on one GPU) ends the launch; the same fault on both ranks, and faults at the other points,
+    end the run. Each leaves step 2 published, and resuming it logs the uninterrupted records."""
+
+    def flags(name: str, *extra: str) -> list[str]:
+        return run_flags(mds_tokens, tokenizer_dir, tmp_path, name, "--ckpt_type=shard",
+                         "--async_save", *fault_flags(eval_data), *extra)  # fmt: skip
+
+    def launch(plan: list, check: bool = True):
+        (tmp_path / "plan.json").write_text(json.dumps(plan))
+        return torchrun(FAULT_RUNS, str(tmp_path / "plan.json"), str(tmp_path / "newest.json"),
+                        check=check)  # fmt: skip
+
+    alone = launch([[flags("one_rank"), "evaluation", [1]]], check=False)
+    assert alone.returncode != 0
+    assert complete_checkpoints(tmp_path / "one_rank")[-1].name == "step_000002", alone.stderr
+    names = [point.replace(" ", "_") for point in ON_EVERY_RANK]
+    launch(
+        [[flags("whole"), None, []]]
+        + [[flags(name), point, [0, 1]] for name, point in zip(names, ON_EVERY_RANK, strict=True)]
+        + [[flags(name, "--resume_dir=auto"), None, []] for name in [*names, "one_rank"]]
+    )
+    assert json.loads((tmp_path / "newest.json").read_text()) == dict.fromkeys(names, "step_000002")
+    expected = records(tmp_path / "whole")
+    for name in [*names, "one_rank"]:
+        assert records(tmp_path / name) == expected, name

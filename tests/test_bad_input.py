@@ -814,11 +814,26 @@ def test_a_branch_and_a_restart_before_the_first_checkpoint_leave_every_saved_fi
         *train_argv(saved, out, ["--run_name=branch", f"--resume_dir={saved['shard_2']}"])
     )
     assert [r["step"] for r in metrics_records(out / "branch") if "loss" in r] == [3, 4]
+    # Started from pretrained weights with an evaluation of step 0, killed before step 2.
     restarted = out / "restarted"
     restarted.mkdir()
-    old_lines = (saved["shard"].parent / "metrics.jsonl").read_text().splitlines()[:2]
+    old_lines = [
+        '{"step": 0, "eval/c4_ppl": 1000.0}',
+        *(saved["shard"].parent / "metrics.jsonl").read_text().splitlines()[:1],
+    ]
     (restarted / "metrics.jsonl").write_text("\n".join(old_lines) + "\n")
-    train_in_process(*train_argv(saved, out, ["--run_name=restarted", "--resume_dir=auto"]))
-    assert [r["step"] for r in metrics_records(restarted)] == [1, 2, 3, 4]
+    evaluated = ["--eval_every=2", f"--eval_data={saved['c4']}", "--eval_max_windows=2"]
+    train_in_process(*train_argv(saved, out, ["--run_name=restarted", "--resume_dir=auto",
+                                              f"--init_from={saved['full']}", *evaluated]))  # fmt: skip
+    steps = [(r["step"], "eval/c4_ppl" in r) for r in metrics_records(restarted)]
+    assert steps == [
+        (0, True),
+        (1, False),
+        (2, False),
+        (2, True),
+        (3, False),
+        (4, False),
+        (4, True),
+    ]
     assert (restarted / "metrics.dropped.jsonl").read_text().splitlines() == old_lines
     assert fingerprints([saved["runs"]]) == before

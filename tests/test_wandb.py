@@ -102,3 +102,12 @@ def test_a_preempted_run_keeps_its_wandb_run(mds_tokens, tokenizer_dir, tmp_path
             row = history[record["step"]]
             assert row["train/loss"] == record["loss"]
             assert row["train/tokens_seen"] == record["tokens_seen"] == record["step"] * 8 * 64
+
+    # A branch from that checkpoint under a new name is a W&B run of its own, not the parent's.
+    branch = [f for f in flags if f not in ("--run_name=run", "--resume_dir=auto")]
+    train_in_process(*branch, "--run_name=branch", f"--resume_dir={checkpoint}",
+                     f"--train_steps={saved + 1}")  # fmt: skip
+    [branched] = offline_runs(tmp_path / "branch")
+    assert branched["id"] != run_id and branched["name"] == "branch"
+    assert sorted(branched["history"]) == [saved + 1]
+    assert len(offline_runs(run_dir)) == 2, "the branch wrote into its parent's W&B files"

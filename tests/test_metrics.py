@@ -1,15 +1,20 @@
-"""What a run reports (utils/metrics.py): FLOPs per token for MFU, and the records a resumed
-run leaves in metrics.jsonl and TensorBoard."""
+"""What a run reports (utils/metrics.py): FLOPs per token for MFU, a log line's averages, and
+the records a resumed run leaves in metrics.jsonl and TensorBoard."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
+import torch
+import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tests.helpers import metrics_records, tiny_run_flags, train_in_process
-from utils.metrics import model_flops_per_token
+from tests.helpers import free_port, metrics_records, tiny_run_flags, train_in_process
+from utils.metrics import LogWindow, MetricsLogger, model_flops_per_token
 from utils.model import load_model_config
 
 
@@ -44,3 +49,70 @@ def test_resuming_from_an_earlier_step_logs_each_step_once(mds_tokens, tokenizer
     board = EventAccumulator(str(tmp_path / "tensorboard" / "again"))
     board.Reload()
     assert [event.step for event in board.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def window_of(steps: list[tuple[float, float, bool]], tokens: int = 10) -> LogWindow:
+    window = LogWindow(torch.device("cpu"))
+    for loss, norm, skipped in steps:
+        window.add(torch.tensor(loss), torch.tensor(norm), torch.tensor(skipped), tokens)
+    return window
+
+
+# A step's loss, gradient norm and whether it was skipped; a skipped step's numbers are not
+# finite, as a real one's are.
+STEP_VALUES = st.tuples(st.floats(0.1, 20.0), st.floats(0.0, 50.0), st.booleans()).map(
+    lambda s: (float("nan"), float("inf"), True) if s[2] else s
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=st.lists(STEP_VALUES, min_size=1, max_size=9), cut=st.integers(0, 9))
+def test_a_log_line_is_the_mean_loss_and_rms_norm_of_the_applied_steps_saved_or_not(
+    world_of_one, steps, cut
+):
+    """The logged loss is the mean of the applied steps' losses, the grad norm the root mean
+    square of their norms (what clip_grad_norm_ returned), skipped steps counted apart; a
+    window saved after `cut` steps and restored into a fresh one logs exactly the same."""
+    applied = [(loss, norm) for loss, norm, skipped in steps if not skipped]
+    whole = window_of(steps).reduce_and_reset()
+    assert whole["skipped_steps"] == len(steps) - len(applied)
+    if applied:
+        mean = sum(loss for loss, _ in applied) / len(applied)
+        rms = math.sqrt(sum(norm**2 for _, norm in applied) / len(applied))
+        assert whole["loss"] == pytest.approx(mean, rel=1e-6)
+        assert whole["grad_norm"] == pytest.approx(rms, rel=1e-6)
+    else:
+        assert whole["loss"] is None and whole["grad_norm"] is None
+    cut = min(cut, len(steps))
+    resumed = LogWindow(torch.device("cpu"))
+    resumed.load_state_dict(window_of(steps[:cut]).state_dict(), "checkpoint")
+    for loss, norm, skipped in steps[cut:]:
+        resumed.add(torch.tensor(loss), torch.tensor(norm), torch.tensor(skipped), 10)
+    again = resumed.reduce_and_reset()
+    assert {k: again[k] for k in ("loss", "grad_norm", "skipped_steps")} == {
+        k: whole[k] for k in ("loss", "grad_norm", "skipped_steps")
+    }
+
+
+def test_a_metrics_line_cut_by_a_kill_is_moved_aside_on_resume(tmp_path):
+    """A kill mid-write leaves half a line; the resumed run's metrics.jsonl is valid JSON lines
+    (the cut line kept in metrics.dropped.jsonl), continuing after the checkpoint's step."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.9}\n{"st')
+    logger = MetricsLogger(run, None, enabled=True, start_step=2)
+    logger.log(3, {"loss": 4.8})
+    logger.close()
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").open()] == [1, 2, 3]
+    assert (run / "metrics.dropped.jsonl").read_text() == '{"st\n'

@@ -8,11 +8,23 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import train
-from tests.helpers import REPO, metrics_records, tiny_run_flags, torchrun, train_in_process
+from tests.helpers import (
+    REPO,
+    free_port,
+    metrics_records,
+    tiny_run_flags,
+    torchrun,
+    train_in_process,
+)
 from tests.scripts.poisoned_train import poison
 from utils.checkpoint import read_model_tensors
+from utils.errors import UserError
+from utils.nonfinite import NonFiniteGuard
 
 
 def run_flags(data: Path, tokenizer: Path, out: Path, name: str, *extra: str) -> list[str]:
@@ -71,3 +83,53 @@ def test_stopping_saves_nothing_and_names_the_last_good_checkpoint(
     assert errors == [f"error: {message}; stopped without saving; resume from {good} with a lower "
                       "--lr or --grad_clip (metrics.jsonl names each rank's loader position)"]  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "stop").glob("step_*")) == ["step_000002"]
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    bad=st.sets(st.integers(1, 12), max_size=8),
+    max_skipped=st.integers(1, 4),
+    saves=st.sets(st.integers(1, 12)),
+)
+def test_only_a_streak_of_max_skipped_stops_and_it_names_the_checkpoint_before_it(
+    world_of_one, bad, max_skipped, saves
+):
+    """Isolated non-finite steps never add up: the run stops at the first step ending
+    max_skipped in a row, and the message names the newest checkpoint saved before that streak
+    began, even when a save fell inside it."""
+    events, asked = [], []
+
+    def checkpoint_before(step: int) -> Path | None:
+        asked.append(step)
+        before = [s for s in saves if s < step]
+        return Path(f"step_{max(before):06d}") if before else None
+
+    guard = NonFiniteGuard("skip", max_skipped, lambda s, d: events.append(s), checkpoint_before)
+    streak_end = next(
+        (s for s in range(1, 13) if all(s - k in bad for k in range(max_skipped))), None
+    )
+    try:
+        for step in range(1, 13):
+            guard.record(step, torch.tensor(step in bad), torch.tensor(1.0), {"sample": step})
+        guard.flush()
+    except UserError as err:
+        assert streak_end is not None, err
+        start = streak_end - max_skipped + 1
+        assert asked == [start]
+        assert events == sorted(s for s in bad if s <= streak_end)
+        good = [s for s in saves if s < start]
+        assert (f"resume from step_{max(good):06d}" if good else "no checkpoint") in str(err)
+    else:
+        assert streak_end is None
+        assert events == sorted(bad)

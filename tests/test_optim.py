@@ -184,3 +184,29 @@ def test_the_schedule_over_its_space(total, warmup, shape, decay_type, fraction,
     else:
         expected = total - warmup
     assert decaying_steps(schedule) == expected
+
+
+@pytest.mark.parametrize(
+    ("own_lr", "own_weight_decay", "expected"),
+    [(3e-3, None, (1.5e-3, 0.1)), (None, 0.0, (5e-4, 0.0)), (None, None, None)],
+)
+def test_one_slt_setting_alone_leaves_the_other_at_the_runs_value(
+    own_lr, own_weight_decay, expected
+):
+    """--slt_lr alone keeps the run's weight decay for the method's tensors, --slt_weight_decay
+    alone keeps the run's rate; neither puts them in no group of their own."""
+    from slt import SLTConfig, SparseTraining
+
+    model = build_meta_model(load_model_config("tiny", 0), "sdpa")
+    sparse = SparseTraining(model, SLTConfig.from_dict({"method": "supermask"}))
+    model.to_empty(device="cpu")
+    optimizer = build_optimizer(
+        model, lr=1e-3, weight_decay=0.1, own=sparse.own_parameters(), own_lr=own_lr,
+        own_weight_decay=own_weight_decay,
+    )  # fmt: skip
+    set_lr(optimizer, 5e-4)
+    if expected is None:
+        assert len(optimizer.param_groups) == 2
+        return
+    *_, scores = optimizer.param_groups
+    assert (scores["lr"], scores["weight_decay"]) == (pytest.approx(expected[0]), expected[1])

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import free_port, metrics_records, tiny_run_flags, train_in_process
-from utils.metrics import LogWindow, MetricsLogger, model_flops_per_token
+from utils.metrics import LogWindow, MetricsLogger, memory_estimate, model_flops_per_token
 from utils.model import load_model_config
 
 
@@ -116,3 +116,39 @@ def test_a_metrics_line_cut_by_a_kill_is_moved_aside_on_resume(tmp_path):
     logger.close()
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").open()] == [1, 2, 3]
     assert (run / "metrics.dropped.jsonl").read_text() == '{"st\n'
+
+
+def test_the_memory_estimate_of_the_readme_7b_example_and_of_a_tiny_model_by_hand():
+    """Worked by hand. llama-7b (6,738,415,616 parameters), 32-way sharded, 4 x 2048 tokens per
+    rank, selective checkpointing, bf16, chunked loss: fp32 weights 6,738,415,616 x 4 / 32 =
+    842,301,952 bytes, gradients the same, AdamW twice that; each token keeps per layer
+    q, attention, o, down (4 x 4096), the input (4096), k and v (2 x 4096), gate and up
+    (2 x 11008) at 2 bytes = 101,376 bytes, x 32 layers x 8192 tokens = 26,575,110,144."""
+    from utils.model import dense_parameters
+
+    config = load_model_config("llama-7b", 0)
+    assert dense_parameters(config) == 6_738_415_616
+    estimate = memory_estimate(
+        config, 6_738_415_616, shard_ways=32, tokens=8192,
+        activation_checkpointing="selective", chunked_loss=True, compute_bytes=2,
+    )  # fmt: skip
+    assert estimate == pytest.approx(
+        {
+            "parameters": 0.842301952,
+            "gradients": 0.842301952,
+            "optimizer": 1.684603904,
+            "activations": 26.575110144,
+        }  # fmt: skip
+    )
+    # tiny (hidden 64, 2 layers, vocabulary 256) in fp32, 128 tokens, logits kept: a whole
+    # layer keeps 34 x 64 x 4 / 2 = 4,352 bytes a token, the logits and their gradient
+    # 2 x 4 x 256 = 2,048; full checkpointing keeps the input (64 x 4 = 256) and recomputes one
+    # layer.
+    tiny = load_model_config("tiny", 0)
+    for checkpointing, per_token in (("none", 2 * 4352 + 2048), ("full", 2 * 256 + 4352 + 2048)):
+        estimate = memory_estimate(
+            tiny, 1000, shard_ways=2, tokens=128, activation_checkpointing=checkpointing,
+            chunked_loss=False, compute_bytes=4,
+        )  # fmt: skip
+        assert estimate["activations"] == pytest.approx(128 * per_token / 1e9)
+        assert estimate["parameters"] == pytest.approx(2000 / 1e9)

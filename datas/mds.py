@@ -1,7 +1,10 @@
 """mosaicml-streaming set up the way it is meant to be used, plus the checks it lacks.
 
 - `parse_sources`: "a:0.7,b:0.3" -> one `Source` per stream with its proportion.
+- `validate_index`: the one validator of an MDS `index.json` (every field this project and
+  streaming read), shared by every reader.
 - `check_source`: one-line errors for bad input before any worker starts.
+- `check_sample`: what a worker checks of each sample it reads (decodable, token ids in range).
 - `clean_stale_shared_memory`: remove what a killed run left in /dev/shm and the temp dir,
   never what a live one uses.
 - `make_streaming_dataset`: one `Stream` per source, one cache directory per node.
@@ -13,13 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import tempfile
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -29,7 +34,6 @@ from utils.files import why_not_writable
 TEXT_COLUMN = "text"
 TOKENS_COLUMN = "tokens"
 HASH_ALGO = "sha1"
-SHARD_KEYS = {"column_names", "column_encodings", "samples", "raw_data"}  # what we read
 SHM_DIR = Path("/dev/shm")
 _PREFIX = re.compile(r"^(\d{6})_")
 _MAPPED_SHM = re.compile(rf"{SHM_DIR}/(\d{{6}})_")
@@ -70,10 +74,129 @@ def parse_sources(mds_root: str) -> list[Source]:
             f"--data_dir {mds_root!r} mixes sources with and without a proportion; "
             "give every source one, like a:0.7,b:0.3"
         )
+    for source in sources:
+        if source.proportion is not None and not (
+            math.isfinite(source.proportion) and source.proportion > 0
+        ):
+            raise UserError(
+                f"--data_dir {mds_root!r} gives {source.path} the proportion "
+                f"{source.proportion}; a proportion must be a finite number > 0"
+            )
+    seen: dict[str, str] = {}
+    for source in sources:
+        key = source.path.rstrip("/") if source.is_remote else os.path.realpath(source.path)
+        if key in seen:
+            raise UserError(
+                f"--data_dir {mds_root!r} names {seen[key]} twice (as {source.path}); give "
+                "each dataset once, with its whole proportion"
+            )
+        seen[key] = source.path
     return sources
 
 
+_REMAKE = "re-copy it or re-create the dataset with `python -m datas.prepare`"
+INTEGER_KINDS = "iu"  # numpy dtype kinds a `tokens` column may hold
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_file_entry(entry: Any, field: str, fail: Any) -> None:
+    """`raw_data` / `zip_data`: a plain file name beside index.json and its size."""
+    if not isinstance(entry, dict):
+        fail(field, f"must be an object with basename and bytes, not {entry!r}")
+    basename = entry.get("basename")
+    if not isinstance(basename, str) or basename in ("", ".", "..") or "/" in basename:
+        fail(f"{field}.basename", f"must be a file name beside index.json, not {basename!r}")
+    if not _is_int(entry.get("bytes")) or entry["bytes"] < 0:
+        fail(f"{field}.bytes", f"must be an integer >= 0, not {entry.get('bytes')!r}")
+    if not isinstance(entry.get("hashes", {}), dict):
+        fail(f"{field}.hashes", f"must be an object, not {entry['hashes']!r}")
+
+
+def _check_encoding(name: str, encoding: Any, field: str, fail: Any) -> None:
+    from streaming.base.format.mds.encodings import is_mds_encoding
+
+    try:
+        known = isinstance(encoding, str) and is_mds_encoding(encoding)
+    except (AssertionError, KeyError, ValueError, TypeError):
+        known = False
+    if not known:
+        fail(field, f"{encoding!r} (column {name!r}) is not an MDS encoding")
+    if name == TOKENS_COLUMN and encoding.startswith("ndarray:"):
+        try:
+            kind = np.dtype(encoding.split(":")[1]).kind
+        except TypeError:
+            kind = "?"
+        if kind not in INTEGER_KINDS:
+            fail(
+                field,
+                f"stores the tokens column as {encoding}, not integers; re-create it with "
+                "`python -m datas.prepare --tokenizer ...` (int32 token ids)",
+            )
+
+
+def validate_index(index: Any, path: Path) -> None:
+    """The whole structure of an MDS `index.json` (version 2, streaming's reader reads the
+    rest): `version`; a non-empty `shards` list; per shard `format` "mds", `version`,
+    `column_names` (unique strings) and `column_encodings` (MDS encodings, as many; a
+    `tokens` ndarray of an integer dtype), `samples` (an int >= 0), `raw_data` and the optional
+    `zip_data` (a plain `basename` and `bytes` >= 0) with `compression` naming the codec.
+    The first problem is one UserError naming the file and the field."""
+    from streaming.base.compression import is_compression
+
+    def fail(field: str, problem: str) -> NoReturn:
+        raise UserError(f"{path}: {field} {problem}; {_REMAKE}")
+
+    if not isinstance(index, dict):
+        fail("the top level", f"must be an object, not {type(index).__name__}")
+    if index.get("version") != 2:
+        fail("version", f"must be 2 (MDS), not {index.get('version')!r}")
+    shards = index.get("shards")
+    if not isinstance(shards, list) or not shards:
+        fail("shards", f"must be a non-empty list of shard entries, not {shards!r}")
+    for i, shard in enumerate(shards):
+        at = f"shards[{i}]"
+        if not isinstance(shard, dict):
+            fail(at, f"must be an object, not {shard!r}")
+        if shard.get("format") != "mds":
+            fail(
+                f"{at}.format",
+                f"must be 'mds' (this project reads only MDS shards), not {shard.get('format')!r}",
+            )
+        if shard.get("version") != 2:
+            fail(f"{at}.version", f"must be 2, not {shard.get('version')!r}")
+        names, encodings = shard.get("column_names"), shard.get("column_encodings")
+        if (
+            not isinstance(names, list)
+            or not names
+            or not all(isinstance(name, str) for name in names)
+            or len(set(names)) != len(names)
+        ):
+            fail(f"{at}.column_names", f"must be a list of distinct column names, not {names!r}")
+        if not isinstance(encodings, list) or len(encodings) != len(names):
+            fail(
+                f"{at}.column_encodings",
+                f"must be a list of {len(names)} encodings (one per column), not {encodings!r}",
+            )
+        for j, (name, encoding) in enumerate(zip(names, encodings, strict=True)):
+            _check_encoding(name, encoding, f"{at}.column_encodings[{j}]", fail)
+        sizes = shard.get("column_sizes", [None] * len(names))
+        if not isinstance(sizes, list) or len(sizes) != len(names):
+            fail(f"{at}.column_sizes", f"must be a list of {len(names)} sizes, not {sizes!r}")
+        if not _is_int(shard.get("samples")) or shard["samples"] < 0:
+            fail(f"{at}.samples", f"must be an integer >= 0, not {shard.get('samples')!r}")
+        _check_file_entry(shard.get("raw_data"), f"{at}.raw_data", fail)
+        if shard.get("zip_data") is not None:
+            _check_file_entry(shard["zip_data"], f"{at}.zip_data", fail)
+            compression = shard.get("compression")
+            if not (isinstance(compression, str) and is_compression(compression)):
+                fail(f"{at}.compression", f"must name the codec of zip_data, not {compression!r}")
+
+
 def read_index(directory: Path) -> dict[str, Any]:
+    """`directory/index.json`, parsed and validated (`validate_index`)."""
     path = directory / "index.json"
     if not path.is_file():
         raise UserError(
@@ -82,21 +205,43 @@ def read_index(directory: Path) -> dict[str, Any]:
         )
     try:
         index = json.loads(path.read_text())
-        for shard in index["shards"]:
-            if not (SHARD_KEYS <= set(shard) and {"basename", "bytes"} <= set(shard["raw_data"])):
-                raise ValueError(f"a shard entry lacks one of {sorted(SHARD_KEYS)}")
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+    except (OSError, UnicodeDecodeError, ValueError) as err:
         raise UserError(
-            f"{path} is not a readable MDS index ({type(err).__name__}: {err}); re-copy it or "
-            "re-create the dataset with `python -m datas.prepare`"
+            f"{path} is not a readable MDS index ({type(err).__name__}: {err}); {_REMAKE}"
         ) from err
+    validate_index(index, path)
     return index
+
+
+def check_raw_offsets(path: Path, samples: int, size: int) -> None:
+    """A raw MDS shard is a uint32 sample count, count + 1 uint32 byte offsets, the shard's
+    JSON config, then the samples: the offsets must start after themselves, never decrease
+    and end at the file's end. Reads only the header."""
+    header = 4 * (samples + 2)
+    with path.open("rb") as file:
+        raw = file.read(header)
+    if len(raw) < header:
+        offsets = np.zeros(0, np.uint32)
+    else:
+        offsets = np.frombuffer(raw, np.uint32, offset=4).astype(np.int64)
+    steps = np.diff(offsets)
+    bad = (
+        len(offsets) != samples + 1
+        or offsets[0] < header
+        or offsets[-1] != size
+        or (steps < 0).any()
+    )
+    if bad:
+        first = int(np.argmax(steps < 0)) if (steps < 0).any() else None
+        where = f" at sample {first}" if first is not None else ""
+        raise UserError(f"shard {path} has bad sample offsets{where} (it is damaged); {_REMAKE}")
 
 
 def check_shard_files(directory: Path, index: dict[str, Any]) -> None:
     """Every shard the index lists is there, at the size it records (and a raw shard holds the
-    samples it records): a shard cut short or missing is named now, not met by a worker
-    mid-run, where streaming fails in a background thread or waits for it."""
+    samples it records, at offsets inside the file): a shard cut short or missing is named
+    now, not met by a worker mid-run, where streaming fails in a background thread or waits
+    for it."""
     for shard in index["shards"]:
         # The compressed file when there is one (streaming reads the shard from it), and the
         # raw one too once streaming has decompressed it beside.
@@ -125,6 +270,8 @@ def check_shard_files(directory: Path, index: dict[str, Any]) -> None:
                     f"{shard['samples']}): it is cut short or damaged; re-copy the dataset or "
                     "re-create it with `python -m datas.prepare`"
                 )
+            if info is shard["raw_data"]:
+                check_raw_offsets(path, samples, size)
 
 
 def check_safe_columns(shard: dict[str, Any], where: str) -> None:
@@ -132,7 +279,7 @@ def check_safe_columns(shard: dict[str, Any], where: str) -> None:
     from streaming.base.format.mds.encodings import is_mds_encoding_safe
 
     for name, encoding in zip(shard["column_names"], shard["column_encodings"], strict=True):
-        if not is_mds_encoding_safe(encoding):
+        if not is_mds_encoding_safe(encoding.partition(":")[0]):
             raise UserError(
                 f"{where} stores column {name!r} as {encoding}, which runs code when read; "
                 "only data you trust may use it, and this project reads none: re-write it "
@@ -141,22 +288,32 @@ def check_safe_columns(shard: dict[str, Any], where: str) -> None:
 
 
 def data_column(index: dict[str, Any], where: str) -> str:
-    """The column to train on: `tokens` (pre-tokenized) wins over `text`."""
+    """The column to train on: `tokens` (pre-tokenized) wins over `text`; every shard must
+    hold it, with the same encoding."""
     for shard in index["shards"]:
         check_safe_columns(shard, where)
-    columns = {
-        name: encoding
+    per_shard = [
+        dict(zip(shard["column_names"], shard["column_encodings"], strict=True))
         for shard in index["shards"]
-        for name, encoding in zip(shard["column_names"], shard["column_encodings"], strict=True)
-    }
+    ]
+    columns = {name: encoding for shard in per_shard for name, encoding in shard.items()}
     if columns.get(TOKENS_COLUMN, "").startswith("ndarray"):
-        return TOKENS_COLUMN
-    if columns.get(TEXT_COLUMN) == "str":
-        return TEXT_COLUMN
-    raise UserError(
-        f"{where} has no usable column: need `text` (str) or `tokens` (ndarray), found "
-        f"{columns or 'none'}; re-create it with `python -m datas.prepare --text_field FIELD`"
-    )
+        column = TOKENS_COLUMN
+    elif columns.get(TEXT_COLUMN) == "str":
+        column = TEXT_COLUMN
+    else:
+        raise UserError(
+            f"{where} has no usable column: need `text` (str) or `tokens` (ndarray), found "
+            f"{columns or 'none'}; re-create it with `python -m datas.prepare --text_field FIELD`"
+        )
+    for i, shard in enumerate(per_shard):
+        if shard.get(column) != columns[column]:
+            raise UserError(
+                f"{where}/index.json: shards[{i}].column_encodings holds {column!r} as "
+                f"{shard.get(column)!r}, other shards as {columns[column]!r}; every shard "
+                f"needs the same columns: {_REMAKE}"
+            )
+    return column
 
 
 def shard_file(directory: Path, shard: dict[str, Any]) -> Path:
@@ -184,8 +341,47 @@ def shard_samples(directory: Path, shard: dict[str, Any]) -> Iterator[dict[str, 
     reader = reader_from_json(str(directory), None, shard)
     # An MDS shard starts with its sample count, then count + 1 byte offsets.
     offsets = np.frombuffer(blob, np.uint32, count=shard["samples"] + 1, offset=4)
-    for begin, end in zip(offsets[:-1], offsets[1:], strict=True):
-        yield reader.decode_sample(blob[begin:end])
+    for i, (begin, end) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
+        yield decode_sample(reader, blob[begin:end], path, i)
+
+
+def decode_sample(reader: Any, data: bytes, path: Path | str, sample: int) -> dict[str, Any]:
+    """One sample decoded by streaming's shard reader; bytes it cannot decode (text that is
+    not UTF-8, an array cut short) are one UserError naming the shard and the sample."""
+    try:
+        return reader.decode_sample(data)
+    except (ValueError, IndexError) as err:  # UnicodeDecodeError is a ValueError
+        raise UserError(
+            f"shard {path} sample {sample} cannot be decoded ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}): the shard is damaged; {_REMAKE}"
+        ) from err
+
+
+def check_sample(
+    sample: dict[str, Any], vocab_size: int | None, path: Path | str, index: int
+) -> None:
+    """A pre-tokenized block holds integer token ids in [0, vocab_size): the model's
+    embedding would fail (or, on a GPU, read out of bounds) at the first step otherwise.
+    min/max of one block: cheap beside reading it."""
+    tokens = sample.get(TOKENS_COLUMN)
+    if tokens is None:
+        return
+    tokens = np.asarray(tokens)
+    if tokens.dtype.kind not in INTEGER_KINDS:
+        raise UserError(
+            f"shard {path} sample {index}: the tokens column holds {tokens.dtype}, not integer "
+            "token ids; re-create it with `python -m datas.prepare --tokenizer ...`"
+        )
+    if vocab_size is None or not tokens.size:
+        return
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise UserError(
+            f"shard {path} sample {index} holds token id {bad}, outside the tokenizer's "
+            f"vocabulary [0, {vocab_size}): it was tokenized with another tokenizer; give "
+            "that one as --tokenizer_dir or prepare the data again with this one"
+        )
 
 
 def _shards_to_decompress(directory: Path, index: dict[str, Any]) -> list[dict[str, Any]]:
@@ -219,6 +415,54 @@ class SourceInfo:
     column: str | None
     has_hashes: bool
     block_length: int | None = None
+    first_block: tuple[Path, np.ndarray] | None = None  # where from, and the block
+
+
+def _on_ec2() -> bool:
+    """Whether this machine is an EC2 instance (whose role may hold credentials), from the
+    DMI files the kernel exposes: no network."""
+    for name in ("/sys/devices/virtual/dmi/id/sys_vendor", "/sys/hypervisor/uuid"):
+        with contextlib.suppress(OSError):
+            text = Path(name).read_text().strip().lower()
+            if text.startswith(("amazon", "ec2")):
+                return True
+    return False
+
+
+def aws_credentials_found() -> bool:
+    """Whether boto3 would find AWS credentials, asked without network: botocore's own chain
+    (environment, ~/.aws files, profile, web identity, container, process), and on an EC2
+    instance its role is assumed to hold them."""
+    import botocore.session
+
+    if _on_ec2():
+        return True
+    resolver = botocore.session.get_session().get_component("credential_provider")
+    with contextlib.suppress(ValueError):  # absent in this botocore
+        resolver.remove("iam-role")
+    try:
+        return resolver.load_credentials() is not None
+    except Exception:  # noqa: BLE001 - a broken profile is "none found" here, boto3 says why
+        return False
+
+
+def check_remote(path: str) -> None:
+    """A remote is one streaming can download from; an `s3://` one needs AWS credentials."""
+    from streaming.base.storage.download import DOWNLOADER_MAPPINGS
+
+    scheme = urllib.parse.urlparse(path).scheme
+    supported = sorted(name for name in DOWNLOADER_MAPPINGS if name != "dbfs-uc")
+    if scheme not in DOWNLOADER_MAPPINGS:
+        raise UserError(
+            f"--data_dir {path}: mosaicml-streaming cannot read {scheme}:// remotes (it reads "
+            f"{', '.join(f'{name}://' for name in supported)}); copy the data to a local "
+            "directory or to one of those"
+        )
+    if scheme == "s3" and not aws_credentials_found():
+        raise UserError(
+            f"--data_dir {path}: no AWS credentials found (AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws/credentials); set them on every node"
+        )
 
 
 def check_source(source: Source, cached: bool) -> SourceInfo:
@@ -228,11 +472,14 @@ def check_source(source: Source, cached: bool) -> SourceInfo:
             raise UserError(
                 f"--data_dir {source.path} is remote; give --local_cache_dir to copy it to"
             )
+        check_remote(source.path)
         return SourceInfo(column=None, has_hashes=False)
     directory = Path(source.path)
     if not directory.is_dir():
         raise UserError(f"--data_dir {directory} does not exist")
     index = read_index(directory)
+    if not any(shard["samples"] for shard in index["shards"]):
+        raise UserError(f"{directory}/index.json lists no samples; {_REMAKE}")
     column = data_column(index, str(directory))
     check_shard_files(directory, index)
     if not cached:
@@ -248,10 +495,25 @@ def check_source(source: Source, cached: bool) -> SourceInfo:
         HASH_ALGO in (shard.get("zip_data") or shard["raw_data"]).get("hashes", {})
         for shard in index["shards"]
     )
-    block_length = None
+    block_length = first_block = None
     if column == TOKENS_COLUMN:
-        block_length = len(next(shard_samples(directory, index["shards"][0]))[TOKENS_COLUMN])
-    return SourceInfo(column=column, has_hashes=has_hashes, block_length=block_length)
+        shard = next(shard for shard in index["shards"] if shard["samples"])
+        path = shard_file(directory, shard)
+        first = next(shard_samples(directory, shard))
+        check_sample(first, None, path, 0)
+        first_block = (path, np.asarray(first[TOKENS_COLUMN]))
+        block_length = len(first_block[1])
+    return SourceInfo(column, has_hashes, block_length, first_block)
+
+
+def check_first_blocks(infos: list[SourceInfo], vocab_size: int) -> None:
+    """At start-up, the first block of each local pre-tokenized source is in the tokenizer's
+    vocabulary (a dataset prepared with another tokenizer fails here, not at step 1); the
+    workers check every block they read (`CheckedStreamingDataset`)."""
+    for info in infos:
+        if info.first_block is not None:
+            path, block = info.first_block
+            check_sample({TOKENS_COLUMN: block}, vocab_size, path, 0)
 
 
 def check_block_length(infos: list[SourceInfo], sources: list[Source], seq_len: int) -> None:
@@ -356,6 +618,46 @@ def clean_stale_shared_memory(our_locals: list[str]) -> list[str]:
     return removed
 
 
+def __getattr__(name: str) -> Any:
+    """`CheckedStreamingDataset`, made on first use (importing streaming takes seconds) and
+    then a module attribute, so that pickle finds it (DataLoader workers under spawn)."""
+    if name == "CheckedStreamingDataset":
+        globals()[name] = checked_dataset_class()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def checked_dataset_class() -> type:
+    """`MappedStreamingDataset` whose every sample is decoded with one-line errors and, for
+    pre-tokenized blocks, checked to hold token ids in [0, vocab_size) (`check_sample`)."""
+    if "CheckedStreamingDataset" in globals():
+        return globals()["CheckedStreamingDataset"]
+    from datas.mapped_dataset import MappedStreamingDataset
+
+    class CheckedStreamingDataset(MappedStreamingDataset):
+        vocab_size: int | None = None
+
+        def get_item(self, sample_id: int, retry: int = 7) -> Any:
+            shard_id, index = self.spanner[sample_id]
+            shard = self.shards[shard_id]
+            path = os.path.join(shard.dirname, shard.split or "", shard.raw_data.basename)
+            try:
+                sample = super().get_item(sample_id, retry)
+            except (ValueError, IndexError) as err:  # UnicodeDecodeError is a ValueError
+                raise UserError(
+                    f"shard {path} sample {index} cannot be decoded ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0] if str(err) else ''}): the shard is damaged; "
+                    f"{_REMAKE}"
+                ) from err
+            check_sample(sample, self.vocab_size, path, int(index))
+            return sample
+
+    CheckedStreamingDataset.__module__ = __name__
+    CheckedStreamingDataset.__qualname__ = "CheckedStreamingDataset"
+    globals()["CheckedStreamingDataset"] = CheckedStreamingDataset
+    return CheckedStreamingDataset
+
+
 def make_streaming_dataset(
     sources: list[Source],
     infos: list[SourceInfo],
@@ -366,11 +668,11 @@ def make_streaming_dataset(
     shuffle_seed: int,
     predownload: int | None,
     cache_limit: int | str | None,
+    vocab_size: int | None = None,
 ) -> Any:
-    """A shuffled StreamingDataset over all sources with deterministic partitioning."""
+    """A shuffled StreamingDataset over all sources with deterministic partitioning; every
+    sample a worker reads is checked (`checked_dataset_class`) against `vocab_size`."""
     from streaming import Stream
-
-    from datas.mapped_dataset import MappedStreamingDataset
 
     locals_ = local_dirs(sources, local_cache)
     streams = [
@@ -382,7 +684,7 @@ def make_streaming_dataset(
         )
         for source, info, local in zip(sources, infos, locals_, strict=True)
     ]
-    return MappedStreamingDataset(
+    dataset = checked_dataset_class()(
         streams=streams,
         batch_size=batch_size,
         num_canonical_nodes=num_canonical_nodes,
@@ -391,3 +693,5 @@ def make_streaming_dataset(
         predownload=max(8 * batch_size, MIN_READ_AHEAD) if predownload is None else predownload,
         cache_limit=cache_limit,
     )
+    dataset.vocab_size = vocab_size
+    return dataset

@@ -9,6 +9,7 @@ loader state.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,10 +17,30 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from utils.errors import UserError
 from utils.loss import IGNORE_INDEX
 
 STRATEGIES = ("pack", "overflow", "trunc")
 PAD_MULTIPLE = 8
+# The last line of a worker's traceback as torch's ExceptionWrapper re-raises it.
+_WORKER_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?UserError: (.+)$")
+
+
+def unwrap_worker_error(err: UserError) -> UserError:
+    """A UserError raised in a DataLoader worker, as its one line. torch re-raises a worker's
+    exception with its type but with "Caught UserError in DataLoader worker process N.
+    Original Traceback ..." and the whole traceback as the message; the original line is the
+    traceback's last."""
+    text = str(err)
+    lines = text.rstrip().splitlines()
+    if not (text.startswith("Caught ") and len(lines) > 1):
+        return err
+    match = _WORKER_ERROR_LINE.match(lines[-1])
+    if match is None:
+        return err
+    plain = UserError(match.group(1))
+    plain.every_rank = err.every_rank
+    return plain
 
 
 @dataclass
@@ -77,7 +98,13 @@ class DocumentFeed:
     def _pull(self) -> bool:
         """Queue the next chunk of the current epoch; False once the epoch is used up."""
         self._open_source()
-        chunk = None if self._source_done else next(self._source, None)
+        try:
+            chunk = None if self._source_done else next(self._source, None)
+        except UserError as err:  # bad data met by a worker: its one line, not its traceback
+            unwrapped = unwrap_worker_error(err)
+            if unwrapped is err:
+                raise
+            raise unwrapped from None
         if chunk is None:
             self._source_done = True
             return False

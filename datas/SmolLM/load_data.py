@@ -24,6 +24,7 @@ import torch.distributed as dist
 from datas.mds import (
     TOKENS_COLUMN,
     check_block_length,
+    check_first_blocks,
     check_source,
     clean_stale_shared_memory,
     local_dirs,
@@ -330,6 +331,7 @@ def build_train_loader(
     check_block_length(infos, sources, seq_len)
     tokenizer = load_tokenizer(tokenizer_name, "--tokenizer_dir")
     eos, pad = _special_ids(tokenizer, strategy, tokenizer_name)
+    check_first_blocks(infos, len(tokenizer))
     rows = micro_blocks
     if column == TOKENS_COLUMN:
         read_batch = rows
@@ -346,6 +348,7 @@ def build_train_loader(
         shuffle_seed=shuffle_seed,
         predownload=predownload,
         cache_limit=cache_limit,
+        vocab_size=len(tokenizer),
     )
     dataloader = torch.utils.data.DataLoader(
         dataset,

@@ -128,7 +128,9 @@ def load_slt_config(path: str) -> SLTConfig:
     if not file.is_file():
         raise UserError(f"--slt_config {path} does not exist; give a JSON file (docs/sparse.md)")
     try:
-        values = json.loads(file.read_text())
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"--slt_config {path} is not UTF-8 text; give a JSON file") from err
     except json.JSONDecodeError as err:
         raise UserError(f"--slt_config {path} is not valid JSON ({err})") from err
     return SLTConfig.from_dict(values, source=path)

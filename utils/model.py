@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import copy
+import json
+import math
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from utils.errors import UserError
 
@@ -40,19 +47,121 @@ NAMED_SHAPES: dict[str, dict] = {
 }  # fmt: skip
 
 
+# What build_meta_model builds and the rest assumes (slt/ patches q_proj ... down_proj of
+# model.model.layers; convert.py exports a LlamaForCausalLM).
+MODEL_TYPES = ("llama",)
+# Without these transformers fills in its default 7B Llama: a config must give its shape.
+REQUIRED_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+ROPE_TYPES = {"default", *ROPE_INIT_FUNCTIONS}
+
+
+def _integer(minimum: int, nullable: bool = False) -> Callable[[Any], bool]:
+    def valid(value: Any) -> bool:
+        if value is None:
+            return nullable
+        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+    return valid
+
+
+def _number(
+    low: float, high: float = math.inf, low_included: bool = False
+) -> Callable[[Any], bool]:
+    def valid(value: Any) -> bool:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return False
+        return (low <= value if low_included else low < value) and value < high
+
+    return valid
+
+
+# field -> (is the value valid, what a valid value is); a field that is absent keeps
+# transformers' Llama default, other fields are left to transformers.
+FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "vocab_size": (_integer(1), "an integer >= 1"),
+    "hidden_size": (_integer(1), "an integer >= 1"),
+    "intermediate_size": (_integer(1), "an integer >= 1"),
+    "num_hidden_layers": (_integer(1), "an integer >= 1"),
+    "num_attention_heads": (_integer(1), "an integer >= 1"),
+    "num_key_value_heads": (_integer(1, nullable=True), "an integer >= 1 or null"),
+    "head_dim": (_integer(2, nullable=True), "an even integer >= 2 or null"),
+    "max_position_embeddings": (_integer(2), "an integer >= 2"),
+    "rms_norm_eps": (_number(0), "a number > 0"),
+    "rope_theta": (_number(0), "a number > 0"),
+    "initializer_range": (_number(0), "a number > 0"),
+    "attention_dropout": (_number(0, 1, low_included=True), "a number in [0, 1)"),
+    "hidden_act": (lambda v: isinstance(v, str) and v in ACT2FN, "an activation, such as silu"),
+    "tie_word_embeddings": (lambda v: isinstance(v, bool), "true or false"),
+    "attention_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "mlp_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "rope_scaling": (
+        lambda v: v is None or _rope_scaling(v),
+        f"null or an object with a rope_type in {sorted(ROPE_TYPES)} and a factor >= 1",
+    ),
+}
+
+
+def _rope_scaling(value: Any) -> bool:
+    if not isinstance(value, dict) or value.get("rope_type", value.get("type")) not in ROPE_TYPES:
+        return False
+    return "factor" not in value or _number(1, low_included=True)(value["factor"])
+
+
+def check_model_config(values: Any, source: str) -> None:
+    """Refuse a model config (a parsed config.json, or a preset's fields) that is not one
+    Llama of an explicit, consistent shape. `source` names it in the error: `--config FILE`."""
+    if not isinstance(values, dict):
+        kinds = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+        kind = kinds.get(type(values), "a number")
+        raise UserError(f"{source} holds {kind}, not a JSON object of model fields such as "
+                        f"model_type and hidden_size")  # fmt: skip
+    if "model_type" not in values:
+        raise UserError(f'{source}: model_type is missing; give "model_type": "llama"')
+    if values["model_type"] not in MODEL_TYPES:
+        raise UserError(f"{source}: model_type must be one of {list(MODEL_TYPES)}, not "
+                        f"{_shown(values['model_type'])}: this project trains Llama models")  # fmt: skip
+    missing = [name for name in REQUIRED_FIELDS if name not in values]
+    if missing:
+        raise UserError(f"{source}: missing {', '.join(missing)}; give the model's shape")
+    for name, (valid, expected) in FIELD_RULES.items():
+        if name in values and not valid(values[name]):
+            raise UserError(f"{source}: {name} must be {expected} (got {_shown(values[name])})")
+    heads = values["num_attention_heads"]
+    kv_heads = values.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise UserError(f"{source}: num_attention_heads ({heads}) must be a multiple of "
+                        f"num_key_value_heads ({kv_heads})")  # fmt: skip
+    hidden, head_dim = values["hidden_size"], values.get("head_dim")
+    if head_dim is None and hidden % heads:
+        raise UserError(f"{source}: hidden_size ({hidden}) must be a multiple of "
+                        f"num_attention_heads ({heads}), or give head_dim")  # fmt: skip
+    # Rotary embeddings turn pairs of coordinates: a head's width must be even.
+    if head_dim is not None and head_dim % 2:
+        raise UserError(f"{source}: head_dim must be even (got {head_dim})")
+    if head_dim is None and hidden // heads % 2:
+        raise UserError(f"{source}: hidden_size / num_attention_heads ({hidden} / {heads}) must "
+                        "be even (the width of a head); change them or give head_dim")  # fmt: skip
+
+
 def load_model_config(
     spec: str, tokenizer_vocab: int, special_token_ids: dict[str, int | None] | None = None
 ) -> PretrainedConfig:
-    """A config from a shape name, a config.json file or a directory holding one.
+    """A config from a shape name, a config.json file or a directory holding one, checked by
+    check_model_config (a bad one is a UserError).
 
     The vocabulary grows to the tokenizer's when the tokenizer has more tokens, which is what
     resizing the embeddings of a model built from this config amounts to. The tokenizer's
     special token ids (`bos_token_id`, `eos_token_id`, `pad_token_id`) replace the config's
     (Llama's defaults are 1 and 2): an exported model's `generate()` stops at its EOS.
     """
-    config = _read_config(spec)
-    if not hasattr(config, "num_hidden_layers") or not hasattr(config, "hidden_size"):
-        raise UserError(f"--config {spec} is not a decoder-only transformer config")
+    if spec in NAMED_SHAPES:
+        values = {"model_type": "llama", "vocab_size": 32000, **NAMED_SHAPES[spec]}
+        source = f"--config {spec}"
+        check_model_config(values, source)
+    else:
+        file = _config_file(spec)
+        values, source = read_model_config_file(file, "--config"), f"--config {file}"
+    config = build_config(values, source)
     if tokenizer_vocab > config.vocab_size:
         config.vocab_size = tokenizer_vocab
     config.update(special_token_ids or {})
@@ -60,21 +169,63 @@ def load_model_config(
     return config
 
 
-def _read_config(spec: str) -> PretrainedConfig:
-    if spec in NAMED_SHAPES:
-        return AutoConfig.for_model("llama", **{"vocab_size": 32000, **NAMED_SHAPES[spec]})
+def read_model_config_file(file: Path, flag: str) -> dict[str, Any]:
+    """The fields of a model's config.json, checked by check_model_config."""
+    source = f"{flag} {file}"
+    try:
+        values = json.loads(file.read_bytes().decode("utf-8-sig"))
+    except OSError as err:
+        raise UserError(f"{source} cannot be read ({err.strerror}); give a config.json") from err
+    except UnicodeDecodeError as err:
+        raise UserError(f"{source} is not a readable model config: not UTF-8 text (byte "
+                        f"{err.start}); give a config.json") from err  # fmt: skip
+    except (ValueError, RecursionError) as err:  # not JSON, or numbers or nesting too large
+        raise UserError(f"{source} is not a readable model config: not JSON ({_one_line(err)}); "
+                        "give a config.json") from err  # fmt: skip
+    check_model_config(values, source)
+    return values
+
+
+def build_config(values: dict[str, Any], source: str) -> PretrainedConfig:
+    """transformers' config of checked fields. What transformers itself refuses (a rope_scaling
+    it cannot use, a field of its own with a wrong value) is a UserError too."""
+    refused = (ValueError, TypeError, KeyError, AttributeError)
+    try:
+        config = LlamaConfig.from_dict(copy.deepcopy(values))  # MODEL_TYPES
+    except refused as err:
+        raise UserError(f"{source} is refused by transformers: {_one_line(err)}") from err
+    try:
+        LlamaRotaryEmbedding(config)  # the rope frequencies, from rope_scaling's settings
+    except refused as err:
+        raise UserError(f"{source}: rope_scaling is refused by transformers: "
+                        f"{_one_line(err)}") from err  # fmt: skip
+    return config
+
+
+def _config_file(spec: str) -> Path:
     path = Path(spec)
+    give = f"give a config.json, its directory, or one of: {', '.join(NAMED_SHAPES)}"
     if path.is_dir():
         path = path / "config.json"
+        if not path.exists():
+            raise UserError(f"--config {spec} is a directory with no config.json file ({path} "
+                            f"not found); {give}")  # fmt: skip
+    if not path.exists():
+        raise UserError(f"--config {spec} not found; {give}")
     if not path.is_file():
-        names = ", ".join(NAMED_SHAPES)
-        raise UserError(
-            f"--config {spec} not found; give a config.json, its directory, or one of: {names}"
-        )
-    try:
-        return AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as err:
-        raise UserError(f"--config {path} is not a readable model config ({err})") from err
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        raise UserError(f"--config {path} is {kind}; {give}")
+    return path
+
+
+def _shown(value: Any) -> str:
+    """A value as the JSON file spells it, cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def build_meta_model(config: PretrainedConfig, attn_implementation: str) -> nn.Module:

@@ -5,13 +5,16 @@ those are loaded."""
 from __future__ import annotations
 
 import argparse
+import configparser
 import importlib.util
 import json
 import math
+import netrc
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -30,6 +33,19 @@ ATTENTION_KERNELS = ("auto", "flash", "cudnn", "efficient")  # utils/attention.p
 SPEED_SWITCHES = ("compile", "chunked_loss")
 NONFINITE_POLICIES = ("skip", "stop")  # utils/nonfinite.py
 DEFAULT_TRAIN_STEPS = 100_000
+# --seed: streaming refuses a negative shuffle seed, and torch's generators take at most
+# 2**64 - 1, which utils/model.py's per-parameter seed, seed x 1_000_003 + crc32(name), must stay
+# within for every name.
+MODEL_SEED_FACTOR = 1_000_003
+MAX_SEED = (2**64 - 2**32) // MODEL_SEED_FACTOR
+# Flags whose value is a file or directory: empty (the current directory, or nothing) is refused.
+PATH_FLAGS = (
+    "args_file", "data_dir", "local_cache_dir", "tokenizer_dir", "config", "init_from",
+    "slt_config", "output_dir", "resume_dir", "tensorboard_dir", "eval_data",
+)  # fmt: skip
+# What W&B needs no login for (WANDB_MODE); its default server.
+WANDB_NO_LOGIN_MODES = ("offline", "disabled", "dryrun")
+WANDB_DEFAULT_BASE_URL = "https://api.wandb.ai"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--train_steps counts optimizer steps; gradient accumulation = "
         "global_batch / (local_batch x world_size).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # --train_step is a mistake, not --train_steps
     )
     p.add_argument("--args_file", help="YAML or JSON mapping of these flags (command line wins)")
 
@@ -135,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     profiling = p.add_argument_group("profiling (docs/performance.md#profiling-a-run)")
     profiling.add_argument(
         "--profile_steps",
-        type=step_range,
+        type=_profile_steps,
         help="A:B: trace optimizer steps A to B with torch.profiler, a Chrome trace per rank in "
         "RUN_DIR/profile/",
     )
@@ -163,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--wandb_run_name", help="W&B display name (default: --run_name)")
     out.add_argument("--wandb_group", help="W&B group, e.g. one sweep")
     return p
+
+
+def _profile_steps(text: str) -> tuple[int, int]:
+    """step_range, whose message quotes the text as is: a line break in it stays visible."""
+    if not text.isprintable():
+        raise argparse.ArgumentTypeError(f"{text!r} is not A:B (e.g. 10:12)")
+    return step_range(text)
 
 
 def add_data_flags(group: argparse._ActionsContainer) -> None:
@@ -259,12 +283,13 @@ def _parse_and_check(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args_file = parser.parse_args(argv).args_file
-    if args_file:
+    if args_file is not None:
+        _check_text("args_file", args_file)
         tokens = _args_file_tokens(args_file, parser)
         try:
             parser.parse_args(tokens)
         except UserError as err:
-            raise UserError(f"--args_file {args_file}: {err}") from err
+            raise UserError(f"--args_file {_shown(args_file)}: {err}") from err
         argv = tokens + argv
     args = parser.parse_args(argv)
     check_args(args)
@@ -298,13 +323,21 @@ def _args_file_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
     """The file's flags as command-line tokens: its values then pass exactly the checks the
     command line's do (types, choices); an on/off flag takes true or false, nothing else."""
     values = _read_mapping(path)
+    for key in values:
+        if not isinstance(key, str):
+            raise UserError(
+                f"--args_file {_shown(path)}: key {key!r} is not a flag name (YAML reads it as "
+                f"{type(key).__name__}); write the flag's name, e.g. 'lr: 0.001'"
+            )
     actions: dict[str, list[argparse.Action]] = {}
     for action in parser._actions:
         if action.option_strings and action.dest not in ("help", "args_file"):
             actions.setdefault(action.dest, []).append(action)
     unknown = sorted(set(values) - set(actions))
     if unknown:
-        raise UserError(f"--args_file {path} has unknown flags {unknown}; see train.py --help")
+        raise UserError(
+            f"--args_file {_shown(path)} has unknown flags {unknown}; see train.py --help"
+        )
     tokens = []
     for dest, value in values.items():
         if value is None:
@@ -312,44 +345,87 @@ def _args_file_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
         switches = [a for a in actions[dest] if isinstance(a.const, bool) and a.nargs == 0]
         if switches:
             if not isinstance(value, bool):
-                raise UserError(f"--args_file {path}: {dest} must be true or false (got {value!r})")
+                raise UserError(
+                    f"--args_file {_shown(path)}: {dest} must be true or false (got {value!r})"
+                )
             tokens += [a.option_strings[0] for a in switches if a.const is value][:1]
         elif isinstance(value, dict | list | bool):
-            raise UserError(f"--args_file {path}: {dest} takes one value (got {value!r})")
+            raise UserError(f"--args_file {_shown(path)}: {dest} takes one value (got {value!r})")
         else:
             option = next(a for a in actions[dest] if a.nargs != 0).option_strings[0]
             tokens.append(f"{option}={value}")
     return tokens
 
 
+class _DuplicateKey(Exception):
+    """A mapping of the args file names one key twice (YAML and JSON would keep the last)."""
+
+    def __init__(self, key: object, where: str = "") -> None:
+        super().__init__(key, where)
+        self.key, self.where = key, where
+
+
 class _FlagLoader(yaml.SafeLoader):
     """YAML whose plain values stay text, for the flags to convert as the command line's:
     only true/false and null are read as such (YAML 1.1 makes 10:11 the number 611, and 010
-    the number 8)."""
+    the number 8). A key given twice is refused, not the last one kept."""
 
     yaml_implicit_resolvers = {
         first: [(tag, regexp) for tag, regexp in resolvers if tag.endswith((":bool", ":null"))]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
 
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = lines.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # unhashable: the base class refuses it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise _DuplicateKey(key, f" (lines {first} and {key_node.start_mark.line + 1})")
+        return super().construct_mapping(node, deep)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    """json's object_pairs_hook: a key given twice is refused, not the last one kept."""
+    values: dict = {}
+    for key, value in pairs:
+        if key in values:
+            raise _DuplicateKey(key)
+        values[key] = value
+    return values
+
 
 def _read_mapping(path: str) -> dict:
-    file = Path(path)
+    file, shown = Path(path), _shown(path)
     if not file.is_file():
-        raise UserError(f"--args_file {path} does not exist; give a YAML or JSON file of flags")
+        raise UserError(f"--args_file {shown} does not exist; give a YAML or JSON file of flags")
     try:
         text = file.read_text()
-        values = json.loads(text) if file.suffix == ".json" else yaml.load(text, _FlagLoader)
+        if file.suffix == ".json":
+            values = json.loads(text, object_pairs_hook=_unique_pairs)
+        else:
+            values = yaml.load(text, _FlagLoader)
+    except _DuplicateKey as err:
+        raise UserError(
+            f"--args_file {shown}: {err.key!r} is set twice{err.where}; keep one"
+        ) from None
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
         reason = str(err).splitlines()[0]
-        raise UserError(f"--args_file {path} is not valid YAML or JSON ({reason})") from err
+        raise UserError(f"--args_file {shown} is not valid YAML or JSON ({reason})") from err
     if not isinstance(values, dict):
-        raise UserError(f"--args_file {path} must hold a mapping of flag names to values")
+        raise UserError(f"--args_file {shown} must hold a mapping of flag names to values")
     return values
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Checks that need only the flags: run before anything is loaded."""
+    for action in build_parser()._actions:
+        value = getattr(args, action.dest, None)
+        if isinstance(value, str) and action.choices is None and action.dest != "run_name":
+            _check_text(action.dest, value)  # --run_name: _check_run_name
     for flag in ("data_dir", "tokenizer_dir", "config"):
         if not getattr(args, flag):
             raise UserError(f"--{flag} is required")
@@ -370,11 +446,14 @@ def check_args(args: argparse.Namespace) -> None:
     tokenizer = Path(args.tokenizer_dir)
     if not tokenizer.is_dir():
         raise UserError(
-            f"--tokenizer_dir {tokenizer} is not a directory; give a tokenizer directory"
+            f"--tokenizer_dir {_shown(args.tokenizer_dir)} is not a directory; give a tokenizer "
+            "directory"
         )
     _check_writable_dir(Path(args.output_dir), "--output_dir")
     if args.local_cache_dir and "://" not in args.local_cache_dir:
         _check_writable_dir(Path(args.local_cache_dir), "--local_cache_dir")
+    if args.tensorboard_dir is not None and not args.enable_tensorboard:
+        raise UserError("--tensorboard_dir: give --enable_tensorboard too (TensorBoard is off)")
     if args.enable_tensorboard and args.tensorboard_dir:
         _check_writable_dir(Path(args.tensorboard_dir), "--tensorboard_dir")
     if args.resume_dir == "auto" and not args.run_name:
@@ -384,11 +463,22 @@ def check_args(args: argparse.Namespace) -> None:
     if args.resume_dir not in (None, "auto"):
         if not (Path(args.resume_dir) / "trainer.pt").is_file():
             raise UserError(
-                f"--resume_dir {args.resume_dir} is not a complete checkpoint (no trainer.pt); "
-                "give a step_<N> directory or 'auto'"
+                f"--resume_dir {_shown(args.resume_dir)} is not a complete checkpoint (no "
+                "trainer.pt); give a step_<N> directory or 'auto'"
             )
+    if args.skip_optimizer and args.resume_dir is None:
+        raise UserError("--skip_optimizer: give --resume_dir too (nothing is resumed)")
     if args.eval_every and not args.eval_data:
         raise UserError("--eval_every needs --eval_data (C4 validation files; docs/eval.md)")
+    if args.eval_data is not None and not args.eval_every:
+        raise UserError("--eval_data: give --eval_every too (evaluation is off)")
+    if args.profile_steps is not None and args.profile_steps[1] > args.train_steps:
+        first, last = args.profile_steps
+        raise UserError(
+            f"--profile_steps {first}:{last} ends after the last step, {args.train_steps} "
+            "(--train_steps or --train_tokens): steps past it are never traced; end it there "
+            "or before"
+        )
     if args.enable_slt != bool(args.slt_config):
         raise UserError("--enable_slt and --slt_config go together; give both or neither")
     if (args.slt_lr is not None or args.slt_weight_decay is not None) and not args.enable_slt:
@@ -423,6 +513,62 @@ def _check_wandb(args: argparse.Namespace) -> None:
         raise UserError(f"{', '.join(named)}: give --wandb_project too (W&B logging is off)")
     if args.wandb_project and importlib.util.find_spec("wandb") is None:
         raise UserError("--wandb_project needs the wandb package: pip install '.[wandb]'")
+    if args.wandb_project and not wandb_can_log():
+        raise UserError(
+            "--wandb_project: this machine has no W&B login; run `wandb login` (or set "
+            "WANDB_API_KEY), or set WANDB_MODE=offline to log locally"
+        )
+
+
+def wandb_can_log() -> bool:
+    """Whether wandb.init would find what it needs, decided as wandb 0.2x/0.3x does without
+    importing it (wandb/sdk/lib/wbauth: authenticate.py, wbnetrc.py): a mode that needs no
+    login (WANDB_MODE or the settings files' `mode`), WANDB_API_KEY or
+    WANDB_IDENTITY_TOKEN_FILE, an `api_key` in the settings files, or a .netrc entry for the
+    W&B host (WANDB_BASE_URL, the settings files' `base_url`, or api.wandb.ai)."""
+    settings = _wandb_settings()
+    mode = os.environ.get("WANDB_MODE") or settings.get("mode", "")
+    if mode.strip().lower() in WANDB_NO_LOGIN_MODES:
+        return True
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    if settings.get("api_key"):
+        return True
+    base_url = os.environ.get("WANDB_BASE_URL") or settings.get("base_url")
+    base_url = base_url or WANDB_DEFAULT_BASE_URL
+    host = urlsplit(base_url.strip().rstrip("/")).netloc
+    return bool(host) and _netrc_has_password(host)
+
+
+def _wandb_settings() -> dict[str, str]:
+    """The [default] section of W&B's global settings file, then its workspace one's."""
+    config_dir = os.environ.get("WANDB_CONFIG_DIR") or Path("~/.config/wandb").expanduser()
+    workspace = Path(os.environ.get("WANDB_DIR") or ".") / "wandb"
+    settings: dict[str, str] = {}
+    for file in (Path(config_dir) / "settings", workspace / "settings"):
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(file)
+        except (configparser.Error, OSError, UnicodeDecodeError):
+            continue
+        if parser.has_section("default"):
+            settings.update(parser["default"])
+    return settings
+
+
+def _netrc_has_password(host: str) -> bool:
+    """As wandb reads it: $NETRC, else ~/.netrc, else ~/_netrc; unreadable means none."""
+    path = os.environ.get("NETRC")
+    if path:
+        file = Path(path).expanduser()
+    else:
+        home = Path("~").expanduser()
+        file = next((f for f in (home / ".netrc", home / "_netrc") if f.exists()), home / ".netrc")
+    try:
+        entry = netrc.netrc(file).authenticators(host)
+    except (netrc.NetrcParseError, OSError, UnicodeDecodeError):
+        return False
+    return bool(entry and entry[2])
 
 
 def _resolve_budget(args: argparse.Namespace) -> None:
@@ -445,6 +591,8 @@ def _check_ranges(args: argparse.Namespace) -> None:
         if bad:
             kind = "positive" if flag in POSITIVE else "zero or more"
             raise UserError(f"--{flag} must be {kind} (got {value})")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be from 0 to {MAX_SEED} (got {args.seed})")
     for flag in BELOW_ONE:
         if not 0 <= getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be in [0, 1) (got {getattr(args, flag)})")
@@ -464,11 +612,32 @@ def _check_run_name(args: argparse.Namespace) -> None:
         raise UserError(f"--run_name {name!r} must be a plain name, without / or \\")
 
 
+def _check_text(dest: str, value: str) -> None:
+    """A flag's text: never empty (an empty path is the current directory, or nothing), never
+    a NUL (no path holds one; an args file can write it)."""
+    if not value.strip():
+        what = "path" if dest in PATH_FLAGS else "value"
+        raise UserError(f"--{dest} is empty or blank; give a {what}, or leave the flag out")
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError:
+        raise UserError(f"--{dest} {value!r} is not a valid file name or text") from None
+    if "\0" in value:
+        raise UserError(f"--{dest} {value!r} holds a NUL character; give a plain name")
+
+
+def _shown(text: str) -> str:
+    """A user's text in a one-line message: as is, or quoted when it holds a line break or
+    another unprintable character."""
+    return text if text.isprintable() else repr(text)
+
+
 def _check_writable_dir(path: Path, flag: str) -> None:
     reason = why_not_writable(path)
     if reason:
         raise UserError(
-            f"{flag} {path} is not writable ({reason}); choose a directory you can write to"
+            f"{flag} {_shown(str(path))} is not writable ({reason}); choose a directory you can "
+            "write to"
         )
 
 

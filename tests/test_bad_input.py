@@ -29,6 +29,9 @@ from tests.helpers import metrics_records, tiny_run_flags, train_in_process
 from utils import errors
 from utils.args import parse_args
 from utils.errors import UserError, exit_on_user_error
+from utils.model import NAMED_SHAPES
+
+TINY_SHAPE = {k: v for k, v in NAMED_SHAPES["tiny"].items() if k != "vocab_size"}
 
 MARKER = Path("/tmp/llm_playground_code_ran")
 
@@ -426,12 +429,12 @@ TRAIN_CASES = {
     "init_from without config": (["--init_from={X}"], empty_dir, "has no config.json"),
     "init_from another model": (
         ["--init_from={X}"],
-        model_dir({"model_type": "llama", "hidden_size": 4096}),
+        model_dir(TINY_SHAPE | {"model_type": "llama", "hidden_size": 4096}),
         "is another model than --config (hidden_size: 4096 vs --config",
     ),
     "init_from without weights": (
         ["--init_from={X}"],
-        model_dir({"model_type": "llama"}),
+        model_dir(TINY_SHAPE | {"model_type": "llama"}),
         "holds no model*.safetensors or pytorch_model*.bin weights",
     ),
     "init_from damaged checkpoint": (
@@ -747,6 +750,15 @@ def with_later_directory(root: Path, saved) -> Path:
     return run
 
 
+def only_checkpoint_damaged(root: Path, saved) -> Path:
+    run = copied_run(root, saved)
+    shutil.rmtree(run / "step_000002")
+    (run / "step_000004" / "trainer.pt").unlink()
+    metrics = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(metrics[:2]))  # not finished
+    return run
+
+
 # How the run directory was left, the resume flag, and what the refusal says.
 RUN_DIR_CASES = {
     "another run's checkpoint into a run": (copied_run, "{full}", "its newest checkpoint is"),
@@ -760,6 +772,9 @@ RUN_DIR_CASES = {
         with_later_directory, "auto", "holds step_000005, after step_000004",
     ),
     "no resume into a run": (copied_run, None, "already holds a run"),
+    "auto whose only checkpoint lost its trainer.pt": (
+        only_checkpoint_damaged, "auto", "holds step_000004, after step_000000",
+    ),
 }  # fmt: skip
 
 

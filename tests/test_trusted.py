@@ -157,7 +157,9 @@ def genuine(tmp_path_factory) -> Path:
              "param_groups": [{"lr": 0.01, "betas": (0.9, 0.95), "params": [0]}]}  # fmt: skip
     dcp.save({"model": model_tensors(), "optim": optim}, checkpoint_id=step, no_dist=True)
     torch.save(TRAINER, step / "trainer.pt")
-    torch.save({"shapes": {"layer.0.weight": [3, 2]}, "loader": {}}, step / "rank_00000.pt")
+    rank_state = {"shapes": {"layer.0.weight": [3, 2]}, "loader": {},
+                  "rng": {"cpu": torch.get_rng_state()}}  # fmt: skip
+    torch.save(rank_state, step / "rank_00000.pt")
     return step
 
 

@@ -10,7 +10,6 @@ one process's memory.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -27,12 +26,12 @@ from utils.checkpoint import (
     check_shapes_match,
     checkpoint_problem,
     load_weights_and_optimizer,
-    read_trainer_state,
     saved_shapes,
 )
+from utils.checkpoint.layout import weight_files_problem
 from utils.checkpoint.trusted import load_torch_file
 from utils.errors import UserError
-from utils.model import canonical_name
+from utils.model import canonical_name, read_model_config_file
 
 # Config fields that change what the weights compute without changing a shape.
 ARCHITECTURE_FIELDS = (
@@ -54,13 +53,18 @@ def check_initial_weights(path: str, model_config: PretrainedConfig) -> None:
         problem = checkpoint_problem(directory)
         if problem:
             raise UserError(f"--init_from {directory}: {problem}")
-        trainer = read_trainer_state(directory)
+        trainer = load_torch_file(directory / "trainer.pt")  # checked just above
         if trainer["ckpt_type"] == "local" or trainer.get("slt") is not None:
             raise _start_from_export(directory)
-    elif not _weight_files(directory):
+        return
+    files = _weight_files(directory)
+    if not files:
         raise UserError(
             f"--init_from {directory} holds no model*.safetensors or pytorch_model*.bin weights"
         )
+    problem = weight_files_problem(directory, files)
+    if problem:
+        raise UserError(f"--init_from {directory}: {problem}")
 
 
 def load_initial_weights(model: nn.Module, path: str, fresh: set[str]) -> None:
@@ -73,7 +77,7 @@ def load_initial_weights(model: nn.Module, path: str, fresh: set[str]) -> None:
         return
     if fresh:  # a checkpoint restores every parameter it names, so none can stay fresh
         raise _start_from_export(directory)
-    ckpt_type = read_trainer_state(directory)["ckpt_type"]
+    ckpt_type = load_torch_file(directory / "trainer.pt")["ckpt_type"]  # check_initial_weights
     check_shapes_match(saved_shapes(directory, ckpt_type), model, f"--init_from {directory}")
     load_weights_and_optimizer(directory, ckpt_type, model, None, rank_state={})
 
@@ -95,7 +99,7 @@ def _check_same_architecture(directory: Path, model_config: PretrainedConfig) ->
     if not config_file.is_file():
         raise UserError(f"--init_from {directory} has no config.json; give the directory "
                         "save_pretrained wrote, or a step_<N> checkpoint")  # fmt: skip
-    saved = json.loads(config_file.read_text())
+    saved = read_model_config_file(config_file, "--init_from")  # the one config validator
     ours = model_config.to_dict()
     differing = [
         f"{field}: {saved.get(field)} vs --config {ours.get(field)}"

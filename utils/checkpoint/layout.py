@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import pickle
 import re
 import zipfile
@@ -23,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
+from utils.args import CKPT_TYPES, SHARDING_STRATEGIES
 from utils.checkpoint.trusted import TrustedReader, dcp_load, load_torch_file
 from utils.errors import UserError
 from utils.model import canonical_name
@@ -31,6 +33,7 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 OWN_STATE_SUFFIX = "_state.safetensors"  # a component's tensors in a `full` checkpoint
 # What every trainer.pt holds; any other key is a component's state ("scheduler": older runs).
 TRAINER_KEYS = {"step", "scaler", "world_size", "sharding_strategy", "ckpt_type", "scheduler"}
+TRAINER_FIELDS = TRAINER_KEYS - {"scheduler"}  # checked one by one; the rest are components
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 FULL_STATE_FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
@@ -51,41 +54,171 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / "trainer.pt").is_file()]
 
 
+class _Damaged(Exception):
+    """What is wrong with one file of a checkpoint: the line checkpoint_problem returns."""
+
+
 def checkpoint_problem(step_dir: Path) -> str | None:
-    """What is missing or cut short in a checkpoint, read from sizes and file headers only
-    (cheap enough for start-up); None when everything is there."""
-    archives = [step_dir / "trainer.pt"]
-    if not archives[0].is_file():
-        return "no trainer.pt: not a complete checkpoint"
-    if not zipfile.is_zipfile(archives[0]):
-        return f"{archives[0]} is damaged"
-    try:  # a zip archive, but maybe not torch's, or not of a trainer state
-        trainer = load_torch_file(archives[0])
-        world_size, ckpt_type = trainer["world_size"], trainer["ckpt_type"]
-    except UserError as err:  # its pickle names more than tensors and plain values
+    """The one check of a checkpoint's files, cheap enough for start-up (None: it is whole).
+    trainer.pt, every rank's rank_<r>.pt and a `full` optimizer.pt are read (the last two memory
+    mapped, not read) and checked field by field; the weights by sizes and headers: every byte
+    range of DCP's metadata inside its file, every safetensors header whole and its tensors
+    there. The weights' shapes are checked against the model later (check_shapes_match).
+    Otherwise a line naming the file, and the field, that is missing, cut short or wrong."""
+    try:
+        _check_checkpoint(step_dir)
+    except _Damaged as err:
         return str(err)
-    except (RuntimeError, EOFError, KeyError, TypeError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        return f"{archives[0]} is damaged ({type(err).__name__}: {reason})"
-    archives += [step_dir / f"rank_{rank:05d}.pt" for rank in range(world_size)]
-    if ckpt_type == "full":
-        archives.append(step_dir / "optimizer.pt")
-    for path in archives:
-        if not path.is_file():
-            return f"{path} is missing"
-        if not zipfile.is_zipfile(path):
-            return f"{path} is cut short or damaged"
-    if ckpt_type == "shard":
-        return _dcp_files_problem(step_dir)
-    if ckpt_type == "full":
-        return _safetensors_problem(step_dir)
     return None
+
+
+def _check_checkpoint(step_dir: Path) -> None:
+    path = step_dir / "trainer.pt"
+    if not path.is_file():
+        raise _Damaged("no trainer.pt: not a complete checkpoint")
+    if not zipfile.is_zipfile(path):
+        raise _Damaged(f"{path} is damaged")
+    trainer = _read_torch_file(path)
+    _check_trainer(path, trainer)
+    ckpt_type = trainer["ckpt_type"]
+    # the weights first: a crafted `.metadata` is named as such, whatever else is wrong
+    problem = None
+    if ckpt_type == "shard":
+        problem = _dcp_files_problem(step_dir)
+    elif ckpt_type == "full":
+        problem = _safetensors_problem(step_dir, trainer)
+    if problem:
+        raise _Damaged(problem)
+    for rank in range(trainer["world_size"]):
+        path = step_dir / f"rank_{rank:05d}.pt"
+        _check_rank_state(path, _read_torch_file(path, mmap=True), ckpt_type)
+    if ckpt_type == "full":
+        path = step_dir / "optimizer.pt"
+        _check_full_optimizer(path, _read_torch_file(path, mmap=True))
+
+
+def _read_torch_file(path: Path, **kwargs: Any) -> Any:
+    """A torch file of the checkpoint, through the weights-only reader."""
+    if not path.is_file():
+        raise _Damaged(f"{path} is " + ("not a file" if path.exists() else "missing"))
+    if not zipfile.is_zipfile(path):
+        raise _Damaged(f"{path} is cut short or damaged")
+    try:
+        return load_torch_file(path, map_location="cpu", **kwargs)
+    except UserError as err:  # its pickle names more than tensors and plain values
+        raise _Damaged(str(err)) from err
+    except Exception as err:  # a zip archive, but not torch's, or torch's cut or garbled
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise _Damaged(f"{path} is damaged ({type(err).__name__}: {reason[:200]})") from err
+
+
+def _is_int(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _shown(value: Any) -> str:
+    """A value read from a file, short, for an error line."""
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
+    text = repr(value).encode("unicode_escape").decode()
+    return f"{text[:60]}{'...' if len(text) > 60 else ''} ({type(value).__name__})"
+
+
+def _field(path: Path, state: Any, key: str, ok: Callable[[Any], bool], wanted: str) -> Any:
+    """`state[key]`, which `ok` accepts (a `wanted` thing); the file is damaged otherwise."""
+    if key not in state:
+        raise _Damaged(f"{path} is damaged (no {key!r})")
+    if not ok(state[key]):
+        raise _Damaged(f"{path} is damaged (its {key!r} is {_shown(state[key])}, not {wanted})")
+    return state[key]
+
+
+def _check_dict(path: Path, state: Any, what: str) -> None:
+    if not isinstance(state, dict):
+        raise _Damaged(f"{path} is damaged (it holds {_shown(state)}, not {what})")
+    odd = next((key for key in state if not isinstance(key, str)), None)
+    if odd is not None:
+        raise _Damaged(f"{path} is damaged (a key {_shown(odd)} of {what})")
+
+
+def _check_trainer(path: Path, trainer: Any) -> None:
+    _check_dict(path, trainer, "a trainer state")
+    _field(path, trainer, "step", lambda v: _is_int(v, 0), "an int >= 0")
+    _field(path, trainer, "world_size", lambda v: _is_int(v, 1), "an int >= 1")
+    _field(path, trainer, "ckpt_type", lambda v: v in CKPT_TYPES, " or ".join(CKPT_TYPES))
+    strategies = " or ".join(SHARDING_STRATEGIES)
+    _field(path, trainer, "sharding_strategy", lambda v: v in SHARDING_STRATEGIES, strategies)
+    _field(path, trainer, "scaler", lambda v: v is None or isinstance(v, dict), "None or a dict")
+    for name in sorted(trainer.keys() - TRAINER_FIELDS):
+        # a component's state ("progress", "log_window", "slt"; "scheduler" of older runs)
+        _field(path, trainer, name, lambda v: v is None or isinstance(v, dict), "None or a dict")
+
+
+def _is_dict_of(value: Any, kind: type | tuple[type, ...]) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, kind) for k, v in value.items()
+    )
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(_is_int(n, 0) for n in value)
+
+
+def _is_rng(value: Any) -> bool:
+    """torch's RNG states: the CPU's, and the GPU's of a run that had one."""
+    return isinstance(value, dict) and all(
+        isinstance(value.get(device), torch.Tensor) and value[device].dtype == torch.uint8
+        for device in ("cpu", *(["cuda"] if "cuda" in value else []))
+    )
+
+
+def _is_optimizer_state(value: Any, keys: type) -> bool:
+    """An optimizer's state_dict: `state` by parameter (its index, or its name in a full one),
+    `param_groups` a list of dicts, each with its `params`."""
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("state"), dict)
+        and all(isinstance(k, keys) and isinstance(v, dict) for k, v in value["state"].items())
+        and isinstance(value.get("param_groups"), list)
+        and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                for g in value["param_groups"])
+    )  # fmt: skip
+
+
+def _check_rank_state(path: Path, state: Any, ckpt_type: str) -> None:
+    """A rank's file: its loader's position and RNG states, and a `local` one's shards."""
+    _check_dict(path, state, "a rank's state")
+    _field(path, state, "loader", lambda v: isinstance(v, dict), "a dict")
+    _field(path, state, "rng", _is_rng, "a dict of uint8 tensors under 'cpu' (and 'cuda')")
+    if ckpt_type != "local":
+        return
+    model = _field(path, state, "model", lambda v: _is_dict_of(v, torch.Tensor), "tensors by name")
+    shapes = _field(path, state, "shapes", lambda v: _is_dict_of(v, list | tuple), "shapes by name")
+    bad = next((name for name, shape in shapes.items() if not _is_shape(shape)), None)
+    if bad is not None:
+        raise _Damaged(f"{path} is damaged (its 'shapes' of {bad!r} is {_shown(shapes[bad])}, "
+                       "not a list of ints >= 0)")  # fmt: skip
+    if model.keys() != shapes.keys():
+        name = sorted(model.keys() ^ shapes.keys())[0]
+        raise _Damaged(f"{path} is damaged ({name!r} is in one of 'model' and 'shapes' only)")
+    _field(path, state, "mesh", lambda v: _is_dict_of(v, int) and "shard" in v,
+           "ints by mesh dimension, 'shard' among them")  # fmt: skip
+    _field(path, state, "optim", lambda v: _is_optimizer_state(v, int),
+           "an optimizer state ('state' by index, 'param_groups')")  # fmt: skip
+
+
+def _check_full_optimizer(path: Path, state: Any) -> None:
+    _check_dict(path, state, "an optimizer state")
+    _field(path, state, "state", lambda v: _is_dict_of(v, dict), "moments by parameter name")
+    _field(path, state, "param_groups", lambda v: _is_optimizer_state(state, str),
+           "a list of parameter groups")  # fmt: skip
 
 
 def _dcp_files_problem(step_dir: Path) -> str | None:
     """Every byte range the DCP metadata points to lies inside a file of the checkpoint."""
     if not (step_dir / ".metadata").is_file():
-        return f"{step_dir / '.metadata'} is missing"
+        exists = (step_dir / ".metadata").exists()
+        return f"{step_dir / '.metadata'} is {'not a file' if exists else 'missing'}"
     try:
         storage = TrustedReader(step_dir).read_metadata().storage_data
         ends: dict[str, int] = {}
@@ -109,16 +242,66 @@ def _dcp_files_problem(step_dir: Path) -> str | None:
     return None
 
 
-def _safetensors_problem(step_dir: Path) -> str | None:
-    if not transformers_weight_files(step_dir):
+def _safetensors_problem(step_dir: Path, trainer: dict) -> str | None:
+    """A `full` checkpoint's weights: the transformers files and a component's own."""
+    files = transformers_weight_files(step_dir)
+    if not files:
         return f"no model.safetensors in {step_dir}"
-    for path in step_dir.glob("*.safetensors"):
-        try:
-            with safe_open(str(path), framework="pt"):
-                pass
-        except Exception as err:  # safetensors' own error type is not importable everywhere
-            return f"{path} is cut short or damaged ({err})"
+    if trainer.get("slt") is not None and not (step_dir / f"slt{OWN_STATE_SUFFIX}").is_file():
+        return f"{step_dir / f'slt{OWN_STATE_SUFFIX}'} is missing (a sparse run's own tensors)"
+    return weight_files_problem(step_dir, files + own_state_files(step_dir))
+
+
+def weight_files_problem(directory: Path, files: list[Path]) -> str | None:
+    """The one check of weight files in the transformers layout (a `full` checkpoint, an
+    `--init_from` directory), from headers only: every safetensors file whole and readable,
+    every `.bin` a torch file of tensors by name (memory mapped, not read), and the files and
+    tensors an index (`model.safetensors.index.json`) names all there. None when they are."""
+    try:
+        held = {path.name: _weight_names(path) for path in files}
+        kinds = {path.suffix for path in files}  # model.safetensors.index.json: of .safetensors
+        for index in sorted(directory.glob("*.index.json")):
+            if Path(index.name.removesuffix(".index.json")).suffix in kinds:
+                _check_weight_index(directory, index, held)
+    except _Damaged as err:
+        return str(err)
     return None
+
+
+def _weight_names(path: Path) -> set[str]:
+    if not path.is_file():
+        raise _Damaged(f"{path} is " + ("not a file" if path.exists() else "missing"))
+    if path.suffix != ".safetensors":
+        state = _read_torch_file(path, mmap=True)
+        if not _is_dict_of(state, torch.Tensor):
+            raise _Damaged(f"{path} is damaged (it holds {_shown(state)}, not tensors by name)")
+        return set(state)
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return set(file.keys())
+    except Exception as err:  # safetensors' own error type is not importable everywhere
+        raise _Damaged(f"{path} is cut short or damaged ({err})") from err
+
+
+def _check_weight_index(directory: Path, index: Path, held: dict[str, set[str]]) -> None:
+    """transformers' index of sharded weights: each tensor it maps is in the file it names."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as err:
+        raise _Damaged(f"{index} is not a readable weight index ({type(err).__name__}: "
+                       f"{str(err)[:200]})") from err  # fmt: skip
+    if not _is_dict_of(weight_map, str):
+        raise _Damaged(f"{index} is damaged (its 'weight_map' is not file names by tensor)")
+    for name, file in sorted(weight_map.items(), key=lambda item: item[1]):
+        if Path(file).name != file or file in (".", ".."):
+            raise _Damaged(f"{index} names {file!r}, outside {directory}")
+        if file not in held:
+            if not (directory / file).exists():
+                raise _Damaged(f"{directory / file}, named in {index.name}, is missing")
+            held[file] = _weight_names(directory / file)
+        if name not in held[file]:
+            raise _Damaged(f"{directory / file} has no tensor {name!r}, which {index.name} "
+                           "puts there")  # fmt: skip
 
 
 # ---------------------------------------------------------------- transformers layout

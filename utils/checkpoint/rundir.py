@@ -88,6 +88,7 @@ def resolve_resume_dir(flag: str | None, run_dir: Path, train_steps: int) -> Pat
     if flag == "auto":
         if not found:
             _refuse_finished_run_without_checkpoint(run_dir, train_steps)
+            _refuse_entries_after(run_dir, 0)  # a damaged step_<N> is not this run's to replace
             return None
         _refuse_damaged_newest(found)
         chosen = found[-1]

@@ -12,32 +12,76 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from datas.tokenizer import load_tokenizer
 from slt.export import dense_weights
-from utils.checkpoint import fsync_tree, replace_dir, save_transformers_weights, write_model_files
+from utils.checkpoint import (
+    fsync_tree,
+    read_trainer_state,
+    replace_dir,
+    save_transformers_weights,
+    write_model_files,
+)
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.files import check_new_output_dir, why_not_writable
 
 
 def convert(step_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     """Write the transformers directory of `step_dir` to `out_dir`, whole or not at all."""
     _check_destination(step_dir, out_dir, overwrite)
+    read_trainer_state(step_dir)  # the checkpoint is whole (cheap: headers and trainer.pt)
+    config = _read_config(step_dir)
+    tokenizer = _read_tokenizer(step_dir)
     weights = dense_weights(step_dir)
-    config = AutoConfig.from_pretrained(str(step_dir))
     staging = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         save_transformers_weights(config, weights, staging)
-        write_model_files(config, staging, load_tokenizer(step_dir, "checkpoint"))
+        write_model_files(config, staging, tokenizer)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     fsync_tree(staging)
     replace_dir(staging, out_dir)  # an --overwrite's old export goes once the new one is in
     return out_dir
+
+
+def _read_config(step_dir: Path) -> PretrainedConfig:
+    """The model config saved in the checkpoint; a missing or unreadable one is a UserError."""
+    if not (step_dir / "config.json").is_file():
+        raise UserError(
+            f"checkpoint {step_dir} has no config.json; copy the whole step directory as "
+            "training wrote it"
+        )
+    try:
+        return AutoConfig.from_pretrained(str(step_dir))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(
+            f"checkpoint {step_dir}: config.json is not a model config ({_first_line(err)}); "
+            "copy the whole step directory as training wrote it"
+        ) from err
+
+
+def _read_tokenizer(step_dir: Path) -> Any:
+    """The checkpoint's tokenizer (load_tokenizer's checks), with whatever else the tokenizer
+    libraries raise on a damaged file as one line: they raise bare Exceptions."""
+    try:
+        return load_tokenizer(step_dir, "checkpoint")
+    except UserError:
+        raise
+    except Exception as err:  # tokenizers raises Exception on a garbled tokenizer.json
+        raise UserError(
+            f"checkpoint {step_dir} holds no loadable tokenizer ({_first_line(err)}); copy "
+            "the tokenizer files of the run's --tokenizer_dir into it"
+        ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _check_destination(step_dir: Path, out_dir: Path, overwrite: bool) -> None:
@@ -49,13 +93,15 @@ def _check_destination(step_dir: Path, out_dir: Path, overwrite: bool) -> None:
             f"OUT {out_dir} is, contains or lies inside the checkpoint {step_dir}; "
             "choose a directory elsewhere"
         )
-    if out_dir.is_file():
-        raise UserError(f"OUT {out_dir} is a file; choose a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(
-            f"OUT {out_dir} already holds files; choose a new directory, or pass --overwrite "
-            "to replace it"
-        )
+    if overwrite and out_dir.is_dir():  # replaced by a directory written beside it
+        reason = why_not_writable(out_dir.parent)
+        if reason is not None:
+            raise UserError(f"OUT {out_dir} cannot be replaced: {out_dir.parent} allows no new "
+                            f"file ({reason}); give a directory you can write")  # fmt: skip
+        return
+    check_new_output_dir(
+        out_dir, "OUT", "choose a new directory, or pass --overwrite to replace it"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

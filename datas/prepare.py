@@ -3,8 +3,10 @@
     python -m datas.prepare --input data/ more.jsonl --output mds/train
     python -m datas.prepare --input data/ --output mds/train_2048 --tokenizer tok/ --seq_len 2048
 
-Inputs: .jsonl, .jsonl.gz / .json.gz (one JSON object per line), .parquet, .txt (one
-document per file), or directories holding them. Without --tokenizer the documents are
+Inputs: .jsonl, .json, .jsonl.gz / .json.gz (one JSON object per line), .parquet, .txt
+(one document per file), or directories holding them (searched recursively, in sorted path
+order; hidden files skipped). Empty and whitespace-only texts are no documents: skipped and
+counted. The rule is `datas.jsonl`'s, which the C4 evaluation shares. Without --tokenizer the documents are
 stored as a `text` column; with it, as pre-packed `tokens` blocks of exactly seq_len tokens
 (documents joined with EOS, the last partial block dropped), which the loader uses without
 tokenizing. Shards are zstd-compressed with sha1 hashes.
@@ -21,12 +23,20 @@ from typing import Any
 
 import numpy as np
 
-from datas.jsonl import json_lines_texts, text_field
+from datas.jsonl import (
+    JSON_LINES_SUFFIXES,
+    document_files,
+    is_document,
+    is_document_file,
+    json_lines_texts,
+    text_field,
+)
 from datas.mds import HASH_ALGO, TEXT_COLUMN, TOKENS_COLUMN
 from datas.tokenizer import batched, encode_documents, load_tokenizer
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.files import check_new_output_dir
 
-SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".parquet", ".txt")
+SUFFIXES = (*JSON_LINES_SUFFIXES, ".parquet", ".txt")
 TOKENIZE_BATCH = 256
 FIELD_HINT = "pass --text_field NAME"
 
@@ -41,27 +51,105 @@ class PrepareStats:
     samples: int = 0
 
 
+@dataclass(frozen=True)
+class PrepareInputs:
+    """Checked arguments of a preparation: what `check_prepare_args` returns."""
+
+    files: list[Path]
+    output: Path
+    compression: str | None
+    size_limit: int
+
+
 def find_files(inputs: list[str | Path]) -> list[Path]:
-    """Input files in a fixed order: each argument as given, directories recursively sorted."""
+    """Input files in a fixed order: each argument as given, directories recursively in
+    sorted path order (`datas.jsonl.document_files`). A missing path, a file of another type
+    and a directory without one input file are UserErrors naming it."""
     files = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.name.endswith(SUFFIXES))
+            found = document_files(item, SUFFIXES, recursive=True)
+            if not found:
+                raise UserError(
+                    f"--input {item}: no documents found (no {', '.join(SUFFIXES)} files "
+                    "in it); give the directory of your documents"
+                )
+            files += found
         elif item.is_file():
-            if not item.name.endswith(SUFFIXES):
+            if not is_document_file(item, SUFFIXES):
                 raise UserError(f"--input {item}: unsupported file type; use {', '.join(SUFFIXES)}")
             files.append(item)
+        elif item.exists():
+            raise UserError(f"--input {item} is neither a file nor a directory")
         else:
             raise UserError(f"--input {item} does not exist")
     return files
 
 
+def check_compression(compression: str | None) -> str | None:
+    """`compression` if streaming knows it (None or "none": uncompressed), else a UserError."""
+    from streaming.base.compression import get_compressions, is_compression
+
+    if compression in (None, "none"):
+        return None
+    if not isinstance(compression, str) or not is_compression(compression):
+        names = sorted(n for n in get_compressions() if ":" not in n)
+        raise UserError(
+            f"--compression {compression!r} is unknown; use one of {', '.join(names)} "
+            "(with a level, e.g. zstd:7) or none"
+        )
+    return compression
+
+
+def check_size_limit(size_limit: int | str) -> int:
+    """`size_limit` in bytes (an int or a size such as 64mb), at least 1 kb; else a UserError."""
+    from streaming.base.util import bytes_to_int
+
+    try:
+        if isinstance(size_limit, bool) or not isinstance(size_limit, int | str):
+            raise ValueError(type(size_limit).__name__)
+        size = bytes_to_int(
+            size_limit.strip().lower() if isinstance(size_limit, str) else size_limit
+        )
+    except (ValueError, TypeError, OverflowError):
+        size = None
+    if size is None or size < 1024:
+        raise UserError(
+            f"--size_limit {size_limit!r} is not a shard size of at least 1kb; give bytes or a "
+            "size such as 64mb"
+        )
+    return size
+
+
+def check_prepare_args(
+    inputs: list[str | Path],
+    output: str | Path,
+    compression: str | None = "zstd",
+    size_limit: int | str = 1 << 26,
+) -> PrepareInputs:
+    """Every input of a preparation checked before anything is written: the output (a new
+    directory that can be created), the compression, the shard size and the input files."""
+    compression = check_compression(compression)
+    size = check_size_limit(size_limit)
+    files = find_files(inputs)
+    output = Path(output)
+    check_new_output_dir(output, "--output", "choose a new directory or empty it")
+    return PrepareInputs(files, output, compression, size)
+
+
 def _parquet_texts(path: Path, field: str) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pq.ParquetFile(path)
     if field not in table.schema_arrow.names:
         text_field(dict.fromkeys(table.schema_arrow.names), field, str(path), FIELD_HINT)
+    kind = table.schema_arrow.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+        raise UserError(
+            f"--input {path}: column {field!r} holds {kind}, not text; {FIELD_HINT} naming "
+            "the column of strings"
+        )
     for batch in table.iter_batches(columns=[field]):
         yield from batch.column(0).to_pylist()
 
@@ -79,7 +167,7 @@ def read_documents(path: Path, field: str) -> Iterator[str]:
     except (OSError, EOFError, UnicodeDecodeError, ValueError) as err:
         if isinstance(err, UserError):
             raise
-        reason = str(err).splitlines()[0]
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"--input {path} is not readable as {path.suffix} ({reason})") from err
 
 
@@ -99,17 +187,6 @@ def _token_blocks(
         stats.tokens += usable
         buffer = buffer[usable:]
     stats.dropped_tokens = len(buffer)
-
-
-def _check_output(output: Path) -> None:
-    if any(parent.is_file() for parent in output.parents):
-        raise UserError(f"--output {output} lies under a file; give a directory path")
-    if output.is_file():
-        raise UserError(f"--output {output} is a file; give a new directory")
-    if output.exists() and any(output.iterdir()):
-        raise UserError(
-            f"--output {output} already holds files; choose a new directory or empty it"
-        )
 
 
 def _validate(output: Path, column: str, first: Any, last: Any, samples: int) -> None:
@@ -143,9 +220,9 @@ def prepare_mds(
         raise UserError("--tokenizer and --seq_len go together: give both or neither")
     if seq_len is not None and seq_len < 2:
         raise UserError(f"--seq_len must be at least 2 (got {seq_len})")
-    output = Path(output)
-    _check_output(output)
-    files = find_files(inputs)
+    checked = check_prepare_args(inputs, output, compression, size_limit)
+    output, files = checked.output, checked.files
+    compression, size_limit = checked.compression, checked.size_limit
     # Written beside under a hidden name, validated, then renamed: an interrupted run never
     # leaves a dataset that looks complete, nor an index.json that blocks the next attempt.
     staging = output.with_name(f".{output.name}.partial")
@@ -156,7 +233,7 @@ def prepare_mds(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if output.exists():  # empty: _check_output
+    if output.exists():  # empty: check_new_output_dir
         output.rmdir()
     staging.rename(output)
     return stats
@@ -179,7 +256,7 @@ def _write_and_validate(
 
     def documents() -> Iterator[str]:
         for text in chain.from_iterable(read_documents(f, text_field) for f in files):
-            if text and text.strip():
+            if is_document(text):
                 stats.documents += 1
                 yield text
             else:
@@ -229,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
             text_field=args.text_field,
             tokenizer=args.tokenizer,
             seq_len=args.seq_len,
-            compression=None if args.compression == "none" else args.compression,
+            compression=args.compression,
             size_limit=args.size_limit,
         )
     summary = f"{stats.documents} documents from {stats.files} files"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.files import why_not_writable
 
 
 @dataclass
@@ -36,21 +37,64 @@ class Run:
         return record["step"] * self.tokens_per_step if self.tokens_per_step else None
 
 
-def read_run(run_dir: Path) -> Run:
-    metrics = run_dir / "metrics.jsonl"
+# The fields compare reads, and the JSON types each may hold (null: not logged that step).
+NUMBER_FIELDS = ("loss", "eval/c4_ppl", "tokens_per_s_per_gpu", "mfu")
+COUNT_FIELDS = ("step", "tokens_seen")
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+METRICS_FIX = "repair or delete that line (metrics.jsonl holds one JSON object per line)"
+
+
+def read_metrics(metrics: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl, every one checked: a JSON object per line with an
+    integer `step`, and numbers (or null) in the fields compare reads. A bad line is a
+    UserError naming the file and line number; a last line without its newline is left out
+    (cut short by a kill, or still being written by a live run)."""
     if not metrics.is_file():
         raise UserError(
-            f"{run_dir} has no metrics.jsonl; give run directories (output_dir/run_name)"
+            f"{metrics.parent} has no metrics.jsonl; give run directories (output_dir/run_name)"
         )
+    try:
+        lines = metrics.read_bytes().splitlines(keepends=True)
+    except OSError as err:
+        raise UserError(f"{metrics} is not readable ({err.strerror or err})") from err
     records = []
-    lines = metrics.read_text().splitlines(keepends=True)
     for number, line in enumerate(lines, start=1):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines) and not line.endswith("\n"):
+            records.append(check_record(json.loads(line.decode("utf-8"))))
+        except (UnicodeDecodeError, ValueError) as err:
+            if number == len(lines) and not line.endswith(b"\n"):
                 break  # cut short by a kill, or still being written by a live run
-            raise UserError(f"{metrics}: line {number} is not JSON") from None
+            if isinstance(err, UnicodeDecodeError):
+                why = "is not UTF-8 text"
+            elif isinstance(err, json.JSONDecodeError):
+                why = "is not JSON"
+            else:
+                why = str(err)
+            raise UserError(f"{metrics}: line {number} {why}; {METRICS_FIX}") from None
+    return records
+
+
+def check_record(record: object) -> dict:
+    """`record` if it is a metrics record compare can read, else a ValueError saying why."""
+    if not isinstance(record, dict):
+        raise ValueError(f"holds a JSON {type(record).__name__}, not an object")
+    if "step" not in record:
+        raise ValueError("has no `step`")
+    for field in (*COUNT_FIELDS, *NUMBER_FIELDS):
+        value = record.get(field)
+        if value is None and field != "step":
+            continue
+        wanted = int if field in COUNT_FIELDS else int | float
+        if isinstance(value, bool) or not isinstance(value, wanted):
+            kind = "an integer" if field in COUNT_FIELDS else "a number or null"
+            raise ValueError(f"has {field} {json.dumps(value)[:40]}, not {kind}")
+    return record
+
+
+def read_run(run_dir: Path) -> Run:
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a directory; give run directories (output_dir/run_name)")
+    records = read_metrics(run_dir / "metrics.jsonl")
     return Run(
         name=run_dir.name,
         train=[r for r in records if r.get("loss") is not None],
@@ -110,6 +154,37 @@ def _cell(column: str, value: float | int | str | None) -> str:
     return str(value)
 
 
+def check_plot_path(path: Path, run_dirs: list[Path]) -> None:
+    """`--plot` names an image file that can be written and is none of the runs' files;
+    matplotlib is installed. Checked before any run is read."""
+    resolved = path.resolve()
+    for run_dir in run_dirs:
+        if resolved.parent == run_dir.resolve() and path.name in ("metrics.jsonl", "config.json"):
+            raise UserError(
+                f"--plot {path} is run {run_dir}'s {path.name}; give an image path such as "
+                "compare.png"
+            )
+    if path.is_dir():
+        raise UserError(
+            f"--plot {path} is a directory; give an image path such as {path}/compare.png"
+        )
+    if path.suffix.lower() not in ("", *PLOT_SUFFIXES):
+        raise UserError(
+            f"--plot {path}: unknown image type {path.suffix!r}; end it with one of "
+            f"{', '.join(PLOT_SUFFIXES)}"
+        )
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install '.[plot]'") from None
+    under_file = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if under_file is not None:
+        raise UserError(f"--plot {path} lies under a file ({under_file}); give another path")
+    reason = why_not_writable(path.parent)
+    if reason is not None:
+        raise UserError(f"--plot {path} cannot be written in {path.parent} ({reason})")
+
+
 def plot(runs: list[Run], path: Path) -> None:
     """Training loss and C4 perplexity against tokens seen, one line per run."""
     try:
@@ -131,7 +206,7 @@ def plot(runs: list[Run], path: Path) -> None:
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    figure.savefig(partial, format=path.suffix.lstrip(".") or "png", dpi=120)
+    figure.savefig(partial, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
     os.replace(partial, path)
 
 
@@ -148,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", type=Path, help="write loss and perplexity curves here (.png)")
     with exit_on_user_error():
         args = parser.parse_args(argv)
+        if args.plot:
+            check_plot_path(args.plot, args.run_dirs)
         runs = [read_run(run_dir) for run_dir in args.run_dirs]
         print(markdown_table([summary(run) for run in runs]))
         if args.plot:

@@ -7,7 +7,9 @@ Protocol (version 1):
    validation files as distributed (`c4-validation.*-of-*.json.gz`, one JSON object with a
    `text` field per line) or any `.jsonl`/`.json`/`.jsonl.gz`/`.json.gz` file of that shape,
    a datasets `save_to_disk` directory (`*.arrow` IPC streams with a `text` column), or an
-   MDS directory with a `text` column.
+   MDS directory with a `text` column. Which files and texts are documents is
+   `datas.jsonl`'s rule, shared with `datas.prepare`: a null, empty or whitespace-only text
+   is no document (version 2; version 1 scored such texts' EOS).
 2. Each document is tokenized without special tokens and followed by the EOS token; all
    documents are concatenated into one stream.
 3. The stream is cut into non-overlapping windows of `seq_len` tokens; the final partial
@@ -25,7 +27,8 @@ size nor the batch size changes which windows count or the order in which they a
 
 The tokenized windows are cached as a .npy of int32 `[n_windows, seq_len]` under
 `$LLM_PLAYGROUND_CACHE/c4_eval` (default `~/.cache/llm-playground/c4_eval`), keyed by the
-data files (path, size, mtime), the tokenizer's content and `seq_len`.
+data files (path, size, mtime), the tokenizer's content and `seq_len`; a cached file that is
+cut short or damaged is built again.
 
 CLI: `python -m datas.C4.c4_eval --checkpoint STEP_DIR --data PATH`, plain or under torchrun;
 without --checkpoint (and with --tokenizer) it only builds the cache.
@@ -49,16 +52,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from datas.jsonl import json_lines_texts
-from datas.mds import check_safe_columns, shard_file, shard_samples
+from datas.jsonl import JSON_LINES_SUFFIXES, document_files, is_document, json_lines_texts
+from datas.mds import check_safe_columns, read_index, shard_file, shard_samples
 from datas.tokenizer import batched, encode_documents, load_tokenizer
+from utils.checkpoint.layout import STEP_DIR, step_number
 from utils.distributed import DistEnv, broadcast_from_main, build_mesh, init_distributed, shutdown
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.parallelize import parallelize_model
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 TEXT_FIELD = "text"
-JSON_SUFFIXES = (".json.gz", ".jsonl.gz", ".jsonl", ".json")
 TOKENIZE_BATCH = 1024
 GET_DATA_HINT = "get the C4 validation files as described in docs/eval.md"
 
@@ -74,7 +77,7 @@ class EvalData:
 
 
 def _file_kind(path: Path) -> str | None:
-    if path.name.endswith(JSON_SUFFIXES):
+    if path.name.endswith(JSON_LINES_SUFFIXES):
         return "json"
     if path.suffix == ".arrow":
         return "arrow"
@@ -100,10 +103,9 @@ def resolve_eval_data(data_path: str | Path) -> EvalData:
         raise UserError(
             f"eval data {root} is a DatasetDict; give one split's directory, e.g. {root}/validation"
         )
-    files = sorted(p for p in root.iterdir() if p.is_file())
     # An Arrow directory also holds dataset_info.json and state.json: Arrow files win.
-    for kind in ("arrow", "json"):
-        matching = tuple(p for p in files if _file_kind(p) == kind)
+    for kind, suffixes in (("arrow", (".arrow",)), ("json", JSON_LINES_SUFFIXES)):
+        matching = tuple(document_files(root, suffixes))
         if matching:
             return EvalData(kind, root, matching)
     raise UserError(
@@ -112,18 +114,11 @@ def resolve_eval_data(data_path: str | Path) -> EvalData:
     )
 
 
-def _read_mds_index(root: Path) -> dict[str, Any]:
-    try:
-        return json.loads((root / "index.json").read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"eval data {root}/index.json is not readable MDS index ({err})") from err
-
-
 def _resolve_mds(root: Path) -> EvalData:
-    shards = _read_mds_index(root).get("shards", [])
+    shards = read_index(root)["shards"]
     files = [root / "index.json"]
     for shard in shards:
-        if shard.get("format") != "mds":
+        if shard.get("format", "mds") != "mds":
             raise UserError(f"eval data {root} has {shard.get('format')!r} shards; need MDS")
         check_safe_columns(shard, f"eval data {root}")
         columns = dict(zip(shard["column_names"], shard["column_encodings"], strict=True))
@@ -143,9 +138,13 @@ def check_eval_data(data_path: str | Path) -> None:
     field and at least one document. Cheap enough for start-up (reads one line per file)."""
     data = resolve_eval_data(data_path)
     if data.kind == "json":
+        # The first document of each file: reads up to the first line with text.
         has_documents = any(next(_json_documents(path), None) is not None for path in data.files)
     elif data.kind == "arrow":
-        has_documents = any(_arrow_table(path).num_rows for path in data.files)
+        has_documents = any(
+            any(map(is_document, _arrow_table(path).column(TEXT_FIELD).to_pylist()))
+            for path in data.files
+        )
     else:
         has_documents = True  # checked by resolve_eval_data from the index
     if not has_documents:
@@ -153,7 +152,8 @@ def check_eval_data(data_path: str | Path) -> None:
 
 
 def _json_documents(path: Path) -> Iterator[str]:
-    return json_lines_texts(path, TEXT_FIELD, 'give records like the C4 files: {"text": ...}')
+    texts = json_lines_texts(path, TEXT_FIELD, 'give records like the C4 files: {"text": ...}')
+    return filter(is_document, texts)
 
 
 def _arrow_table(path: Path) -> Any:
@@ -162,7 +162,7 @@ def _arrow_table(path: Path) -> Any:
     try:
         with pa.memory_map(str(path)) as source:
             table = pa.ipc.open_stream(source).read_all()
-    except (OSError, pa.ArrowInvalid) as err:
+    except (OSError, pa.ArrowException) as err:
         raise UserError(
             f"eval data {path} is not an Arrow IPC stream as datasets' save_to_disk writes ({err})"
         ) from err
@@ -178,9 +178,10 @@ def _arrow_table(path: Path) -> Any:
 
 
 def _mds_documents(root: Path) -> Iterator[str]:
-    for shard in _read_mds_index(root)["shards"]:
+    for shard in read_index(root)["shards"]:
         for sample in shard_samples(root, shard):
-            yield sample[TEXT_FIELD]
+            if is_document(sample[TEXT_FIELD]):
+                yield sample[TEXT_FIELD]
 
 
 def iter_documents(data: EvalData) -> Iterator[str]:
@@ -193,7 +194,7 @@ def iter_documents(data: EvalData) -> Iterator[str]:
             yield from _json_documents(path)
         else:
             for chunk in _arrow_table(path).column(TEXT_FIELD).chunks:
-                yield from chunk.to_pylist()
+                yield from filter(is_document, chunk.to_pylist())
 
 
 def _as_tokenizer(tokenizer: Any) -> Any:
@@ -266,8 +267,23 @@ def cache_file(
     return directory / f"{data.root.name}-seq{seq_len}-{digest}.npy"
 
 
+def read_cached_windows(path: Path, seq_len: int) -> np.ndarray | None:
+    """The windows cached in `path`, or None when there are none to trust: no file, or one
+    cut short or damaged (another shape or type, a garbled header, fewer bytes than it says).
+    The file is mapped, not read."""
+    try:
+        windows = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if windows.dtype != np.int32 or windows.ndim != 2 or windows.shape[1] != seq_len:
+        return None
+    if not len(windows):
+        return None
+    return windows
+
+
 def _ensure_cached(data: EvalData, tokenizer: Any, seq_len: int, path: Path) -> None:
-    if path.is_file():
+    if read_cached_windows(path, seq_len) is not None:
         return
     stream = token_stream(iter_documents(data), tokenizer)
     if not len(stream):  # every document adds at least its EOS
@@ -317,7 +333,13 @@ def load_windows(
     if failure is not None:
         raise failure
     _ensure_cached(data, tokenizer, seq_len, path)
-    return np.load(path, mmap_mode="r")
+    windows = read_cached_windows(path, seq_len)
+    if windows is None:  # damaged again since: another process writing the same cache badly
+        raise UserError(
+            f"the C4 eval cache {path} is damaged right after it was written; delete it, or "
+            "pass --cache_dir or set LLM_PLAYGROUND_CACHE to another directory"
+        )
+    return windows
 
 
 def select_windows(n_windows: int, max_windows: int | None, seed: int) -> np.ndarray:
@@ -412,6 +434,7 @@ def load_model_for_eval(step_dir: str | Path, env: DistEnv | None = None) -> nn.
     from slt.export import dense_weights
 
     step_dir = Path(step_dir)
+    check_checkpoint_dir(step_dir)
     if not (step_dir / "config.json").is_file():
         raise UserError(
             f"--checkpoint {step_dir} has no config.json; give a step_<N> checkpoint or a "
@@ -425,7 +448,14 @@ def load_model_for_eval(step_dir: str | Path, env: DistEnv | None = None) -> nn.
             raise UserError(f"--checkpoint {step_dir} does not match its config.json: {result}")
         model.tie_weights()
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(step_dir))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(step_dir))
+        except (OSError, ValueError, KeyError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(
+                f"--checkpoint {step_dir} is not a loadable model directory ({reason}); give "
+                "a step_<N> checkpoint or a model directory written by save_pretrained"
+            ) from err
     if env is None:
         return model.to("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(env.device)
@@ -437,6 +467,29 @@ def load_model_for_eval(step_dir: str | Path, env: DistEnv | None = None) -> nn.
         sharding_strategy="full_shard",
         param_dtype=torch.float32,
     )
+
+
+def check_checkpoint_dir(step_dir: Path) -> None:
+    """`--checkpoint` is a directory, and not a run directory (whose config.json holds the run's
+    flags, not a model): that one is refused naming the step directories it holds."""
+    if step_dir.exists() and not step_dir.is_dir():
+        raise UserError(
+            f"--checkpoint {step_dir} is a file; give a step_<N> checkpoint directory or a "
+            "model directory written by save_pretrained"
+        )
+    if not step_dir.is_dir() or (step_dir / "trainer.pt").is_file():
+        return
+    steps = sorted(
+        (step_number(p), p.name)
+        for p in step_dir.iterdir()
+        if STEP_DIR.match(p.name) and p.is_dir()
+    )
+    if steps:
+        names = ", ".join(name for _, name in steps)
+        raise UserError(
+            f"--checkpoint {step_dir} is a run directory holding {names}; give one of them, "
+            f"e.g. --checkpoint {step_dir / steps[-1][1]}"
+        )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

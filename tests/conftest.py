@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 from datas.local_corpus import stdlib_docstrings, train_byte_bpe
 
@@ -64,3 +66,20 @@ def mds_tokens(
         size_limit=1 << 16,
     )
     return root / "mds"
+
+
+@pytest.fixture
+def world_of_one():
+    """A gloo group of one in this process, for code that makes collectives (SIGTERM's handler
+    restored afterwards: an ExitPolicy sets its own)."""
+    from tests.helpers import free_port
+
+    handler = signal.getsignal(signal.SIGTERM)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        signal.signal(signal.SIGTERM, handler)

@@ -9,11 +9,10 @@ import shutil
 
 import pytest
 import torch
-import torch.distributed as dist
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import free_port, metrics_records, tiny_run_flags, train_in_process
+from tests.helpers import metrics_records, tiny_run_flags, train_in_process
 from utils.metrics import LogWindow, MetricsLogger, memory_estimate, model_flops_per_token
 from utils.model import load_model_config
 
@@ -51,17 +50,6 @@ def test_resuming_from_an_earlier_step_logs_each_step_once(mds_tokens, tokenizer
     assert [event.step for event in board.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.fixture(scope="module")
-def world_of_one():
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def window_of(steps: list[tuple[float, float, bool]], tokens: int = 10) -> LogWindow:
     window = LogWindow(torch.device("cpu"))
     for loss, norm, skipped in steps:
@@ -76,7 +64,9 @@ STEP_VALUES = st.tuples(st.floats(0.1, 20.0), st.floats(0.0, 50.0), st.booleans(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(steps=st.lists(STEP_VALUES, min_size=1, max_size=9), cut=st.integers(0, 9))
 def test_a_log_line_is_the_mean_loss_and_rms_norm_of_the_applied_steps_saved_or_not(
     world_of_one, steps, cut

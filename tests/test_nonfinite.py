@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import train
 from tests.helpers import (
     REPO,
-    free_port,
     metrics_records,
     tiny_run_flags,
     torchrun,
@@ -85,18 +83,9 @@ def test_stopping_saves_nothing_and_names_the_last_good_checkpoint(
     assert sorted(p.name for p in (tmp_path / "stop").glob("step_*")) == ["step_000002"]
 
 
-@pytest.fixture(scope="module")
-def world_of_one():
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-@settings(max_examples=150, deadline=None)
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     bad=st.sets(st.integers(1, 12), max_size=8),
     max_skipped=st.integers(1, 4),

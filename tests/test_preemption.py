@@ -3,32 +3,13 @@ the process, so the time start-up takes is inside the budget, not added to it.""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
 
-import pytest
-import torch.distributed as dist
-
-from tests.helpers import REPO, child_env, free_port
+from tests.helpers import REPO, child_env
 from utils import preemption
 from utils.preemption import ExitPolicy, process_start
-
-
-@pytest.fixture
-def world_of_one():
-    """A gloo group of one in this process (what should_exit's all-reduce needs), and
-    SIGTERM's handler as it was afterwards (ExitPolicy sets its own)."""
-    handler = signal.getsignal(signal.SIGTERM)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        signal.signal(signal.SIGTERM, handler)
 
 
 def test_the_duration_counts_from_the_start_of_the_process(world_of_one, monkeypatch):

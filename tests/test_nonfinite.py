@@ -118,7 +118,12 @@ def test_only_a_streak_of_max_skipped_stops_and_it_names_the_checkpoint_before_i
         assert asked == [start]
         assert events == sorted(s for s in bad if s <= streak_end)
         good = [s for s in saves if s < start]
-        assert (f"resume from step_{max(good):06d}" if good else "no checkpoint") in str(err)
+        expected = (
+            f"resume from step_{max(good):06d}"
+            if good
+            else "no checkpoint came before it: start again"
+        )
+        assert f"{expected} with a lower --lr" in str(err)
     else:
         assert streak_end is None
         assert events == sorted(bad)

@@ -94,8 +94,8 @@ class NonFiniteGuard:
         steps = f"step {step}" if first == step else f"steps {first}-{step}"
         why = "--nonfinite stop" if self.policy == "stop" else f"--max_skipped {self.max_skipped}"
         good = self.checkpoint_before(first)
-        resume = f"resume from {good}" if good else "no checkpoint was written before it"
+        again = f"resume from {good}" if good else "no checkpoint came before it: start again"
         return (
-            f"{steps}: loss or gradients not finite ({why}); stopped without saving; {resume} "
+            f"{steps}: loss or gradients not finite ({why}); stopped without saving; {again} "
             "with a lower --lr or --grad_clip (metrics.jsonl names each rank's loader position)"
         )

@@ -733,7 +733,19 @@ def copied_run(root: Path, saved, name: str = "copy") -> Path:
 def finished_without_checkpoint(root: Path, saved) -> Path:
     run = root / "runs" / "copy"
     run.mkdir(parents=True)
-    shutil.copy(saved["shard"].parent / "metrics.jsonl", run)
+    for name in ("metrics.jsonl", "config.json"):  # the config records its 4 steps
+        shutil.copy(saved["shard"].parent / name, run)
+    return run
+
+
+def a_checkpoint_of_a_run(root: Path, saved) -> Path:
+    """The run directory named is a published checkpoint (--run_name step_000004)."""
+    return copied_run(root, saved) / "step_000004"
+
+
+def with_linked_step(root: Path, saved) -> Path:
+    run = copied_run(root, saved)
+    (run / "step_000006").symlink_to(saved["full"])  # another run's step 4
     return run
 
 
@@ -772,6 +784,15 @@ RUN_DIR_CASES = {
         with_later_directory, "auto", "holds step_000005, after step_000004",
     ),
     "no resume into a run": (copied_run, None, "already holds a run"),
+    "auto on a finished run without a checkpoint, asked for more steps": (
+        finished_without_checkpoint, "auto --train_steps=6", "holds a finished run",
+    ),
+    "a checkpoint as a new run's directory": (
+        a_checkpoint_of_a_run, None, "holds files that are not a run's",
+    ),
+    "auto with a step linked to another run": (
+        with_linked_step, "auto", "a link and not a checkpoint this run wrote",
+    ),
     "auto whose only checkpoint lost its trainer.pt": (
         only_checkpoint_damaged, "auto", "holds step_000004, after step_000000",
     ),
@@ -789,14 +810,18 @@ def test_train_never_writes_over_what_a_run_directory_holds(
     monkeypatch.chdir(tmp_path)
     resume_flag = []
     if resume:
+        resume, *extra = resume.split()
         resume = resume.format(
             full=saved["full"], own_2=run / "step_000002",
             own_2_rel=Path("runs") / run.name / "step_000002",
         )  # fmt: skip
-        resume_flag = [f"--resume_dir={resume}"]
+        resume_flag = [f"--resume_dir={resume}", *extra]
     argv = train_argv(saved, run.parent, [f"--run_name={run.name}", *resume_flag])
+    entries = sorted(run.iterdir())
     line = fails_with_one_line(lambda: train.main(argv), capsys, saved | {"run": run})
     assert message in line
+    if "not a run's" in message:  # not even a lock file is made in someone else's directory
+        assert sorted(run.iterdir()) == entries
 
 
 def test_train_refuses_a_run_directory_another_run_is_writing_to(saved, tmp_path, capsys):

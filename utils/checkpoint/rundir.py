@@ -48,6 +48,9 @@ def own_run_dir(run_dir: Path, env: DistEnv) -> Iterator[None]:
 
 
 def _lock(run_dir: Path) -> tuple[int | None, str | None]:
+    foreign = _foreign_directory(run_dir)
+    if foreign:  # before the lock file is made: nothing is written into such a directory
+        return None, foreign
     lock = run_dir / LOCK_FILE
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -68,6 +71,23 @@ def _lock(run_dir: Path) -> tuple[int | None, str | None]:
     return fd, None
 
 
+def _foreign_directory(run_dir: Path) -> str | None:
+    """A run directory is new, empty, or a run's; anything else (a checkpoint, an export, a
+    dataset, a file) is someone else's."""
+    if not run_dir.exists():
+        return None
+    if not run_dir.is_dir():
+        return f"--run_name {run_dir.name}: {run_dir} is a file; pick a new --run_name"
+    others = sorted(p.name for p in _entries(run_dir) if p.name != LOCK_FILE)
+    if others and not holds_a_run(run_dir):
+        return (
+            f"--run_name {run_dir.name}: {run_dir} holds files that are not a run's "
+            f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+            "pick a new --run_name or --output_dir"
+        )
+    return None
+
+
 def holds_a_run(run_dir: Path) -> bool:
     return (run_dir / METRICS_FILE).exists() or any(
         STEP_DIR.match(p.name) for p in _entries(run_dir)
@@ -77,6 +97,7 @@ def holds_a_run(run_dir: Path) -> bool:
 def resolve_resume_dir(flag: str | None, run_dir: Path, train_steps: int) -> Path | None:
     """The checkpoint to resume from (None: start at step 0), checked whole and against the
     rules above before anything is built; a UserError says what to do instead."""
+    _refuse_linked_steps(run_dir)
     found = complete_checkpoints(run_dir)
     if flag is None:
         if holds_a_run(run_dir):
@@ -112,6 +133,17 @@ def _is_newest(chosen: Path, found: list[Path]) -> bool:
     return bool(found) and chosen.resolve() == found[-1].resolve()
 
 
+def _refuse_linked_steps(run_dir: Path) -> None:
+    """A run's checkpoints are directories it wrote: a link named like one would be resumed as
+    the run's own, and pruned as such."""
+    links = sorted(p.name for p in _entries(run_dir) if STEP_DIR.match(p.name) and p.is_symlink())
+    if links:
+        raise UserError(
+            f"{run_dir} holds {', '.join(links)}, a link and not a checkpoint this run wrote; "
+            "resume from its target under a new --run_name, or move the link away"
+        )
+
+
 def _refuse_damaged_newest(found: list[Path]) -> None:
     problem = checkpoint_problem(found[-1])
     if problem is None:
@@ -127,9 +159,10 @@ def _refuse_damaged_newest(found: list[Path]) -> None:
 
 def _refuse_finished_run_without_checkpoint(run_dir: Path, train_steps: int) -> None:
     """A run killed before its first checkpoint starts again from step 0; one that reached
-    its last step (with --save_every 0) is done, and is not trained again in place."""
+    its last step (with --save_every 0) is done, and is not trained again in place, also when
+    asked for more steps than it ran: its last step is the one its config.json records."""
     last = last_logged_step(run_dir / METRICS_FILE)
-    if last is not None and last >= train_steps:
+    if last is not None and last >= _recorded_train_steps(run_dir, train_steps):
         raise UserError(
             f"--resume_dir auto: {run_dir} holds a finished run (step {last} logged) with no "
             "checkpoint to continue from; pick a new --run_name"
@@ -147,6 +180,15 @@ def _refuse_entries_after(run_dir: Path, step: int) -> None:
             f"{run_dir} holds {', '.join(later)}, after {step_dir_name(step)} where this run "
             "starts, which its saves would replace; move them away, or pick a new --run_name"
         )
+
+
+def _recorded_train_steps(run_dir: Path, default: int) -> int:
+    """--train_steps as the run that wrote config.json had it (utils/metrics.py writes it)."""
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        steps = json.loads((run_dir / "config.json").read_text())["args"]["train_steps"]
+        if isinstance(steps, int) and not isinstance(steps, bool):
+            return min(steps, default)
+    return default
 
 
 def last_logged_step(metrics: Path) -> int | None:

@@ -67,6 +67,9 @@ def test_a_run_stopped_at_any_step_and_resumed_logs_the_uninterrupted_records(
         run(f"stopped_{stop}", f"--exit_interval={stop}")
         run(f"stopped_{stop}", "--resume_dir=auto")
         assert records(tmp_path / f"stopped_{stop}") == expected, f"stopped after step {stop}"
+        config = json.loads((tmp_path / f"stopped_{stop}" / "config.json").read_text())
+        assert config["args"]["exit_interval"] == 0  # the resumed segment's own arguments
+        assert [args["exit_interval"] for args in config["earlier_args"]] == [stop]
 
 
 # ------------------------------------------------------------------ the fault matrix

@@ -270,7 +270,11 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"args": args, "model": model_config.to_dict(), "parameters": parameters}
-        (self.run_dir / "config.json").write_text(json.dumps(record, indent=2, default=str))
+        record["earlier_args"] = _earlier_args(self.run_dir / "config.json")
+        text = json.dumps(record, indent=2, default=str)
+        partial = self.run_dir / ".config.json.tmp"  # a kill mid-write keeps the old record
+        partial.write_text(text)
+        partial.replace(self.run_dir / "config.json")
         if self.writer is not None:
             self.writer.add_text("args", "\n".join(f"    {k}: {v}" for k, v in args.items()))
         if self.wandb is not None:
@@ -310,6 +314,16 @@ class MetricsLogger:
                 self.writer.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+def _earlier_args(config: Path) -> list[dict[str, Any]]:
+    """The arguments of the run's earlier segments (before each resume), oldest first, from
+    the config.json this run is about to replace; none for a new run or an unreadable file."""
+    try:
+        earlier = json.loads(config.read_text())
+        return [*earlier.get("earlier_args", []), earlier["args"]]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return []
 
 
 def _tag(key: str) -> str:

@@ -19,6 +19,8 @@ from utils.errors import UserError
 
 
 def make_loader(mds_root: Path, tokenizer_dir: Path, **kwargs):
+    """The loader train.py builds, over the suite's data: pack, 4 blocks a micro-batch, no
+    workers; `kwargs` change any of it."""
     options = dict(
         strategy="pack",
         seq_len=DATA_SEQ_LEN,

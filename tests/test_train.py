@@ -42,7 +42,7 @@ def runs(tmp_path_factory, mds_tokens, mds_text, tokenizer_dir, docstrings) -> d
     args_file = out / "args.yaml"
     args_file.write_text("lr: 0.01\nlocal_batch: 2\nstrategy: overflow\n")
     two_ranks = {
-        "baseline": (mds_tokens, ["--local_batch=2"]),
+        "baseline": (mds_tokens, ["--local_batch=2", "--peak_tflops=1"]),
         "zero2_chunked_selective": (mds_tokens, [
             "--local_batch=2", "--sharding_strategy=shard_grad_op", "--chunked_loss",
             "--activation_checkpointing=selective",
@@ -64,7 +64,10 @@ def runs(tmp_path_factory, mds_tokens, mds_text, tokenizer_dir, docstrings) -> d
          for name, (data, extra) in two_ranks.items()],
         out,
     )  # fmt: skip
-    python_train(*common_flags(mds_tokens, tokenizer_dir, out, "one_rank"), "--local_batch=8")
+    python_train(
+        *common_flags(mds_tokens, tokenizer_dir, out, "one_rank"), "--local_batch=8",
+        "--peak_tflops=1",
+    )  # fmt: skip
     return {name: out / name for name in [*two_ranks, "one_rank"]}
 
 
@@ -88,6 +91,20 @@ def test_global_batch_split_does_not_change_the_loss_curve(runs):
         assert seen == [512 * step for step in range(1, STEPS + 1)]
     assert_same_curve(two, one, rel=1e-4)
     assert two[-1] < two[0] - 0.3, f"loss did not fall: {two}"
+
+
+def test_mfu_is_per_gpu_on_one_rank_and_on_two(runs):
+    """Per GPU: tokens per second per GPU is the run's over its world size, and MFU is that
+    times the model's FLOPs per token over the peak, so the same model scores MFU by the same
+    rule however many ranks run it (timings differ, the ratios do not)."""
+    ratios = {}
+    for run, world in (("baseline", 2), ("one_rank", 1)):
+        records = [r for r in metrics_records(runs[run]) if "loss" in r]
+        for r in records:
+            assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / world)
+        ratios[run] = {r["mfu"] / r["tokens_per_s_per_gpu"] for r in records}
+    values = ratios["baseline"] | ratios["one_rank"]
+    assert max(values) == pytest.approx(min(values), rel=1e-9)
 
 
 def test_sharding_strategies_and_speed_options_match_full_shard(runs):

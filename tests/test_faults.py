@@ -156,6 +156,20 @@ POINTS = {
     "publish": (lambda: Fault(checkpointer_module, "replace_dir", nth(2)), 1),
     "--keep_last pruning": (lambda: Fault(checkpointer_module, "delete_dir", nth(1)), 2),
 }
+
+
+def disk_full(original, *args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+# Faults of one rank that the ranks agree on (a write failure): every rank stops with the same
+# one-line error, which names the rank that failed.
+AGREED = {
+    "rank 1's checkpoint write": (
+        lambda: Fault(checkpointer_module, "save_durably", in_save_of(2), disk_full),
+        1,
+    ),
+}
 FORMATS = {
     "shard": ("--ckpt_type=shard",),
     "shard async": ("--ckpt_type=shard", "--async_save"),
@@ -228,9 +242,19 @@ def test_on_two_ranks_a_fault_on_one_rank_or_on_all_publishes_the_newest_step_an
     launch(
         [[flags("whole"), None, []]]
         + [[flags(name), point, [0, 1]] for name, point in zip(names, ON_EVERY_RANK, strict=True)]
-        + [[flags(name, "--resume_dir=auto"), None, []] for name in [*names, "one_rank"]]
-    )
-    assert json.loads((tmp_path / "newest.json").read_text()) == dict.fromkeys(names, "step_000002")
+        + [[flags("disk_full_on_rank_1"), "rank 1's checkpoint write", [1]]]
+        + [[flags(name, "--resume_dir=auto"), None, []]
+           for name in [*names, "one_rank", "disk_full_on_rank_1"]]
+    )  # fmt: skip
+    result = json.loads((tmp_path / "newest.json").read_text())
+    newest = result.pop("newest")
+    assert newest == dict.fromkeys(names, "step_000002") | {"disk_full_on_rank_1": "step_000001"}
+    # Rank 0 wrote its part of step 2 and stopped with rank 1's failure: the ranks agreed.
+    assert result["errors"] == {"disk_full_on_rank_1": (
+        f"could not save step 2 in {tmp_path / 'disk_full_on_rank_1'} (rank 1: [Errno 28] No "
+        "space left on device); check its free space and permissions, or change --output_dir; "
+        "the checkpoints saved before are intact"
+    )}  # fmt: skip
     expected = records(tmp_path / "whole")
-    for name in [*names, "one_rank"]:
+    for name in [*names, "one_rank", "disk_full_on_rank_1"]:
         assert records(tmp_path / name) == expected, name

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,6 +170,68 @@ def test_the_same_world_size_on_another_node_layout_resumes_elastically(
     output = torchrun_two_nodes([*run, "--ckpt_type=full"], tmp_path)[0]
     assert "resuming on 2 nodes x 1 rank from a checkpoint of 1 node x 2 ranks" in output
     assert sorted(logged_losses(tmp_path / "relayout")) == [STEPS - 1, STEPS]
+
+
+def test_an_elastic_resume_at_an_odd_document_count_restarts_at_the_global_position(
+    mds_text, tokenizer_dir, tmp_path
+):
+    """The elastic path's promise (docs/data.md, "Elastic resume") at a checkpoint where the 2
+    ranks had packed an odd number of documents in all (rank 0 ahead by an odd count), resumed
+    as 2 nodes x 1 rank: every rank restarts at the saved global position (rank r's i-th
+    document is global sample 2i + r) with empty buffers, so the saved leftover tokens are
+    skipped and the documents rank 0 was ahead are read again, as many as the warning says.
+    Nothing else is lost or repeated: the run trains exactly as an exact resume on 1 node x 2
+    ranks of that checkpoint with both ranks put at the global position (no skip, no
+    buffers) - the same losses, and the same documents read to the end."""
+    steps = ["--train_steps=6", "--save_every=3", "--ckpt_type=full"]
+    whole = flags(mds_text, tokenizer_dir, tmp_path, "whole", *steps)
+    torchrun_runs([whole], tmp_path)  # uninterrupted; saves steps 3 and 6
+    step_3 = tmp_path / "whole" / "step_000003"
+
+    def loader_states(step_dir: Path) -> list[dict]:
+        files = [step_dir / f"rank_{rank:05d}.pt" for rank in (0, 1)]
+        return [torch.load(file, weights_only=True)["loader"] for file in files]
+
+    saved = loader_states(step_3)
+    read = [state["position"] + state["skip"] for state in saved]  # documents each rank read
+    assert sum(read) % 2 == 1, read  # an odd count: the ranks stand at different documents
+    behind, ahead = saved[0]["position"], saved[0]["total_ahead_documents"]
+    assert ahead == abs(read[0] - read[1]) == sum(state["skip"] for state in saved)
+    assert saved[0]["dataset"]["sample_in_epoch"] == 2 * behind  # the global position
+
+    # The reference: the same checkpoint, each rank at the global position, resumed exactly.
+    at_global = tmp_path / "at_global_position"
+    shutil.copytree(step_3, at_global)
+    for rank, state in enumerate(saved):
+        empty = {key: value[:0] for key, value in state["buffer"].items()}
+        file = at_global / f"rank_{rank:05d}.pt"
+        torch.save(
+            torch.load(file, weights_only=True) | {"loader": state | {"skip": 0, "buffer": empty}},
+            file,
+        )
+    reference = flags(mds_text, tokenizer_dir, tmp_path, "reference", *steps)
+    torchrun_runs([[*reference, f"--resume_dir={at_global}"]], tmp_path)
+
+    elastic = flags(mds_text, tokenizer_dir, tmp_path, "elastic", *steps)
+    output = torchrun_two_nodes([*elastic, f"--resume_dir={step_3}"], tmp_path)[0]
+    warning = (
+        "resuming on 2 nodes x 1 rank from a checkpoint of 1 node x 2 ranks: "
+        f"{saved[0]['total_leftover_tokens']} tokens left in the saved buffers are skipped; "
+        f"{ahead} documents (about {saved[0]['total_ahead_tokens']} tokens and more) are "
+        "read again"
+    )
+    assert warning in output, output[-3000:]
+
+    assert logged_losses(tmp_path / "elastic") == logged_losses(tmp_path / "reference")
+    ends = [loader_states(tmp_path / name / "step_000006") for name in ("elastic", "reference")]
+    for got, want in zip(*ends, strict=True):
+        assert got["layout"] == [2, 1]
+        for key in ("position", "skip", "total_ahead_documents", "total_leftover_tokens"):
+            assert got[key] == want[key], key
+        assert got["dataset"]["sample_in_epoch"] == want["dataset"]["sample_in_epoch"]
+        assert torch.equal(got["buffer"]["tokens"], want["buffer"]["tokens"])
+    # The rank that was ahead has read those documents again, and gone on past them.
+    assert ends[0][0]["position"] + ends[0][0]["skip"] > read[0] > behind
 
 
 def test_resume_restores_the_random_state(mds_tokens, tokenizer_dir, tmp_path, monkeypatch):

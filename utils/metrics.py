@@ -3,6 +3,7 @@ Biases, and MFU."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
@@ -18,6 +19,9 @@ from tqdm import tqdm
 from transformers import PretrainedConfig
 
 from utils.model import dense_parameters
+
+METRICS_FILE = "metrics.jsonl"  # the run directory's records and arguments
+CONFIG_FILE = "config.json"
 
 # Dense bf16 peak FLOP/s by GPU name (never the 2:4-sparse datasheet figure).
 PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
@@ -250,8 +254,8 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         # A run that starts again at step 0 keeps no record (its step-0 evaluation comes again).
-        _drop_records_after(run_dir / "metrics.jsonl", start_step if start_step else -1)
-        self.jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1)
+        _drop_records_after(run_dir / METRICS_FILE, start_step if start_step else -1)
+        self.jsonl = (run_dir / METRICS_FILE).open("a", buffering=1)
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -270,11 +274,11 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"args": args, "model": model_config.to_dict(), "parameters": parameters}
-        record["earlier_args"] = _earlier_args(self.run_dir / "config.json")
+        record["earlier_args"] = _earlier_args(self.run_dir / CONFIG_FILE)
         text = json.dumps(record, indent=2, default=str)
         partial = self.run_dir / ".config.json.tmp"  # a kill mid-write keeps the old record
         partial.write_text(text)
-        partial.replace(self.run_dir / "config.json")
+        partial.replace(self.run_dir / CONFIG_FILE)
         if self.writer is not None:
             self.writer.add_text("args", "\n".join(f"    {k}: {v}" for k, v in args.items()))
         if self.wandb is not None:
@@ -314,6 +318,25 @@ class MetricsLogger:
                 self.writer.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+def last_logged_step(run_dir: Path) -> int | None:
+    """The highest step the run's metrics.jsonl records (lines a kill cut short pass over)."""
+    steps = []
+    with contextlib.suppress(OSError):
+        for line in (run_dir / METRICS_FILE).read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                steps.append(int(json.loads(line)["step"]))
+    return max(steps, default=None)
+
+
+def recorded_train_steps(run_dir: Path) -> int | None:
+    """--train_steps of the run that wrote the run's config.json (write_config)."""
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        steps = json.loads((run_dir / CONFIG_FILE).read_text())["args"]["train_steps"]
+        if isinstance(steps, int) and not isinstance(steps, bool):
+            return steps
+    return None
 
 
 def _earlier_args(config: Path) -> list[dict[str, Any]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import socket
 from collections.abc import Iterator
@@ -27,9 +26,9 @@ from utils.checkpoint.layout import (
 )
 from utils.distributed import DistEnv, broadcast_from_main
 from utils.errors import UserError
+from utils.metrics import METRICS_FILE, last_logged_step, recorded_train_steps
 
 LOCK_FILE = ".lock"
-METRICS_FILE = "metrics.jsonl"
 
 
 @contextlib.contextmanager
@@ -161,8 +160,9 @@ def _refuse_finished_run_without_checkpoint(run_dir: Path, train_steps: int) -> 
     """A run killed before its first checkpoint starts again from step 0; one that reached
     its last step (with --save_every 0) is done, and is not trained again in place, also when
     asked for more steps than it ran: its last step is the one its config.json records."""
-    last = last_logged_step(run_dir / METRICS_FILE)
-    if last is not None and last >= _recorded_train_steps(run_dir, train_steps):
+    last = last_logged_step(run_dir)
+    recorded = recorded_train_steps(run_dir)
+    if last is not None and last >= min(train_steps, recorded or train_steps):
         raise UserError(
             f"--resume_dir auto: {run_dir} holds a finished run (step {last} logged) with no "
             "checkpoint to continue from; pick a new --run_name"
@@ -180,26 +180,6 @@ def _refuse_entries_after(run_dir: Path, step: int) -> None:
             f"{run_dir} holds {', '.join(later)}, after {step_dir_name(step)} where this run "
             "starts, which its saves would replace; move them away, or pick a new --run_name"
         )
-
-
-def _recorded_train_steps(run_dir: Path, default: int) -> int:
-    """--train_steps as the run that wrote config.json had it (utils/metrics.py writes it)."""
-    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-        steps = json.loads((run_dir / "config.json").read_text())["args"]["train_steps"]
-        if isinstance(steps, int) and not isinstance(steps, bool):
-            return min(steps, default)
-    return default
-
-
-def last_logged_step(metrics: Path) -> int | None:
-    """The highest step a metrics.jsonl records (lines a kill cut short are passed over)."""
-    if not metrics.is_file():
-        return None
-    steps = []
-    for line in metrics.read_text(errors="replace").splitlines():
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            steps.append(int(json.loads(line)["step"]))
-    return max(steps, default=None)
 
 
 def _entries(run_dir: Path) -> list[Path]:

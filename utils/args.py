@@ -379,12 +379,15 @@ class _FlagLoader(yaml.SafeLoader):
         lines: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
             try:
-                first = lines.setdefault(key, key_node.start_mark.line + 1)
+                first = lines.get(key)
             except TypeError:  # unhashable: the base class refuses it
                 continue
-            if first != key_node.start_mark.line + 1:
-                raise _DuplicateKey(key, f" (lines {first} and {key_node.start_mark.line + 1})")
+            if first is not None:  # also on one line: {lr: 1, lr: 2}
+                where = f"twice on line {line}" if first == line else f"lines {first} and {line}"
+                raise _DuplicateKey(key, f" ({where})")
+            lines[key] = line
         return super().construct_mapping(node, deep)
 
 

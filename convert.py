@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from datas.tokenizer import load_tokenizer
 from slt.export import dense_weights
@@ -27,6 +26,7 @@ from utils.checkpoint import (
 )
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.files import check_new_output_dir, why_not_writable
+from utils.model import build_config, read_model_config_file
 
 
 def convert(step_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
@@ -34,7 +34,7 @@ def convert(step_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     _check_destination(step_dir, out_dir, overwrite)
     read_trainer_state(step_dir)  # the checkpoint is whole (cheap: headers and trainer.pt)
     config = _read_config(step_dir)
-    tokenizer = _read_tokenizer(step_dir)
+    tokenizer = load_tokenizer(step_dir, "checkpoint")
     weights = dense_weights(step_dir)
     staging = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -51,37 +51,14 @@ def convert(step_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
 
 
 def _read_config(step_dir: Path) -> PretrainedConfig:
-    """The model config saved in the checkpoint; a missing or unreadable one is a UserError."""
+    """The model config saved in the checkpoint, through the one config validator."""
     if not (step_dir / "config.json").is_file():
         raise UserError(
             f"checkpoint {step_dir} has no config.json; copy the whole step directory as "
             "training wrote it"
         )
-    try:
-        return AutoConfig.from_pretrained(str(step_dir))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(
-            f"checkpoint {step_dir}: config.json is not a model config ({_first_line(err)}); "
-            "copy the whole step directory as training wrote it"
-        ) from err
-
-
-def _read_tokenizer(step_dir: Path) -> Any:
-    """The checkpoint's tokenizer (load_tokenizer's checks), with whatever else the tokenizer
-    libraries raise on a damaged file as one line: they raise bare Exceptions."""
-    try:
-        return load_tokenizer(step_dir, "checkpoint")
-    except UserError:
-        raise
-    except Exception as err:  # tokenizers raises Exception on a garbled tokenizer.json
-        raise UserError(
-            f"checkpoint {step_dir} holds no loadable tokenizer ({_first_line(err)}); copy "
-            "the tokenizer files of the run's --tokenizer_dir into it"
-        ) from err
-
-
-def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    values = read_model_config_file(step_dir / "config.json", "checkpoint")
+    return build_config(values, f"checkpoint {step_dir / 'config.json'}")
 
 
 def _check_destination(step_dir: Path, out_dir: Path, overwrite: bool) -> None:

@@ -157,7 +157,7 @@ def test_the_readme_7b_example_takes_the_steps_it_says(tmp_path):
         ),
         ("lr: 0.001\nseed: 1\nlr: 0.002\n", "'lr' is set twice (lines 1 and 3); keep one"),
         ("bf16: true\nbf16: false\n", "'bf16' is set twice (lines 1 and 2); keep one"),
-        ("{lr: 0.001, lr: 0.002}\n", "'lr' is set twice (twice on line 1); keep one"),
+        ("{lr: 0.001, lr: 0.002}\n", "'lr' is set twice (both on line 1); keep one"),
     ],
 )
 def test_an_args_file_key_that_is_not_one_flag_name_is_one_line(tmp_path, text, message):

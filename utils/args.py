@@ -385,7 +385,7 @@ class _FlagLoader(yaml.SafeLoader):
             except TypeError:  # unhashable: the base class refuses it
                 continue
             if first is not None:  # also on one line: {lr: 1, lr: 2}
-                where = f"twice on line {line}" if first == line else f"lines {first} and {line}"
+                where = f"both on line {line}" if first == line else f"lines {first} and {line}"
                 raise _DuplicateKey(key, f" ({where})")
             lines[key] = line
         return super().construct_mapping(node, deep)

@@ -38,7 +38,7 @@ from utils.attention import (
     document_attention_kwargs,
     set_attention_kernels,
 )
-from utils.checkpoint import Checkpointer, own_run_dir, resolve_resume_dir
+from utils.checkpoint import Checkpointer, own_run_dir
 from utils.distributed import (
     DistEnv,
     broadcast_from_main,
@@ -105,9 +105,8 @@ def run(args: Namespace, env: DistEnv) -> None:
             check_dense_start(slt_config)
     run_name = broadcast_from_main(args.run_name or default_run_name(args, model_config))
     run_dir = Path(args.output_dir) / run_name
-    with own_run_dir(run_dir, env):  # one run at a time writes here, only adding to it
-        resume_dir = resolve_resume_dir(args.resume_dir, run_dir, args.train_steps)
-
+    # One run at a time writes here, only adding to it (utils/checkpoint/rundir.py).
+    with own_run_dir(run_dir, env, args.resume_dir, args.train_steps) as resume_dir:
         # ---- model: built on the meta device, sharded, then each rank materializes its shards
         torch.manual_seed(args.seed)
         model, sparse = build_model(options, model_config, env, slt_config)

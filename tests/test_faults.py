@@ -19,7 +19,7 @@ from datas.local_corpus import write_c4_validation
 from tests.helpers import REPO, metrics_records, tiny_run_flags, torchrun, train_in_process
 from utils.args import grad_accum_steps
 from utils.checkpoint import checkpointer as checkpointer_module
-from utils.checkpoint import complete_checkpoints
+from utils.checkpoint import complete_checkpoints, rundir
 from utils.metrics import MetricsLogger
 
 STEPS = 4
@@ -162,12 +162,21 @@ def disk_full(original, *args, **kwargs):
     raise OSError(28, "No space left on device")
 
 
+def unreadable(original, *args, **kwargs):
+    raise OSError(13, "Permission denied")
+
+
 # Faults of one rank that the ranks agree on (a write failure): every rank stops with the same
 # one-line error, which names the rank that failed.
 AGREED = {
     "rank 1's checkpoint write": (
         lambda: Fault(checkpointer_module, "save_durably", in_save_of(2), disk_full),
         1,
+    ),
+    # Rank 0 alone looks at the run directory: what it finds reaches every rank.
+    "rank 0's look at its run directory": (
+        lambda: Fault(rundir, "_foreign_directory", nth(1), unreadable),
+        None,
     ),
 }
 FORMATS = {
@@ -243,18 +252,25 @@ def test_on_two_ranks_a_fault_on_one_rank_or_on_all_publishes_the_newest_step_an
         [[flags("whole"), None, []]]
         + [[flags(name), point, [0, 1]] for name, point in zip(names, ON_EVERY_RANK, strict=True)]
         + [[flags("disk_full_on_rank_1"), "rank 1's checkpoint write", [1]]]
+        + [[flags("unreadable"), "rank 0's look at its run directory", [0]]]
         + [[flags(name, "--resume_dir=auto"), None, []]
            for name in [*names, "one_rank", "disk_full_on_rank_1"]]
     )  # fmt: skip
     result = json.loads((tmp_path / "newest.json").read_text())
     newest = result.pop("newest")
-    assert newest == dict.fromkeys(names, "step_000002") | {"disk_full_on_rank_1": "step_000001"}
+    assert newest == dict.fromkeys(names, "step_000002") | {
+        "disk_full_on_rank_1": "step_000001", "unreadable": None,
+    }  # fmt: skip
     # Rank 0 wrote its part of step 2 and stopped with rank 1's failure: the ranks agreed.
-    assert result["errors"] == {"disk_full_on_rank_1": (
-        f"could not save step 2 in {tmp_path / 'disk_full_on_rank_1'} (rank 1: [Errno 28] No "
-        "space left on device); check its free space and permissions, or change --output_dir; "
-        "the checkpoints saved before are intact"
-    )}  # fmt: skip
+    # And rank 0's refusal, from a directory only it looks at, reached rank 1.
+    assert result["errors"] == {
+        "disk_full_on_rank_1": (
+            f"could not save step 2 in {tmp_path / 'disk_full_on_rank_1'} (rank 1: [Errno 28] "
+            "No space left on device); check its free space and permissions, or change "
+            "--output_dir; the checkpoints saved before are intact"
+        ),
+        "unreadable": f"--output_dir: cannot use {tmp_path / 'unreadable'} (Permission denied)",
+    }  # fmt: skip
     expected = records(tmp_path / "whole")
     for name in [*names, "one_rank", "disk_full_on_rank_1"]:
         assert records(tmp_path / name) == expected, name

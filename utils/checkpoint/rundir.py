@@ -32,18 +32,40 @@ LOCK_FILE = ".lock"
 
 
 @contextlib.contextmanager
-def own_run_dir(run_dir: Path, env: DistEnv) -> Iterator[None]:
-    """Hold the run directory for the body (a collective: every rank gets rank 0's answer).
-    The lock goes with the process, so a killed or preempted run never leaves it held."""
-    fd, refusal = _lock(run_dir) if env.is_main else (None, None)
-    refusal = broadcast_from_main(refusal)
+def own_run_dir(
+    run_dir: Path, env: DistEnv, resume_flag: str | None, train_steps: int
+) -> Iterator[Path | None]:
+    """Hold the run directory for the body, which gets the checkpoint to resume from
+    (resolve_resume_dir). Rank 0 takes the lock and applies the rules; every rank gets its
+    answer (a collective), so ranks that see the file system differently still agree, and a
+    refusal on rank 0 never leaves the others waiting. The lock goes with the process, so a
+    killed or preempted run never leaves it held."""
+    fd, answer = _own(run_dir, resume_flag, train_steps) if env.is_main else (None, None)
+    refusal, resume_dir = broadcast_from_main(answer)
     if refusal:
         raise UserError(refusal)
     try:
-        yield
+        yield resume_dir
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def _own(
+    run_dir: Path, resume_flag: str | None, train_steps: int
+) -> tuple[int | None, tuple[str | None, Path | None]]:
+    """Rank 0's part: the lock's descriptor, and (refusal, checkpoint to resume from)."""
+    try:
+        fd, refusal = _lock(run_dir)
+    except OSError as err:
+        return None, (f"--output_dir: cannot use {run_dir} ({err.strerror or err})", None)
+    if refusal:
+        return None, (refusal, None)
+    try:
+        return fd, (None, resolve_resume_dir(resume_flag, run_dir, train_steps))
+    except (UserError, OSError) as err:
+        os.close(fd)
+        return None, (str(err), None)
 
 
 def _lock(run_dir: Path) -> tuple[int | None, str | None]:
@@ -65,8 +87,12 @@ def _lock(run_dir: Path) -> tuple[int | None, str | None]:
             f"--run_name {run_dir.name}: {run_dir} is in use by another run ({holder}); "
             "wait for it to end, or pick a new --run_name"
         )
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    except OSError:
+        os.close(fd)
+        raise
     return fd, None
 
 

@@ -24,12 +24,12 @@ from transformers import PretrainedConfig
 
 from utils.checkpoint import (
     check_shapes_match,
-    checkpoint_problem,
+    load_torch_file,
     load_weights_and_optimizer,
+    read_trainer_state,
     saved_shapes,
+    weight_files_problem,
 )
-from utils.checkpoint.layout import weight_files_problem
-from utils.checkpoint.trusted import load_torch_file
 from utils.errors import UserError
 from utils.model import canonical_name, read_model_config_file
 
@@ -50,10 +50,7 @@ def check_initial_weights(path: str, model_config: PretrainedConfig) -> None:
         )
     _check_same_architecture(directory, model_config)
     if _is_checkpoint(directory):
-        problem = checkpoint_problem(directory)
-        if problem:
-            raise UserError(f"--init_from {directory}: {problem}")
-        trainer = load_torch_file(directory / "trainer.pt")  # checked just above
+        trainer = read_trainer_state(directory, f"--init_from {directory}")
         if trainer["ckpt_type"] == "local" or trainer.get("slt") is not None:
             raise _start_from_export(directory)
         return

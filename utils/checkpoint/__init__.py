@@ -37,11 +37,12 @@ from utils.checkpoint.layout import (
     read_trainer_state,
     save_transformers_weights,
     saved_shapes,
+    weight_files_problem,
     write_model_files,
 )
 from utils.checkpoint.publish import fsync_tree, replace_dir
 from utils.checkpoint.rundir import own_run_dir, resolve_resume_dir
-from utils.checkpoint.trusted import dcp_load
+from utils.checkpoint.trusted import dcp_load, load_torch_file
 
 __all__ = [
     "Checkpointer",
@@ -50,6 +51,7 @@ __all__ = [
     "complete_checkpoints",
     "dcp_load",
     "fsync_tree",
+    "load_torch_file",
     "load_transformers_weights",
     "load_weights_and_optimizer",
     "read_model_tensors",
@@ -59,5 +61,6 @@ __all__ = [
     "resolve_resume_dir",
     "save_transformers_weights",
     "saved_shapes",
+    "weight_files_problem",
     "write_model_files",
 ]

@@ -72,7 +72,8 @@ def checkpoint_problem(step_dir: Path) -> str | None:
     return None
 
 
-def _check_checkpoint(step_dir: Path) -> None:
+def _check_checkpoint(step_dir: Path) -> dict:
+    """checkpoint_problem's checks; returns trainer.pt's state."""
     path = step_dir / "trainer.pt"
     if not path.is_file():
         raise _Damaged("no trainer.pt: not a complete checkpoint")
@@ -95,6 +96,7 @@ def _check_checkpoint(step_dir: Path) -> None:
     if ckpt_type == "full":
         path = step_dir / "optimizer.pt"
         _check_full_optimizer(path, _read_torch_file(path, mmap=True))
+    return trainer
 
 
 def _read_torch_file(path: Path, **kwargs: Any) -> Any:
@@ -391,13 +393,13 @@ def _with_own_states(step_dir: Path, dense: dict[str, Any], read: Callable) -> d
 
 
 # ---------------------------------------------------------------- reading a checkpoint, any format
-def read_trainer_state(step_dir: Path) -> dict:
-    """The checkpoint's trainer.pt, once the checkpoint is found whole (a UserError says what
-    is missing or cut short otherwise)."""
-    problem = checkpoint_problem(step_dir)
-    if problem:
-        raise UserError(f"checkpoint {step_dir}: {problem}")
-    return load_torch_file(step_dir / "trainer.pt")
+def read_trainer_state(step_dir: Path, source: str | None = None) -> dict:
+    """The checkpoint's trainer.pt, once the checkpoint is found whole (a UserError, starting
+    with `source`, says what is missing or cut short otherwise)."""
+    try:
+        return _check_checkpoint(step_dir)  # trainer.pt read once, for the check and for us
+    except _Damaged as err:
+        raise UserError(f"{source or f'checkpoint {step_dir}'}: {err}") from err
 
 
 def read_model_tensors(step_dir: Path) -> dict[str, torch.Tensor]:

@@ -135,19 +135,10 @@ def _resolve_mds(root: Path) -> EvalData:
 
 def check_eval_data(data_path: str | Path) -> None:
     """Validate `data_path` without tokenizing: it exists, has a known format, a `text`
-    field and at least one document. Cheap enough for start-up (reads one line per file)."""
+    field and at least one document. Cheap enough for start-up (reads up to the first one)."""
     data = resolve_eval_data(data_path)
-    if data.kind == "json":
-        # The first document of each file: reads up to the first line with text.
-        has_documents = any(next(_json_documents(path), None) is not None for path in data.files)
-    elif data.kind == "arrow":
-        has_documents = any(
-            any(map(is_document, _arrow_table(path).column(TEXT_FIELD).to_pylist()))
-            for path in data.files
-        )
-    else:
-        has_documents = True  # checked by resolve_eval_data from the index
-    if not has_documents:
+    # json and arrow: read up to the first document (mds: counted from the index already)
+    if data.kind != "mds" and next(iter_documents(data), None) is None:
         raise UserError(f"eval data {data.root} holds no documents; {GET_DATA_HINT}")
 
 

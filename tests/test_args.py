@@ -10,7 +10,6 @@ import pytest
 
 from utils.args import (
     MAX_SEED,
-    MODEL_SEED_FACTOR,
     PATH_FLAGS,
     build_parser,
     grad_accum_steps,
@@ -18,6 +17,7 @@ from utils.args import (
     wandb_can_log,
 )
 from utils.errors import UserError
+from utils.model import SEED_FACTOR
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -196,9 +196,9 @@ def test_the_ends_of_the_seed_range_work_where_the_seed_is_used(tmp_path, seed):
 
     assert parse_args(flags(tmp_path, f"--seed={seed}")).seed == seed
     torch.manual_seed(seed)
-    torch.Generator().manual_seed(seed * MODEL_SEED_FACTOR + 2**32 - 1)
+    torch.Generator().manual_seed(seed * SEED_FACTOR + 2**32 - 1)
     with pytest.raises(ValueError, match="Overflow"):
-        torch.Generator().manual_seed((MAX_SEED + 1) * MODEL_SEED_FACTOR + 2**32 - 1)
+        torch.Generator().manual_seed((MAX_SEED + 1) * SEED_FACTOR + 2**32 - 1)
     get_shuffle("py1e", np.array([4, 4]), 2, seed, 0, 1 << 18)
     torch.manual_seed(42)
 

@@ -20,6 +20,7 @@ import yaml
 
 from utils.errors import ArgumentParser, UserError
 from utils.files import why_not_writable
+from utils.model import MAX_SEED  # streaming also refuses a negative seed
 from utils.optim import DECAY_TYPES, LR_SCHEDULES, LRSchedule, decay_steps
 from utils.profiling import step_range
 
@@ -33,11 +34,6 @@ ATTENTION_KERNELS = ("auto", "flash", "cudnn", "efficient")  # utils/attention.p
 SPEED_SWITCHES = ("compile", "chunked_loss")
 NONFINITE_POLICIES = ("skip", "stop")  # utils/nonfinite.py
 DEFAULT_TRAIN_STEPS = 100_000
-# --seed: streaming refuses a negative shuffle seed, and torch's generators take at most
-# 2**64 - 1, which utils/model.py's per-parameter seed, seed x 1_000_003 + crc32(name), must stay
-# within for every name.
-MODEL_SEED_FACTOR = 1_000_003
-MAX_SEED = (2**64 - 2**32) // MODEL_SEED_FACTOR
 # Flags whose value is a file or directory: empty (the current directory, or nothing) is refused.
 PATH_FLAGS = (
     "args_file", "data_dir", "local_cache_dir", "tokenizer_dir", "config", "init_from",
@@ -292,7 +288,7 @@ def _parse_and_check(argv: list[str] | None) -> argparse.Namespace:
             raise UserError(f"--args_file {_shown(args_file)}: {err}") from err
         argv = tokens + argv
     args = parser.parse_args(argv)
-    check_args(args)
+    check_args(args, parser)
     return args
 
 
@@ -423,9 +419,9 @@ def _read_mapping(path: str) -> dict:
     return values
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> None:
     """Checks that need only the flags: run before anything is loaded."""
-    for action in build_parser()._actions:
+    for action in (parser or build_parser())._actions:
         value = getattr(args, action.dest, None)
         if isinstance(value, str) and action.choices is None and action.dest != "run_name":
             _check_text(action.dest, value)  # --run_name: _check_run_name

@@ -286,11 +286,17 @@ def init_weights(model: nn.Module, seed: int, device: torch.device) -> None:
     _rebuild_rotary_buffers(model, device)
 
 
+# Each parameter's generator is seeded with seed x SEED_FACTOR + crc32(name): torch takes seeds
+# up to 2**64 - 1, so --seed goes up to MAX_SEED (utils/args.py checks it).
+SEED_FACTOR = 1_000_003
+MAX_SEED = (2**64 - 2**32) // SEED_FACTOR
+
+
 def _initial_value(owner, name: str, shape: tuple, seed: int, std: float, device) -> torch.Tensor:
     """A module with its own `initial_value` (a sparse layer) initializes its parameters;
     the others follow HF Llama: normal(0, std) matrices, unit norms, zero biases."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    generator.manual_seed(seed * SEED_FACTOR + zlib.crc32(name.encode()))
     if hasattr(owner, "initial_value"):
         return owner.initial_value(name.rpartition(".")[2], generator, std)
     if name.endswith("norm.weight"):

@@ -11,7 +11,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet '.[dev,plot]'
+	$(PY) -m pip install --quiet '.[dev,plot,eval]'
 	touch $(STAMP)
 
 demo: $(STAMP)

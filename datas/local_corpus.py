@@ -2,7 +2,7 @@
 
 Nothing can be downloaded in CI, so the corpus is the docstrings of the Python standard
 library (prose written by people, ~1.3 MB) and the tokenizer is a byte-level BPE trained on
-it with the `tokenizers` library.
+it with the `tokenizers` library, by the trainer `python -m datas.tokenizer` uses.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ import ast
 import gzip
 import json
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
+from datas.tokenizer import byte_level_bpe
 
 
 def stdlib_docstrings(min_chars: int = 200) -> Iterator[str]:
@@ -53,27 +52,11 @@ def write_c4_validation(texts: list[str], directory: Path) -> Path:
     return directory
 
 
-def train_byte_bpe(texts: list[str], out_dir: Path, vocab_size: int = 2048) -> Path:
-    """Train a byte-level BPE and save it as a transformers tokenizer directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN, PAD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(  # no token_type_ids, which a Llama does not take
-        tokenizer_object=tokenizer,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        model_input_names=["input_ids", "attention_mask"],
-    )
+def train_byte_bpe(texts: Iterable[str], out_dir: Path, vocab_size: int = 2048) -> Path:
+    """Train the project's byte-level BPE (`datas.tokenizer.byte_level_bpe`, which
+    `python -m datas.tokenizer` runs) on `texts` and save it into `out_dir`, made if need be;
+    returns `out_dir`. For fixtures: it writes in place, unlike the command."""
+    tokenizer = byte_level_bpe(texts, vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
     return out_dir

@@ -3,7 +3,8 @@
 1. corpus: the docstrings of Python's standard library (real English, on every machine); the
    last EVAL_DOCS are held out as a validation set in C4's file format;
 2. data: written to MDS with the project's preparation tool (`python -m datas.prepare`);
-3. tokenizer: a byte-level BPE trained on the training part with `tokenizers`;
+3. tokenizer: a byte-level BPE trained on the training part with `tokenizers`, by the
+   project's command (`python -m datas.tokenizer`);
 4. model: a tiny Llama config.json;
 5. `torchrun --nproc_per_node=2 train.py ...` on CPU (gloo), evaluating perplexity on the
    held-out set every 100 steps;
@@ -27,10 +28,10 @@ sys.path.insert(0, str(REPO))
 
 from datas.local_corpus import (  # noqa: E402
     stdlib_docstrings,
-    train_byte_bpe,
     write_c4_validation,
     write_jsonl,
 )
+from datas.tokenizer import train_tokenizer  # noqa: E402
 from utils.errors import ArgumentParser, exit_on_user_error  # noqa: E402
 
 CACHE = REPO / ".cache" / "demo"
@@ -86,9 +87,10 @@ def build_assets() -> dict[str, Path]:
         for stale in (tokenizer, mds):  # made from a corpus that held the validation set
             shutil.rmtree(stale, ignore_errors=True)
     if not (tokenizer / "tokenizer.json").exists():
-        texts = [json.loads(line)["text"] for line in corpus.open()]
         print(f"tokenizer: byte-level BPE, vocab 2048 -> {tokenizer}", flush=True)
-        train_byte_bpe(texts, tokenizer, vocab_size=MODEL["vocab_size"])
+        # What `python -m datas.tokenizer --input CORPUS --vocab_size 2048 --out TOKENIZER`
+        # does; overwrite: the cache is the demo's own, and an older demo may have left it.
+        train_tokenizer([corpus], tokenizer, MODEL["vocab_size"], overwrite=True)
     if not (mds / "index.json").exists():
         print(f"data: MDS (zstd) -> {mds}", flush=True)
         run([sys.executable, "-m", "datas.prepare", "--input", str(corpus), "--output", str(mds)])

@@ -5,11 +5,14 @@
 `full` checkpoints already are one (this copies them without optimizer and loader files);
 `shard` (DCP) and `local` (per-rank shards) checkpoints are consolidated in one process, no
 process group needed. A sparse (slt) run is written as its effective dense weights. The
-result loads with `AutoModelForCausalLM.from_pretrained`.
+result loads with `AutoModelForCausalLM.from_pretrained`. Its `training.json` records the
+training that made it (seq_len, step, data, run: `utils.checkpoint.training_record` reads it),
+and its tokenizer's `model_max_length` is the run's seq_len.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -18,10 +21,12 @@ from transformers import PretrainedConfig
 from datas.tokenizer import load_tokenizer
 from slt.export import dense_weights
 from utils.checkpoint import (
+    TRAINING_RECORD,
     fsync_tree,
     read_trainer_state,
     replace_dir,
     save_transformers_weights,
+    training_record,
     write_model_files,
 )
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
@@ -35,6 +40,9 @@ def convert(step_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     read_trainer_state(step_dir)  # the checkpoint is whole (cheap: headers and trainer.pt)
     config = _read_config(step_dir)
     tokenizer = load_tokenizer(step_dir, "checkpoint")
+    record = training_record(step_dir)  # its args.json: what training.json records
+    # what a reader that asks the tokenizer (lm-eval, truncation=True) takes as the model's length
+    tokenizer.model_max_length = record["seq_len"]
     weights = dense_weights(step_dir)
     staging = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -42,6 +50,7 @@ def convert(step_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     try:
         save_transformers_weights(config, weights, staging)
         write_model_files(config, staging, tokenizer)
+        (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

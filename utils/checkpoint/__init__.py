@@ -4,6 +4,8 @@ Every format writes, beside the weights: `config.json` + `generation_config.json
 tokenizer files (so the directory is a transformers model directory once it holds weights in
 that layout), `trainer.pt` (step, grad scaler, world size, format, slt state) from rank 0,
 `args.json`, and `rank_<r>.pt` per rank (data loader position and leftover tokens, RNG).
+`training_record` reads what training made a model directory (seq_len, step, data, run) from
+a checkpoint's `args.json` and `trainer.pt`, or from an export's `training.json`.
 
 Weights and optimizer, by `--ckpt_type`:
 - `shard`: torch.distributed.checkpoint (DCP); every rank writes its own shards in parallel;
@@ -29,6 +31,7 @@ directory: one run at a time, only adding to it), `trusted` (reading pickles wit
 
 from utils.checkpoint.checkpointer import Checkpointer, load_weights_and_optimizer
 from utils.checkpoint.layout import (
+    TRAINING_RECORD,
     check_shapes_match,
     checkpoint_problem,
     complete_checkpoints,
@@ -37,6 +40,7 @@ from utils.checkpoint.layout import (
     read_trainer_state,
     save_transformers_weights,
     saved_shapes,
+    training_record,
     weight_files_problem,
     write_model_files,
 )
@@ -45,6 +49,7 @@ from utils.checkpoint.rundir import own_run_dir, resolve_resume_dir
 from utils.checkpoint.trusted import dcp_load, load_torch_file
 
 __all__ = [
+    "TRAINING_RECORD",
     "Checkpointer",
     "check_shapes_match",
     "checkpoint_problem",
@@ -61,6 +66,7 @@ __all__ = [
     "resolve_resume_dir",
     "save_transformers_weights",
     "saved_shapes",
+    "training_record",
     "weight_files_problem",
     "write_model_files",
 ]

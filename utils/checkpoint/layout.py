@@ -1,6 +1,7 @@
 """What a checkpoint directory holds and how it is found and read: the `step_<N:06d>` names,
 `auto` resume, the checks that a checkpoint is whole, the transformers layout of weights and
-model files, and reading a checkpoint of any format without a process group."""
+model files, the record of the training that made a model directory, and reading a checkpoint
+of any format without a process group."""
 
 from __future__ import annotations
 
@@ -390,6 +391,75 @@ def _with_own_states(step_dir: Path, dense: dict[str, Any], read: Callable) -> d
         modules = {key.rpartition(".")[0] for key in own}
         dense = {k: v for k, v in dense.items() if k.rpartition(".")[0] not in modules} | own
     return dense
+
+
+# ---------------------------------------------------------------- the training record
+TRAINING_RECORD = "training.json"  # in an export: the training that made it (convert.py)
+RECORD_TEXT_FIELDS = ("data_dir", "run_name", "tokenizer_dir", "checkpoint")
+
+
+def training_record(directory: Path) -> dict | None:
+    """The training that made the model in `directory`: `seq_len`, `step`, `data_dir`,
+    `run_name`, `tokenizer_dir` and `checkpoint` (the step directory the weights come from).
+    A step checkpoint's comes from its args.json (the run's flags) and trainer.pt; an export's
+    from its training.json; a directory from elsewhere (a plain transformers model) has none:
+    None. A missing or damaged file is a one-line UserError naming it."""
+    directory = Path(directory)
+    if (directory / "trainer.pt").is_file():
+        return _checkpoint_record(directory)
+    path = directory / TRAINING_RECORD
+    if path.exists():
+        fix = "export the checkpoint again with convert.py"
+        return _checked_record(path, _json_object(path, fix), fix)
+    return None
+
+
+def _checkpoint_record(step_dir: Path) -> dict:
+    fix = "copy the whole step directory as training wrote it"
+    step = read_trainer_state(step_dir)["step"]
+    path = step_dir / "args.json"
+    args = _json_object(path, fix)
+    record = {key: args[key] for key in ("seq_len", "data_dir", "tokenizer_dir") if key in args}
+    record |= {
+        "step": step,
+        # a run named by default has no --run_name in its flags; its run directory has the name
+        "run_name": args.get("run_name") or step_dir.resolve().parent.name,
+        "checkpoint": str(step_dir.resolve()),
+    }
+    return _checked_record(path, record, fix)
+
+
+def _json_object(path: Path, fix: str) -> dict:
+    """The JSON object in `path`, or a UserError naming the file and `fix`."""
+    if not path.is_file():
+        what = "not a file" if path.exists() else "missing"
+        raise UserError(f"{path} is {what}; {fix}")
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+        _check_dict(path, content, "a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{path} is damaged ({type(err).__name__}: {reason[:200]}); {fix}") from err
+    except _Damaged as err:
+        raise UserError(f"{err}; {fix}") from err
+    return content
+
+
+def _checked_record(path: Path, content: dict, fix: str) -> dict:
+    """The record's fields, each of its kind: what reads it (a default max length, a seq_len
+    check) trusts them."""
+    try:
+        record = {
+            "seq_len": _field(path, content, "seq_len", lambda v: _is_int(v, 1), "an int >= 1"),
+            "step": _field(path, content, "step", lambda v: _is_int(v, 0), "an int >= 0"),
+        }
+        for key in RECORD_TEXT_FIELDS:
+            if key in content:
+                _field(path, content, key, lambda v: v is None or isinstance(v, str), "a string")
+            record[key] = content.get(key)
+    except _Damaged as err:
+        raise UserError(f"{err}; {fix}") from err
+    return record
 
 
 # ---------------------------------------------------------------- reading a checkpoint, any format

@@ -1,10 +1,11 @@
 """utils.compare's inputs, in-process over generated cases: metrics.jsonl (`read_metrics`,
-one validator), --plot (`check_plot_path`), and the token axis of a run whose local batch is
-below its global batch."""
+one validator, and the eval keys of validation sets and tasks), config.json, --plot
+(`check_plot_path`), and the token axis of a run whose local batch is below its global batch."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -38,17 +39,13 @@ def write_run(root: Path, records: list[dict], name: str = "run", tail: str = ""
     return run
 
 
-def test_the_token_axis_counts_global_batches(tmp_path, monkeypatch):
+def test_the_token_axis_counts_global_batches(tmp_path):
     run = compare.read_run(write_run(tmp_path, records_of_a_split_batch_run()))
     row = compare.summary(run)
-    assert (row["steps"], row["tokens seen"]) == (6, 6 * GLOBAL_BATCH * SEQ_LEN)
-    drawn = {}
-    monkeypatch.setattr(compare, "_draw", lambda axis, r, recs, key, marker=None: drawn.setdefault(
-        key, [(r.tokens_seen(x), x[key]) for x in recs]))  # fmt: skip
-    pytest.importorskip("matplotlib")
-    compare.plot([run], tmp_path / "p.png")
-    assert [x for x, _ in drawn["loss"]] == [s * 512 for s in range(1, 7)]
-    assert drawn["eval/c4_ppl"] == [(3 * 512, 900.0)]
+    assert (row.main["steps"], row.main["tokens seen"]) == (6, 6 * GLOBAL_BATCH * SEQ_LEN)
+    x, loss, _ = compare.curve([run], compare.LOSS_PANEL)
+    assert x == [s * 512 for s in range(1, 7)]
+    assert compare.curve([run], "c4") == ([3 * 512], [900.0], [0.0])
     # Logged before tokens_seen existed: from config.json, the same axis.
     old = [
         {k: v for k, v in r.items() if k != "tokens_seen"} for r in records_of_a_split_batch_run()
@@ -64,6 +61,11 @@ BAD_RECORDS = {
     "step a float": ({"step": 1.5, "loss": 3.0}, "has step"),
     "tokens_seen a string": ({"step": 1, "loss": 3.0, "tokens_seen": "10"}, "has tokens_seen"),
     "ppl a dict": ({"step": 1, "eval/c4_ppl": {}}, "has eval/c4_ppl"),
+    "a set's ppl a string": ({"step": 1, "eval/wiki/ppl": "12"}, 'has eval/wiki/ppl "12", not a'),
+    "bits per byte a bool": ({"step": 1, "eval/c4/bits_per_byte": True}, "has eval/c4/bits_"),
+    "a task metric NaN": ({"step": 1, "eval/task/arc_easy/acc": math.nan}, "has eval/task/arc"),
+    "a task metric a list": ({"step": 1, "eval/task/hellaswag/acc_norm": [1]}, "has eval/task/h"),
+    "loss infinite": ({"step": 1, "loss": math.inf}, "has loss Infinity, not a finite number"),
 }
 
 
@@ -98,8 +100,14 @@ JSON_VALUES = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
     max_leaves=6,
 )  # fmt: skip
-FIELDS = st.sampled_from(
-    ["step", "loss", "eval/c4_ppl", "tokens_seen", "mfu", "tokens_per_s_per_gpu", "lr"]
+READ_EVAL_KEYS = st.sampled_from(
+    ["eval/c4_ppl", "eval/c4/ppl", "eval/wiki/bits_per_byte", "eval/task/arc_easy/acc",
+     "eval/task/arc_easy/acc_norm", "eval/task/task/acc"]
+)  # fmt: skip
+FIELDS = (
+    st.sampled_from(["step", "loss", "tokens_seen", "mfu", "tokens_per_s_per_gpu", "lr"])
+    | READ_EVAL_KEYS
+    | st.sampled_from(["eval/c4/tokens", "eval/c4_loss", "eval/x/bytes"])
 )
 
 
@@ -120,7 +128,83 @@ def test_any_metrics_file_reads_or_fails_in_one_line(tmp_path_factory, field, va
         except UserError as err:
             assert "\n" not in str(err) and str(err).startswith(f"{run / 'metrics.jsonl'}: line ")
         else:
-            compare.markdown_table([compare.summary(run_read)])
+            compare.render_tables([compare.summary(run_read)])
+
+
+def is_finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@FAST
+@given(key=READ_EVAL_KEYS, value=JSON_VALUES | st.floats())
+def test_an_eval_value_compare_shows_is_read_exactly_when_finite_or_null(
+    tmp_path_factory, key, value
+):
+    """A validation set's ppl or bits per byte, or a task metric, of any JSON value: read when
+    it is a finite number or null (the logger writes what is not finite as null), and shown in
+    the table as it is; else one line naming the file, the line and the key."""
+    root = tmp_path_factory.mktemp("e")
+    record = {"step": 4, "tokens_seen": 2048, key: value}
+    run = write_run(root, [*records_of_a_split_batch_run()[:3], record])
+    try:
+        row = compare.summary(compare.read_run(run))
+    except UserError as err:
+        assert not (value is None or is_finite_number(value))
+        assert str(err).startswith(f"{run / 'metrics.jsonl'}: line 4 has {key} ")
+        assert str(err).endswith(f"not a finite number or null; {compare.METRICS_FIX}")
+    else:
+        assert value is None or is_finite_number(value)
+        shown = {**row.sets, **row.tasks}
+        kind, name, field = compare.parse_eval_key(key)
+        column = {"ppl": f"{name} ppl", "bits_per_byte": f"{name} bpb"}.get(
+            field, f"{name}/{field}"
+        )
+        assert shown[column] == value
+
+
+SET_NAMES = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]*", fullmatch=True)  # datas/eval_sets.py
+NAME_PARTS = st.text(st.characters(blacklist_characters="/"), min_size=1, max_size=8)
+
+
+@FAST
+@given(
+    name=SET_NAMES, field=st.sampled_from(compare.SET_FIELDS), task=NAME_PARTS, metric=NAME_PARTS
+)
+def test_eval_keys_name_their_set_or_task(name, field, task, metric):
+    """Any set name train.py accepts (`task` too) and any task and metric name: each key is
+    read as what it is, never as the other kind."""
+    assert compare.parse_eval_key(f"eval/{name}/{field}") == ("set", name, field)
+    assert compare.parse_eval_key(f"eval/task/{task}/{metric}") == ("task", task, metric)
+    assert compare.parse_eval_key(f"eval/{name}/{field}x") is None
+    assert compare.parse_eval_key(f"eval/{name}") is None
+
+
+BAD_CONFIGS = {
+    "not JSON": (b'{"args": ', " is not JSON; repair it"),
+    "not UTF-8": (b'{"args": {"lr": "\xff"}}', " is not UTF-8 text; repair it"),
+    "a list": (b"[1]", " holds a JSON list, not an object; repair it"),
+    "args a string": (b'{"args": "lr=1"}', ": args is not an object; repair it"),
+    "trainable a string": (
+        b'{"args": {}, "parameters": {"trainable": "1M"}}',
+        ': parameters.trainable is "1M", not an integer; repair it',
+    ),
+    "dense_model a float": (
+        b'{"args": {}, "parameters": {"trainable": 1, "dense_model": 2.5}}',
+        ": parameters.dense_model is 2.5, not an integer; repair it",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_a_bad_config_json_names_the_file_and_the_field(tmp_path, capsys, case):
+    content, message = BAD_CONFIGS[case]
+    run = write_run(tmp_path, records_of_a_split_batch_run())
+    (run / "config.json").write_bytes(content)
+    with pytest.raises(SystemExit) as stop:
+        compare.main([str(run)])
+    assert stop.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {run / 'config.json'}{message}")
 
 
 def test_a_directory_in_place_of_metrics_or_run(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
+
+from utils.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -157,3 +161,18 @@ def shutdown() -> None:
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a sharded tensor (the tensor itself when it is not sharded)."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+@contextmanager
+def command_group() -> Iterator[None]:
+    """The body of an evaluation command, plain or under torchrun: a process group it joins
+    (WORLD_SIZE set, no caller's group) is left at the end, and a file it cannot read is a
+    one-line UserError (the command wraps this in `exit_on_user_error`)."""
+    joins_a_group = "WORLD_SIZE" in os.environ and not dist.is_initialized()
+    try:
+        yield
+    except OSError as err:
+        raise UserError(str(err)) from err
+    finally:
+        if joins_a_group:  # not a caller's group: it leaves with it
+            shutdown()

@@ -25,7 +25,8 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from datas import get_loader_builder
-from datas.C4.c4_eval import eval_metrics, evaluate_c4_ppl, load_windows
+from datas.eval_sets import EvalSet, eval_specs_from_flags, evaluate_sets, load_eval_sets
+from datas.eval_tasks import check_tasks, evaluate_tasks
 from datas.packing import token_count
 from slt import SLTConfig, SparseTraining, load_slt_config
 from slt.config import check_dense_start
@@ -93,9 +94,12 @@ def run(args: Namespace, env: DistEnv) -> None:
     apply_device_defaults(args, env.device)
     options = ModelOptions.from_flags(args, compute_dtype(args.bf16, args.fp16), args.enable_flash)
     check_hardware(options, env)
+    eval_specs = eval_specs_from_flags(args)
+    if args.eval_tasks:
+        check_tasks(args.eval_tasks.split(","), args.eval_tasks_include)
     loader = build_loader(args, env)
-    if args.eval_every:  # every document tokenized and cached now, not at the first evaluation
-        load_windows(args.eval_data, args.tokenizer_dir, args.seq_len)
+    # Every document tokenized now, not at the first evaluation.
+    eval_sets = load_eval_sets(eval_specs, args.tokenizer_dir, args.seq_len, loader.dataset)
     model_config = load_model_config(args.config, loader.vocab_size, loader.special_token_ids)
     check_seq_len(args, model_config)
     slt_config = load_slt_config(args.slt_config) if args.enable_slt else None
@@ -207,7 +211,7 @@ def run(args: Namespace, env: DistEnv) -> None:
         if evaluation_due(args, start_step) and (start_step or args.init_from):
             if sparse and start_step == 0:  # as step 1 will see it: a pruned model's own masks
                 sparse.before_step(1)
-            evaluate(model, args, env, logger, progress, step=start_step)
+            evaluate(model, eval_sets, args, env, logger, progress, step=start_step)
 
         # ---- the loop ----
         batches = iter(loader)
@@ -263,7 +267,7 @@ def run(args: Namespace, env: DistEnv) -> None:
                 # when preempted, where the time left is short.
                 if evaluation_due(args, step) and not exit_policy.signalled:
                     eval_start = time.perf_counter()
-                    evaluate(model, args, env, logger, progress, step)
+                    evaluate(model, eval_sets, args, env, logger, progress, step)
                     window.paused += time.perf_counter() - eval_start
                 if stopping:
                     if env.is_main:
@@ -280,22 +284,41 @@ def run(args: Namespace, env: DistEnv) -> None:
 
 def evaluate(
     model: nn.Module,
+    eval_sets: list[EvalSet],
     args: Namespace,
     env: DistEnv,
     logger: MetricsLogger,
     progress: RunProgress,
     step: int,
 ) -> None:
-    """C4 perplexity at the run's --seq_len (datas/C4/c4_eval.py), logged at `step`."""
-    ppl, ntokens = evaluate_c4_ppl(
-        model, args.tokenizer_dir, args.eval_data, seq_len=args.seq_len,
-        batch_size=args.eval_batch, max_windows=args.eval_max_windows, device=env.device,
-    )  # fmt: skip
-    logger.log(step, eval_metrics(ppl, ntokens) | {"tokens_seen": progress.tokens_seen})
+    """What is due at `step`: the validation sets' perplexity and bits per byte at the run's
+    --seq_len (datas/eval_sets.py), the lm-eval tasks (datas/eval_tasks.py); one record."""
+    metrics = {}
+    if sets_due(args, step):
+        metrics |= evaluate_sets(
+            model, eval_sets, batch_size=args.eval_batch, max_windows=args.eval_max_windows,
+            device=env.device,
+        )  # fmt: skip
+    if tasks_due(args, step):
+        metrics |= evaluate_tasks(
+            model, args.tokenizer_dir, args.eval_tasks.split(","), seq_len=args.seq_len,
+            batch_size=args.eval_batch, include_path=args.eval_tasks_include,
+            limit=args.eval_tasks_limit, device=env.device,
+        )  # fmt: skip
+    logger.log(step, metrics | {"tokens_seen": progress.tokens_seen})
 
 
 def evaluation_due(args: Namespace, step: int) -> bool:
+    return sets_due(args, step) or tasks_due(args, step)
+
+
+def sets_due(args: Namespace, step: int) -> bool:
     return bool(args.eval_every) and (step % args.eval_every == 0 or step == args.train_steps)
+
+
+def tasks_due(args: Namespace, step: int) -> bool:
+    every = args.eval_tasks_every
+    return bool(every) and (step % every == 0 or step == args.train_steps)
 
 
 def describe_parameters(parameters: dict[str, int]) -> str:
@@ -403,6 +426,7 @@ def build_loader(args: Namespace, env: DistEnv):
         global_rank=env.rank,
         num_canonical_nodes=args.num_canonical_nodes,
         emit_position_ids=args.document_masking,
+        holdout_samples=args.holdout_samples or 0,
     )
 
 

@@ -345,6 +345,17 @@ def shard_samples(directory: Path, shard: dict[str, Any]) -> Iterator[dict[str, 
         yield decode_sample(reader, blob[begin:end], path, i)
 
 
+def text_documents(directory: Path) -> Iterator[str]:
+    """The documents of a local MDS directory's `text` column, in index order; texts that are
+    no document (`datas.jsonl.is_document`) left out."""
+    from datas.jsonl import is_document
+
+    for shard in read_index(directory)["shards"]:
+        for sample in shard_samples(directory, shard):
+            if is_document(sample[TEXT_COLUMN]):
+                yield sample[TEXT_COLUMN]
+
+
 def decode_sample(reader: Any, data: bytes, path: Path | str, sample: int) -> dict[str, Any]:
     """One sample decoded by streaming's shard reader; bytes it cannot decode (text that is
     not UTF-8, an array cut short) are one UserError naming the shard and the sample."""
@@ -629,15 +640,27 @@ def __getattr__(name: str) -> Any:
 
 def checked_dataset_class() -> type:
     """`MappedStreamingDataset` whose every sample is decoded with one-line errors and, for
-    pre-tokenized blocks, checked to hold token ids in [0, vocab_size) (`check_sample`)."""
+    pre-tokenized blocks, checked to hold token ids in [0, vocab_size) (`check_sample`).
+
+    With `holdout_samples` N, the last N samples of every source (in index order) are held
+    out: training reads a stand-in in the place of each, a training sample of the same source,
+    so every place of streaming's order still holds a sample and a run's batches stay those of
+    any other world size; `read_held_out` reads them for evaluation (`train_holdout`,
+    datas/eval_sets.py)."""
     if "CheckedStreamingDataset" in globals():
         return globals()["CheckedStreamingDataset"]
     from datas.mapped_dataset import MappedStreamingDataset
 
     class CheckedStreamingDataset(MappedStreamingDataset):
         vocab_size: int | None = None
+        holdout_samples: int = 0
 
         def get_item(self, sample_id: int, retry: int = 7) -> Any:
+            if self.holdout_samples:
+                sample_id = self._stand_in(sample_id)
+            return self._checked_item(sample_id, retry)
+
+        def _checked_item(self, sample_id: int, retry: int = 7) -> Any:
             shard_id, index = self.spanner[sample_id]
             shard = self.shards[shard_id]
             path = os.path.join(shard.dirname, shard.split or "", shard.raw_data.basename)
@@ -651,6 +674,29 @@ def checked_dataset_class() -> type:
                 ) from err
             check_sample(sample, self.vocab_size, path, int(index))
             return sample
+
+        def _stand_in(self, sample_id: int) -> int:
+            """`sample_id`, or for a held-out sample the training sample read in its place:
+            the source's kept samples taken again from its first, in order."""
+            stream = int(np.searchsorted(self.sample_offset_per_stream, sample_id, "right")) - 1
+            offset = int(self.sample_offset_per_stream[stream])
+            kept = int(self.samples_per_stream[stream]) - self.holdout_samples
+            return offset + (sample_id - offset) % kept
+
+        def held_out_ids(self) -> list[int]:
+            """The held-out samples' global ids, source by source, in index order."""
+            ids: list[int] = []
+            for offset, count in zip(
+                self.sample_offset_per_stream, self.samples_per_stream, strict=True
+            ):
+                end = int(offset + count)
+                ids += range(max(int(offset), end - self.holdout_samples), end)
+            return ids
+
+        def read_held_out(self) -> Iterator[dict[str, Any]]:
+            """The held-out samples themselves, downloading their shards where needed."""
+            for sample_id in self.held_out_ids():
+                yield self._checked_item(sample_id)
 
     CheckedStreamingDataset.__module__ = __name__
     CheckedStreamingDataset.__qualname__ = "CheckedStreamingDataset"
@@ -669,9 +715,11 @@ def make_streaming_dataset(
     predownload: int | None,
     cache_limit: int | str | None,
     vocab_size: int | None = None,
+    holdout_samples: int = 0,
 ) -> Any:
     """A shuffled StreamingDataset over all sources with deterministic partitioning; every
-    sample a worker reads is checked (`checked_dataset_class`) against `vocab_size`."""
+    sample a worker reads is checked (`checked_dataset_class`) against `vocab_size`; the last
+    `holdout_samples` of every source are held out of training."""
     from streaming import Stream
 
     locals_ = local_dirs(sources, local_cache)
@@ -694,4 +742,11 @@ def make_streaming_dataset(
         cache_limit=cache_limit,
     )
     dataset.vocab_size = vocab_size
+    dataset.holdout_samples = holdout_samples
+    for source, samples in zip(sources, dataset.samples_per_stream, strict=True):
+        if holdout_samples and holdout_samples >= samples:
+            raise UserError(
+                f"--holdout_samples {holdout_samples} would hold out all {samples} samples of "
+                f"{source.path}, leaving it nothing to train on; lower --holdout_samples"
+            )
     return dataset

@@ -260,25 +260,16 @@ def find_sources(inputs: list[str | Path]) -> list[Path]:
     return sources
 
 
-def mds_documents(directory: Path) -> Iterator[str]:
-    from datas.jsonl import is_document
-    from datas.mds import TEXT_COLUMN, read_index, shard_samples
-
-    for shard in read_index(directory)["shards"]:
-        for sample in shard_samples(directory, shard):
-            if is_document(sample[TEXT_COLUMN]):
-                yield sample[TEXT_COLUMN]
-
-
 def corpus_documents(sources: list[Path], text_field: str = "text") -> Iterator[str]:
     """Every document of `sources`, in order, by `datas.jsonl`'s rule (null, empty and
     whitespace-only texts are none), read lazily: a corpus of any size streams through."""
     from datas.jsonl import is_document
+    from datas.mds import text_documents
     from datas.prepare import read_documents
 
     for source in sources:
         if is_mds_dir(source):
-            yield from mds_documents(source)
+            yield from text_documents(source)
         else:
             yield from filter(is_document, read_documents(source, text_field))
 

@@ -6,8 +6,9 @@
 3. tokenizer: a byte-level BPE trained on the training part with `tokenizers`, by the
    project's command (`python -m datas.tokenizer`);
 4. model: a tiny Llama config.json;
-5. `torchrun --nproc_per_node=2 train.py ...` on CPU (gloo), evaluating perplexity on the
-   held-out set every 100 steps;
+5. `torchrun --nproc_per_node=2 train.py ...` on CPU (gloo), evaluating perplexity and bits
+   per byte every 100 steps on two sets: the held-out documents (`val`) and the last 200 MDS
+   samples, which training never reads (`heldout`, `train_holdout`);
 6. `python -m utils.compare` on the run: its table, and its loss and perplexity plot.
 
 Steps 1-4 are cached under .cache/demo/; the run and the plot go to runs/demo/: the first
@@ -68,6 +69,7 @@ TRAIN_FLAGS = [
     "--enable_tensorboard",
     "--eval_every=100",
     "--eval_max_windows=256",
+    "--holdout_samples=200",
 ]
 
 
@@ -123,7 +125,7 @@ def train(assets: dict[str, Path], run_name: str) -> None:
         f"--config={assets['config']}",
         f"--output_dir={OUTPUT}",
         f"--tensorboard_dir={OUTPUT / 'tensorboard'}",
-        f"--eval_data={assets['eval']}",
+        "--eval_data", f"val={assets['eval']}", "heldout=train_holdout",
         f"--run_name={run_name}",
         *TRAIN_FLAGS,
     ]  # fmt: skip

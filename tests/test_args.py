@@ -225,6 +225,12 @@ def test_an_empty_path_is_refused(tmp_path, flag):
          "(TensorBoard is off)"),
         (["--eval_data={T}"], "--eval_data: give --eval_every too (evaluation is off)"),
         (["--skip_optimizer"], "--skip_optimizer: give --resume_dir too (nothing is resumed)"),
+        (["--eval_tasks=hellaswag"], "--eval_tasks and --eval_tasks_every go together; give "
+         "both or neither"),
+        (["--eval_tasks_every=5"], "--eval_tasks and --eval_tasks_every go together; give both "
+         "or neither"),
+        (["--eval_tasks_limit=5", "--eval_tasks_include={T}"], "--eval_tasks_include, "
+         "--eval_tasks_limit: give --eval_tasks too (task evaluation is off)"),
         (["--train_steps=10", "--profile_steps=9:11"], "--profile_steps 9:11 ends after the last "
          "step, 10 (--train_steps or --train_tokens): steps past it are never traced; end it "
          "there or before"),
@@ -250,6 +256,22 @@ def test_the_combinations_that_do_something_still_parse(tmp_path):
         "--train_tokens=5120", "--profile_steps=2:10",
     ))  # fmt: skip
     assert (args.train_steps, args.profile_steps) == (10, (2, 10))
+
+
+def test_eval_sets_and_tasks_take_several_values_also_from_an_args_file(tmp_path):
+    """--eval_data takes a list (one NAME=PATH each), --eval_tasks a comma-separated text."""
+    line = ["--eval_every=5", "--eval_data", "c4=/c", "held=train_holdout", "--eval_tasks",
+            "arc_easy, hellaswag", "--eval_tasks_every=10"]  # fmt: skip
+    args = parse_args(flags(tmp_path, *line))
+    assert args.eval_data == ["c4=/c", "held=train_holdout"]
+    assert args.eval_tasks == "arc_easy,hellaswag"
+    run = tmp_path / "run.yaml"
+    run.write_text("eval_every: 5\neval_data: [c4=/c, held=train_holdout]\n")
+    assert parse_args(flags(tmp_path, f"--args_file={run}")).eval_data == args.eval_data
+    for bad in ("[]", "[[a]]", "[{a: 1}]", "[null]"):
+        run.write_text(f"eval_every: 5\neval_data: {bad}\n")
+        with pytest.raises(UserError, match="eval_data takes a list of plain values"):
+            parse_args(flags(tmp_path, f"--args_file={run}"))
 
 
 @pytest.fixture

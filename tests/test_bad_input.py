@@ -22,8 +22,7 @@ import torch
 
 import convert
 import train
-from datas import prepare
-from datas.C4 import c4_eval
+from datas import eval_sets, prepare
 from datas.local_corpus import write_c4_validation
 from tests.helpers import metrics_records, tiny_run_flags, train_in_process
 from utils import errors
@@ -658,7 +657,7 @@ def test_c4_eval(case, saved, tmp_path, capsys):
     for key, value in places.items():
         argv = [arg.replace(key, str(value)) for arg in argv]
     argv += ["--cache_dir", str(tmp_path / "cache")]
-    assert message in fails_with_one_line(lambda: c4_eval.main(argv), capsys, saved)
+    assert message in fails_with_one_line(lambda: eval_sets.main(argv), capsys, saved)
 
 
 # ---------------------------------------------------------------- under torchrun: who prints

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
+from datas import eval_sets
 from datas.C4 import c4_eval
 from datas.C4.c4_eval import check_eval_data, evaluate_c4_ppl
 from tests.helpers import REPO, torchrun
@@ -214,9 +215,10 @@ def test_cli_builds_the_cache_without_a_model(
     data_dirs, model, tokenizer, tokenizer_dir, reference_windows, monkeypatch, tmp_path
 ):
     args = ["--data", str(data_dirs["mds"]), "--tokenizer", str(tokenizer_dir)]
-    prepared = c4_eval.main([*args, "--seq_len", str(SEQ_LEN), "--cache_dir", str(tmp_path)])
-    assert prepared["windows"] == len(reference_windows)
-    assert Path(prepared["cache"]).parent == tmp_path and Path(prepared["cache"]).is_file()
+    prepared = eval_sets.main([*args, "--seq_len", str(SEQ_LEN), "--cache_dir", str(tmp_path)])
+    assert prepared["c4"]["windows"] == len(reference_windows)
+    cache = Path(prepared["c4"]["cache"])
+    assert cache.parent == tmp_path and cache.is_file()
     monkeypatch.setattr(c4_eval, "token_stream", None)  # any tokenization would fail
     _, ntokens = evaluate_c4_ppl(
         model, tokenizer, data_dirs["mds"], seq_len=SEQ_LEN, max_windows=2, cache_dir=tmp_path
@@ -259,7 +261,7 @@ def test_one_and_two_ranks_agree(
 
     assert result["tokenizations_per_rank"] == [1, 0]
 
-    cli_single = c4_eval.main(
+    cli_single = eval_sets.main(
         ["--checkpoint", str(model_dir), "--data", str(data), "--seq_len", str(SEQ_LEN),
          "--cache_dir", str(tmp_path / "cache")]
     )  # fmt: skip

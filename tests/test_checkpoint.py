@@ -557,7 +557,7 @@ def test_a_failing_evaluation_comes_after_the_save(
     def broken(*args, **kwargs):
         raise RuntimeError("the evaluation broke")
 
-    monkeypatch.setattr(train, "evaluate_c4_ppl", broken)
+    monkeypatch.setattr(train, "evaluate_sets", broken)
     run = flags(mds_tokens, tokenizer_dir, tmp_path, "eval_breaks", "--save_every=2")
     run += ["--local_batch=4", "--num_workers=0", "--eval_every=2", f"--eval_data={c4.parent}"]
     with pytest.raises(RuntimeError, match="the evaluation broke"):

@@ -67,7 +67,13 @@ def test_resume_yields_the_uninterrupted_batches(
     mds_text, tokenizer_dir, tmp_path, strategy, before, workers
 ):
     options = dict(strategy=strategy, num_workers=workers, overflow_stride=8)
-    loader = make_loader(mds_text, tokenizer_dir, **options)
+    assert_resume_continues(mds_text, tokenizer_dir, tmp_path, before, **options)
+
+
+def assert_resume_continues(mds_root, tokenizer_dir, tmp_path, before: int, **options) -> None:
+    """A loader saved after `before` batches and loaded into a new one yields the next 6
+    batches of the uninterrupted loader."""
+    loader = make_loader(mds_root, tokenizer_dir, **options)
     iterator = iter(loader)
     take(iterator, before)
     torch.save(loader.state_dict(), tmp_path / "state.pt")
@@ -75,7 +81,7 @@ def test_resume_yields_the_uninterrupted_batches(
     del iterator, loader
     gc.collect()
 
-    resumed = make_loader(mds_text, tokenizer_dir, **options)
+    resumed = make_loader(mds_root, tokenizer_dir, **options)
     resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     got = take(iter(resumed), 6)
     for want, have in zip(expected, got, strict=True):

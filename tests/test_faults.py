@@ -151,7 +151,7 @@ POINTS = {
     "forward and backward": (lambda: Fault(train, "model_nll_sum", nth(5)), 2),  # step 3
     "optimizer step": (lambda: Fault(train, "skip_update_if", nth(3)), 2),
     "logging": (lambda: Fault(MetricsLogger, "log", nth(3)), 2),  # step 2's evaluation
-    "evaluation": (lambda: Fault(train, "evaluate_c4_ppl", nth(1)), 2),  # step 2's
+    "evaluation": (lambda: Fault(train, "evaluate_sets", nth(1)), 2),  # step 2's
     "checkpoint write": (lambda: Fault(checkpointer_module, "save_durably", in_save_of(2)), 1),
     "publish": (lambda: Fault(checkpointer_module, "replace_dir", nth(2)), 1),
     "--keep_last pruning": (lambda: Fault(checkpointer_module, "delete_dir", nth(1)), 2),

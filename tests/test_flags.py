@@ -86,6 +86,7 @@ def path(valid: st.SearchStrategy[str], wrong=None, needs: tuple[str, ...] = ())
 
 IN_T = NAME.map(lambda name: "{T}/made/" + name)  # a directory the parse may create
 SLT = ("--enable_slt", "--slt_config={T}/slt.json")
+TASKS = ("--eval_tasks=t", "--eval_tasks_every=1")
 SPECS = {
     "--args_file": path(st.just("{T}/empty.yaml"), NAME.map(lambda n: "{T}/missing/" + n)),
     "--data_dir": path(TEXT),
@@ -162,6 +163,12 @@ SPECS = {
     "--eval_data": path(TEXT, needs=("--eval_every=1",)),
     "--eval_max_windows": positive_int(),
     "--eval_batch": positive_int(),
+    "--holdout_samples": positive_int(),  # without a train_holdout set: datas/eval_sets.py
+    "--eval_tasks": Spec(NAME, None, BLANK | st.sampled_from(["a,,b", ",a", "a, ,b"]),
+                         ("--eval_tasks_every=1",)),
+    "--eval_tasks_every": Spec(ints(1, 10**6), NOT_INT, ints(None, -1), ("--eval_tasks=t",)),
+    "--eval_tasks_include": path(TEXT, needs=TASKS),
+    "--eval_tasks_limit": Spec(ints(1, 10**6), NOT_INT, ints(None, 0), TASKS),
     "--tensorboard_dir": path(IN_T, NAME.map(lambda n: "{T}/a_file/" + n),
                               needs=("--enable_tensorboard",)),
     "--wandb_project": path(TEXT),

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from datas.C4 import c4_eval
+from datas import eval_sets
 from datas.C4.c4_eval import evaluate_c4_ppl
 from datas.local_corpus import write_c4_validation
 from tests.helpers import metrics_records, tiny_run_flags, torchrun_runs, train_in_process
@@ -86,7 +86,7 @@ def test_a_run_starts_from_a_transformers_directory(
         ],
         tmp_path,
     )  # fmt: skip
-    expected = c4_eval.main([
+    expected = eval_sets.main([
         f"--checkpoint={pretrained['safetensors']}", f"--data={c4}", f"--tokenizer={tokenizer_dir}",
         "--seq_len=64", f"--max_windows={MAX_WINDOWS}",
     ])["eval/c4_ppl"]  # fmt: skip

@@ -23,6 +23,8 @@ from tests.helpers import (
     torchrun_runs,
     torchrun_two_nodes,
 )
+from tests.test_eval_tasks import DATA as TASK_DATA
+from tests.test_eval_tasks import MC_YAML, write_task
 from utils.loss import IGNORE_INDEX
 
 STEPS = 8
@@ -39,6 +41,9 @@ def runs(tmp_path_factory, mds_tokens, mds_text, tokenizer_dir, docstrings) -> d
     one rank. Returns each run's directory by name."""
     out = tmp_path_factory.mktemp("train_runs")
     c4 = write_c4_validation(docstrings[-100:], out / "c4")
+    tasks = out / "tasks" / "tasks"
+    tasks.mkdir(parents=True)
+    write_task(tasks, "mc", MC_YAML, TASK_DATA / "multiple_choice.jsonl")
     args_file = out / "args.yaml"
     args_file.write_text("lr: 0.01\nlocal_batch: 2\nstrategy: overflow\n")
     two_ranks = {
@@ -55,6 +60,10 @@ def runs(tmp_path_factory, mds_tokens, mds_text, tokenizer_dir, docstrings) -> d
             f"--local_cache_dir={out / 'cache'}", "--enable_tensorboard", "--eval_every=4",
             f"--eval_data={c4}", "--eval_max_windows=6", "--peak_tflops=0.5",
         ]),
+        "holdout": (mds_tokens, [
+            "--local_batch=2", "--save_every=8", *holdout_eval_flags(c4), "--eval_tasks=mc",
+            "--eval_tasks_every=8", f"--eval_tasks_include={tasks}",
+        ]),
         "fp16_trunc": (mds_text, [
             "--local_batch=2", "--fp16", "--strategy=trunc", "--sharding_strategy=hybrid_shard",
         ]),
@@ -68,7 +77,15 @@ def runs(tmp_path_factory, mds_tokens, mds_text, tokenizer_dir, docstrings) -> d
         *common_flags(mds_tokens, tokenizer_dir, out, "one_rank"), "--local_batch=8",
         "--peak_tflops=1",
     )  # fmt: skip
-    return {name: out / name for name in [*two_ranks, "one_rank"]}
+    return {name: out / name for name in [*two_ranks, "one_rank"]} | {"c4": c4, "tasks": tasks}
+
+
+def holdout_eval_flags(c4: Path) -> list[str]:
+    """Two named sets: C4-format files, and 16 pre-tokenized blocks training never reads."""
+    return [
+        "--eval_every=4", "--eval_data", f"c4={c4}", "held=train_holdout",
+        "--holdout_samples=16", "--eval_max_windows=20",
+    ]  # fmt: skip
 
 
 def list_losses(run_dir: Path) -> list[float]:
@@ -315,3 +332,82 @@ def test_a_log_line_averages_the_steps_of_its_window(mds_tokens, tokenizer_dir, 
     for last in (3, 6):
         mean = sum(each[step] for step in range(last - 2, last + 1)) / 3
         assert windows[last] == pytest.approx(mean, rel=1e-6)
+
+
+# ---------------------------------------------------------------- validation sets
+SET_KEYS = ("loss", "ppl", "bits_per_byte", "tokens", "bytes")
+
+
+def set_records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in metrics_records(run_dir) if "eval/held/ppl" in r}
+
+
+def test_validation_sets_agree_across_world_size_eval_batch_and_the_cli(runs, tmp_path):
+    """The same run on 2 ranks (eval batch 8) and on 1 (eval batch 3) logs the same curve and
+    the same numbers for both sets; the eval command on the saved step agrees with the record
+    training wrote at that step."""
+    from datas import eval_sets
+    from tests.helpers import train_in_process
+
+    two = runs["holdout"]
+    config = json.loads((two / "config.json").read_text())["args"]
+    flags = common_flags(
+        Path(config["data_dir"]), Path(config["tokenizer_dir"]), tmp_path, "one"
+    ) + ["--local_batch=8", "--eval_batch=3", *holdout_eval_flags(runs["c4"])]
+    train_in_process(*flags)
+    assert_same_curve(list_losses(two), list_losses(tmp_path / "one"), rel=1e-4)
+    two_sets, one_sets = set_records(two), set_records(tmp_path / "one")
+    assert list(two_sets) == list(one_sets) == [4, 8]
+    for step in (4, 8):
+        for name in ("c4", "held"):
+            for key in SET_KEYS:
+                want, got = (
+                    two_sets[step][f"eval/{name}/{key}"],
+                    one_sets[step][f"eval/{name}/{key}"],
+                )
+                assert got == pytest.approx(want, rel=1e-4), (step, name, key)
+    record = two_sets[8]
+    assert record["eval/held/tokens"] == 16 * (DATA_SEQ_LEN - 1)
+    assert record["eval/c4/tokens"] == 20 * (DATA_SEQ_LEN - 1) == record["eval/tokens"]
+    assert record["eval/c4_ppl"] == record["eval/c4/ppl"]  # the names of older runs
+    cli = eval_sets.main([
+        "--checkpoint", str(two / "step_000008"), "--data", f"c4={runs['c4']}",
+        "held=train_holdout", "--seq_len", str(DATA_SEQ_LEN), "--max_windows", "20",
+        "--cache_dir", str(tmp_path / "cache"),
+    ])  # fmt: skip
+    for name in ("c4", "held"):
+        for key in SET_KEYS:
+            assert cli[f"eval/{name}/{key}"] == pytest.approx(
+                record[f"eval/{name}/{key}"], rel=1e-5
+            )
+    # python -m utils.compare reads both sets from what training wrote
+    from utils import compare
+
+    row = compare.summary(compare.read_run(two))
+    for name in ("c4", "held"):
+        assert row.sets[f"{name} ppl"] == record[f"eval/{name}/ppl"]
+        assert row.sets[f"{name} bpb"] == record[f"eval/{name}/bits_per_byte"]
+    assert (row.main["method"], row.main["steps"]) == ("dense", STEPS)
+
+
+def test_tasks_in_training_on_two_ranks_equal_the_command_on_the_saved_step(runs):
+    """--eval_tasks on the 2-rank sharded model at step 8 against `python -m datas.eval_tasks`
+    on that step's checkpoint in one process (its length: the run's seq_len, from the record)."""
+    from datas import eval_tasks
+
+    two = runs["holdout"]
+    in_training = {
+        k: v for r in metrics_records(two) if r["step"] == 8 for k, v in r.items()
+        if k.startswith("eval/task/")
+    }  # fmt: skip
+    assert set(in_training) == {"eval/task/mc/acc", "eval/task/mc/acc_norm"}
+    cli = eval_tasks.main([
+        "--checkpoint", str(two / "step_000008"), "--tasks", "mc", "--include_path",
+        str(runs["tasks"]),
+    ])  # fmt: skip
+    assert cli["max_length"] == DATA_SEQ_LEN
+    for key, value in in_training.items():
+        assert cli[key] == pytest.approx(value, rel=1e-6), key
+    assert not any(
+        k.startswith("eval/task/") for r in metrics_records(two) if r["step"] == 4 for k in r
+    )

@@ -38,6 +38,7 @@ DEFAULT_TRAIN_STEPS = 100_000
 PATH_FLAGS = (
     "args_file", "data_dir", "local_cache_dir", "tokenizer_dir", "config", "init_from",
     "slt_config", "output_dir", "resume_dir", "tensorboard_dir", "eval_data",
+    "eval_tasks_include",
 )  # fmt: skip
 # What W&B needs no login for (WANDB_MODE); its default server.
 WANDB_NO_LOGIN_MODES = ("offline", "disabled", "dryrun")
@@ -161,11 +162,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = p.add_argument_group("evaluation")
     evaluation.add_argument("--eval_every", type=int, default=0, help="optimizer steps; 0 = never")
-    evaluation.add_argument("--eval_data", help="C4 validation files, Arrow or MDS directory")
+    evaluation.add_argument(
+        "--eval_data",
+        nargs="+",
+        help="validation sets, NAME=PATH each (C4-format files, Arrow or MDS directory; a plain "
+        "PATH is named c4), or NAME=train_holdout for samples training never reads",
+    )
+    evaluation.add_argument(
+        "--holdout_samples",
+        type=int,
+        help="train_holdout: the last N samples of every training source (default 1000)",
+    )
     evaluation.add_argument("--eval_max_windows", type=int, help="seeded subset of the windows")
     evaluation.add_argument(
         "--eval_batch", type=int, default=8, help="windows per forward, per rank"
     )
+    evaluation.add_argument(
+        "--eval_tasks",
+        help="lm-eval tasks, comma-separated, e.g. hellaswag,arc_easy (pip install '.[eval]')",
+    )
+    evaluation.add_argument(
+        "--eval_tasks_every", type=int, default=0, help="optimizer steps between task runs"
+    )
+    evaluation.add_argument("--eval_tasks_include", help="directory of your own task YAMLs")
+    evaluation.add_argument("--eval_tasks_limit", type=int, help="at most N examples per task")
     out.add_argument("--tensorboard_dir", help="default: output_dir/tensorboard")
     out.add_argument(
         "--wandb_project",
@@ -345,12 +365,27 @@ def _args_file_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
                     f"--args_file {_shown(path)}: {dest} must be true or false (got {value!r})"
                 )
             tokens += [a.option_strings[0] for a in switches if a.const is value][:1]
+        elif isinstance(value, list) and _takes_several(actions[dest]):
+            _check_list_items(path, dest, value)
+            tokens += [actions[dest][0].option_strings[0], *map(str, value)]
         elif isinstance(value, dict | list | bool):
             raise UserError(f"--args_file {_shown(path)}: {dest} takes one value (got {value!r})")
         else:
             option = next(a for a in actions[dest] if a.nargs != 0).option_strings[0]
             tokens.append(f"{option}={value}")
     return tokens
+
+
+def _takes_several(actions: list[argparse.Action]) -> bool:
+    return any(action.nargs == "+" for action in actions)
+
+
+def _check_list_items(path: str, dest: str, value: list) -> None:
+    """A list for a flag of several values: plain values, at least one."""
+    if not value or any(isinstance(item, dict | list | bool) or item is None for item in value):
+        raise UserError(
+            f"--args_file {_shown(path)}: {dest} takes a list of plain values (got {value!r})"
+        )
 
 
 class _DuplicateKey(Exception):
@@ -423,8 +458,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None 
     """Checks that need only the flags: run before anything is loaded."""
     for action in (parser or build_parser())._actions:
         value = getattr(args, action.dest, None)
-        if isinstance(value, str) and action.choices is None and action.dest != "run_name":
-            _check_text(action.dest, value)  # --run_name: _check_run_name
+        for text in value if isinstance(value, list) else [value]:  # nargs="+": each value
+            if isinstance(text, str) and action.choices is None and action.dest != "run_name":
+                _check_text(action.dest, text)  # --run_name: _check_run_name
     for flag in ("data_dir", "tokenizer_dir", "config"):
         if not getattr(args, flag):
             raise UserError(f"--{flag} is required")
@@ -471,6 +507,19 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None 
         raise UserError("--eval_every needs --eval_data (C4 validation files; docs/eval.md)")
     if args.eval_data is not None and not args.eval_every:
         raise UserError("--eval_data: give --eval_every too (evaluation is off)")
+    if args.eval_tasks is not None:
+        names = [name.strip() for name in args.eval_tasks.split(",")]
+        if not all(names):
+            raise UserError(
+                f"--eval_tasks {args.eval_tasks!r} has an empty name; give names separated by "
+                "commas, e.g. hellaswag,arc_easy"
+            )
+        args.eval_tasks = ",".join(names)
+    if bool(args.eval_tasks) != bool(args.eval_tasks_every):
+        raise UserError("--eval_tasks and --eval_tasks_every go together; give both or neither")
+    named = [f"--{k}" for k in ("eval_tasks_include", "eval_tasks_limit") if getattr(args, k)]
+    if named and not args.eval_tasks:
+        raise UserError(f"{', '.join(named)}: give --eval_tasks too (task evaluation is off)")
     if args.profile_steps is not None and args.profile_steps[1] > args.train_steps:
         first, last = args.profile_steps
         raise UserError(
@@ -495,11 +544,11 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None 
 POSITIVE = (
     "global_batch", "local_batch", "train_steps", "train_tokens", "log_every", "max_skipped",
     "eval_batch", "num_canonical_nodes", "lr", "eval_max_windows", "peak_tflops", "eps",
-    "slt_lr",
+    "slt_lr", "holdout_samples", "eval_tasks_limit",
 )  # fmt: skip
 NON_NEGATIVE = (
     "min_lr", "warmup", "weight_decay", "grad_clip", "save_every", "keep_last", "exit_interval",
-    "exit_duration_mins", "eval_every", "num_workers", "slt_weight_decay",
+    "exit_duration_mins", "eval_every", "num_workers", "slt_weight_decay", "eval_tasks_every",
 )  # fmt: skip
 BELOW_ONE = ("beta1", "beta2")  # and zero or more
 

@@ -30,18 +30,18 @@ The tokenized windows are cached as a .npy of int32 `[n_windows, seq_len]` under
 data files (path, size, mtime), the tokenizer's content and `seq_len`; a cached file that is
 cut short or damaged is built again.
 
-CLI: `python -m datas.C4.c4_eval --checkpoint STEP_DIR --data PATH`, plain or under torchrun;
-without --checkpoint (and with --tokenizer) it only builds the cache.
+The command, `python -m datas.eval_sets` (also run as `python -m datas.C4.c4_eval`), scores
+several named sets; datas/eval_sets.py also adds `train_holdout` and bits per byte.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,11 +53,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from datas.jsonl import JSON_LINES_SUFFIXES, document_files, is_document, json_lines_texts
-from datas.mds import check_safe_columns, read_index, shard_file, shard_samples
+from datas.mds import check_safe_columns, read_index, shard_file, text_documents
 from datas.tokenizer import batched, encode_documents, load_tokenizer
 from utils.checkpoint.layout import STEP_DIR, step_number
-from utils.distributed import DistEnv, broadcast_from_main, build_mesh, init_distributed, shutdown
-from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.distributed import DistEnv, broadcast_from_main, build_mesh
+from utils.errors import UserError
 from utils.parallelize import parallelize_model
 
 PROTOCOL_VERSION = 2
@@ -168,17 +168,10 @@ def _arrow_table(path: Path) -> Any:
     return table
 
 
-def _mds_documents(root: Path) -> Iterator[str]:
-    for shard in read_index(root)["shards"]:
-        for sample in shard_samples(root, shard):
-            if is_document(sample[TEXT_FIELD]):
-                yield sample[TEXT_FIELD]
-
-
 def iter_documents(data: EvalData) -> Iterator[str]:
     """Every document of `data`, in the protocol's order."""
     if data.kind == "mds":
-        yield from _mds_documents(data.root)
+        yield from text_documents(data.root)
         return
     for path in data.files:
         if data.kind == "json":
@@ -188,7 +181,7 @@ def iter_documents(data: EvalData) -> Iterator[str]:
                 yield from filter(is_document, chunk.to_pylist())
 
 
-def _as_tokenizer(tokenizer: Any) -> Any:
+def as_tokenizer(tokenizer: Any) -> Any:
     """A tokenizer object, or one loaded from a tokenizer directory."""
     if not isinstance(tokenizer, str | Path):
         return tokenizer
@@ -214,6 +207,35 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     )
     text = f"{type(tokenizer).__name__}|{tokenizer.eos_token_id}|{definition}"
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def token_byte_lengths(tokenizer: Any) -> np.ndarray:
+    """Each token id's length in UTF-8 bytes, for bits per byte: a byte-level BPE token's
+    characters stand for one byte each; a SentencePiece token counts its text (a `▁` is a
+    space) or, written `<0xNN>`, one byte. Special tokens (EOS) count none: they are not text."""
+    vocab = tokenizer.get_vocab()
+    lengths = np.zeros(max(len(tokenizer), max(vocab.values()) + 1), dtype=np.int64)
+    special = set(tokenizer.all_special_ids)
+    byte_level = _is_byte_level(tokenizer)
+    for token, token_id in vocab.items():
+        if token_id in special:
+            continue
+        if byte_level:
+            lengths[token_id] = len(token)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            lengths[token_id] = 1
+        else:
+            lengths[token_id] = len(token.replace("\u2581", " ").encode("utf-8"))
+    return lengths
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", [])]
+    return "ByteLevel" in kinds
 
 
 def token_stream(documents: Iterator[str], tokenizer: Any) -> np.ndarray:
@@ -308,7 +330,7 @@ def load_windows(
     In a distributed run rank 0 tokenizes and writes while the others wait; a rank that
     still does not see the file (a node-local cache directory) tokenizes for itself.
     """
-    tokenizer = _as_tokenizer(tokenizer)
+    tokenizer = as_tokenizer(tokenizer)
     data = resolve_eval_data(data_path)
     path = cache_file(data, tokenizer, seq_len, cache_dir)
     rank, world = _rank_and_world()
@@ -341,7 +363,7 @@ def select_windows(n_windows: int, max_windows: int | None, seed: int) -> np.nda
     return torch.randperm(n_windows, generator=generator)[:max_windows].numpy()
 
 
-def _check_settings(seq_len: int, batch_size: int, max_windows: int | None) -> None:
+def check_settings(seq_len: int, batch_size: int, max_windows: int | None) -> None:
     if seq_len < 2:
         raise UserError(f"seq_len={seq_len}: a window needs at least 2 tokens to predict one")
     if batch_size < 1:
@@ -376,6 +398,69 @@ def _score_windows(
             ).double()
 
 
+@dataclass(frozen=True)
+class WindowScore:
+    """What scoring windows gives: the summed NLL (nats) of the predicted tokens, their count,
+    and their UTF-8 bytes (`token_byte_lengths`; the EOS after each document has none)."""
+
+    nll: float
+    tokens: int
+    bytes: int
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float | None:
+        return self.nll / (math.log(2) * self.bytes) if self.bytes else None
+
+
+def score_windows(
+    model: nn.Module,
+    windows: np.ndarray,
+    *,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    seed: int = 1234,
+    device: torch.device | str | None = None,
+    byte_lengths: np.ndarray | None = None,
+) -> WindowScore:
+    """Score `windows` (`[n, seq_len]` token ids) under the protocol's steps 4-5, on every rank
+    of an initialized process group (or none). `byte_lengths[id]` is token id's UTF-8 length;
+    without it the bytes are 0. The model's training mode is restored afterwards."""
+    seq_len = windows.shape[1]
+    check_settings(seq_len, batch_size, max_windows)
+    selected = select_windows(len(windows), max_windows, seed)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    nll = torch.zeros(len(selected), dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _score_windows(model, windows, selected, nll, batch_size, device)
+    finally:
+        model.train(was_training)
+    if _rank_and_world()[1] > 1:
+        dist.all_reduce(nll)
+    scored_bytes = 0 if byte_lengths is None else predicted_bytes(windows, selected, byte_lengths)
+    return WindowScore(nll.sum().item(), len(selected) * (seq_len - 1), scored_bytes)
+
+
+def predicted_bytes(windows: np.ndarray, selected: np.ndarray, byte_lengths: np.ndarray) -> int:
+    """UTF-8 bytes of the tokens the selected windows predict (all but each first token).
+    Every rank holds all windows, so no collective is needed; read in slices to bound memory."""
+    total = 0
+    for start in range(0, len(selected), TOKENIZE_BATCH):
+        rows = np.sort(selected[start : start + TOKENIZE_BATCH])
+        total += int(byte_lengths[np.asarray(windows[rows])[:, 1:]].sum())
+    return total
+
+
 def evaluate_c4_ppl(
     model: nn.Module,
     tokenizer: Any,
@@ -394,23 +479,13 @@ def evaluate_c4_ppl(
     initialized process group must call this. `tokenizer` is a transformers tokenizer or its
     directory. The model's training mode is restored afterwards.
     """
-    _check_settings(seq_len, batch_size, max_windows)
-    tokenizer = _as_tokenizer(tokenizer)
+    check_settings(seq_len, batch_size, max_windows)
+    tokenizer = as_tokenizer(tokenizer)
     windows = load_windows(data_path, tokenizer, seq_len, cache_dir)
-    selected = select_windows(len(windows), max_windows, seed)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    nll = torch.zeros(len(selected), dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            _score_windows(model, windows, selected, nll, batch_size, device)
-    finally:
-        model.train(was_training)
-    if _rank_and_world()[1] > 1:
-        dist.all_reduce(nll)
-    ntokens = len(selected) * (seq_len - 1)
-    return math.exp(nll.sum().item() / ntokens), ntokens
+    score = score_windows(
+        model, windows, batch_size=batch_size, max_windows=max_windows, seed=seed, device=device
+    )
+    return score.ppl, score.tokens
 
 
 def load_model_for_eval(step_dir: str | Path, env: DistEnv | None = None) -> nn.Module:
@@ -483,88 +558,7 @@ def check_checkpoint_dir(step_dir: Path) -> None:
         )
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(
-        prog="python -m datas.C4.c4_eval",
-        description="C4 validation perplexity of a saved checkpoint (protocol: docs/eval.md).",
-    )
-    parser.add_argument(
-        "--checkpoint", help="step directory of a checkpoint; omit to only build the cache"
-    )
-    parser.add_argument("--data", required=True, help="C4 validation file(s), Arrow or MDS dir")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
-    parser.add_argument("--seq_len", type=int, default=2048)
-    parser.add_argument("--batch_size", type=int, default=8, help="windows per forward, per rank")
-    parser.add_argument("--max_windows", type=int, help="score a seeded random subset")
-    parser.add_argument("--seed", type=int, default=1234, help="seed of the --max_windows subset")
-    parser.add_argument("--cache_dir", help="tokenized windows cache (default: see docs/eval.md)")
-    args = parser.parse_args(argv)
-    if args.checkpoint is None and args.tokenizer is None:
-        parser.error("give --checkpoint to evaluate, or --tokenizer to only build the cache")
-    return args
+if __name__ == "__main__":  # the command of every validation set: datas/eval_sets.py
+    from datas.eval_sets import main
 
-
-def prepare_cache(args: argparse.Namespace) -> dict[str, Any]:
-    """Tokenize into the cache ahead of training: the first evaluation of a large set
-    otherwise makes every rank wait while rank 0 tokenizes."""
-    tokenizer = _as_tokenizer(args.tokenizer)
-    windows = load_windows(args.data, tokenizer, args.seq_len, args.cache_dir)
-    path = cache_file(resolve_eval_data(args.data), tokenizer, args.seq_len, args.cache_dir)
-    return {"cache": str(path), "windows": len(windows), "seq_len": args.seq_len}
-
-
-def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv | None) -> dict[str, Any]:
-    model = load_model_for_eval(args.checkpoint, env)
-    limit = model.config.max_position_embeddings
-    if args.seq_len > limit:
-        raise UserError(
-            f"--seq_len {args.seq_len} exceeds the model's max_position_embeddings {limit} "
-            f"({args.checkpoint}); lower --seq_len"
-        )
-    ppl, ntokens = evaluate_c4_ppl(
-        model,
-        args.tokenizer or args.checkpoint,
-        args.data,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        max_windows=args.max_windows,
-        seed=args.seed,
-        cache_dir=args.cache_dir,
-    )
-    return {"checkpoint": str(args.checkpoint), **eval_metrics(ppl, ntokens)}
-
-
-def eval_metrics(ppl: float, ntokens: int) -> dict[str, float]:
-    """An evaluation as every sink records it (metrics.jsonl, TensorBoard, W&B, this CLI)."""
-    return {"eval/c4_ppl": ppl, "eval/c4_loss": math.log(ppl), "eval/tokens": ntokens}
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Evaluate a checkpoint (or only build the cache); print (rank 0) and return the result.
-    A mistake ends it with one line and status 2."""
-    with exit_on_user_error():
-        joins_a_group = "WORLD_SIZE" in os.environ and not dist.is_initialized()
-        try:
-            return _run(parse_args(argv))
-        except OSError as err:  # a file that cannot be read
-            raise UserError(str(err)) from err
-        finally:
-            if joins_a_group:  # not a caller's group: it leaves with it
-                shutdown()
-
-
-def _run(args: argparse.Namespace) -> dict[str, Any]:
-    _check_settings(args.seq_len, args.batch_size, args.max_windows)
-    check_eval_data(args.data)
-    env = init_distributed() if "WORLD_SIZE" in os.environ else None
-    if args.checkpoint is None:
-        result = prepare_cache(args)
-    else:
-        result = evaluate_checkpoint(args, env)
-    if env is None or env.is_main:
-        print(json.dumps(result), flush=True)
-    return result
-
-
-if __name__ == "__main__":
     main()

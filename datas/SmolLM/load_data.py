@@ -320,6 +320,7 @@ def build_train_loader(
     num_canonical_nodes: int = 64,
     emit_position_ids: bool = False,
     overflow_stride: int = 0,
+    holdout_samples: int = 0,
 ) -> TrainLoader:
     """Build this rank's endless batch iterator over MDS data (docs/data.md)."""
     if strategy not in STRATEGIES:
@@ -349,6 +350,7 @@ def build_train_loader(
         predownload=predownload,
         cache_limit=cache_limit,
         vocab_size=len(tokenizer),
+        holdout_samples=holdout_samples,
     )
     dataloader = torch.utils.data.DataLoader(
         dataset,

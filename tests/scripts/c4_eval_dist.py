@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer
 
+from datas import eval_sets
 from datas.C4 import c4_eval
 from utils.distributed import build_mesh, init_distributed, shutdown
 from utils.model import build_meta_model, init_weights, load_model_config
@@ -95,7 +96,7 @@ def run(env, tokenizer_dir: str, data_dir: str, cache_dir: str, model_dir: str, 
         cache_dir=cache_dir,
     )
     handle.remove()
-    cli = c4_eval.main(
+    cli = eval_sets.main(
         ["--checkpoint", model_dir, "--data", data_dir, "--seq_len", str(SEQ_LEN),
          "--batch_size", "3", "--cache_dir", cache_dir]
     )  # fmt: skip

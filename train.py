@@ -97,7 +97,7 @@ def run(args: Namespace, env: DistEnv) -> None:
     eval_specs = eval_specs_from_flags(args)
     if args.eval_tasks:
         check_tasks(args.eval_tasks.split(","), args.eval_tasks_include)
-    loader = build_loader(args, env)
+    loader = build_loader(args, env, holdout_samples=args.holdout_samples or 0)
     # Every document tokenized now, not at the first evaluation.
     eval_sets = load_eval_sets(eval_specs, args.tokenizer_dir, args.seq_len, loader.dataset)
     model_config = load_model_config(args.config, loader.vocab_size, loader.special_token_ids)
@@ -406,7 +406,8 @@ def model_inputs(
     return inputs
 
 
-def build_loader(args: Namespace, env: DistEnv):
+def build_loader(args: Namespace, env: DistEnv, holdout_samples: int = 0):
+    """The training loader for the data flags; `holdout_samples` per source are never read."""
     if args.document_masking and args.strategy != "pack":
         raise UserError(
             f"--document_masking needs --strategy pack (a {args.strategy} row is one document)"
@@ -426,7 +427,7 @@ def build_loader(args: Namespace, env: DistEnv):
         global_rank=env.rank,
         num_canonical_nodes=args.num_canonical_nodes,
         emit_position_ids=args.document_masking,
-        holdout_samples=args.holdout_samples or 0,
+        holdout_samples=holdout_samples,
     )
 
 

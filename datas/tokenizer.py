@@ -44,6 +44,15 @@ TOKENIZER_JSON_FILES = (
     "vocab.json",
 )
 
+# Everything a tokenizer's save_pretrained may write: --overwrite replaces a directory that
+# holds only these.
+TOKENIZER_SAVED_FILES = (
+    *TOKENIZER_JSON_FILES,
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+
 
 def check_tokenizer_dir(path: str | Path, flag: str) -> Path:
     """The one validator of a tokenizer directory: it exists and is a directory, it holds a
@@ -294,6 +303,17 @@ def check_out_dir(out: Path, inputs: list[Path], overwrite: bool) -> None:
         raise UserError(
             f"--out {out} holds files but no tokenizer; --overwrite replaces only a tokenizer "
             "directory: choose a new directory"
+        )
+    foreign = sorted(
+        entry.name
+        for entry in out.iterdir()
+        if entry.name not in TOKENIZER_SAVED_FILES or not entry.is_file()
+    )
+    if foreign:
+        raise UserError(
+            f"--out {out} holds {foreign[0]} besides a tokenizer; --overwrite replaces only a "
+            "directory of tokenizer files (a checkpoint or export keeps its own): choose a new "
+            "directory"
         )
     reason = why_not_writable(out.parent)
     if reason is not None:

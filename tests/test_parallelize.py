@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.distributed.fsdp import FSDPModule
 
@@ -26,3 +28,20 @@ def test_layers_and_root_compute_in_bf16_and_reduce_gradients_in_fp32():
     assert all(
         p.param_dtype == torch.bfloat16 and p.reduce_dtype == torch.float32 for p in policies
     )
+
+
+def test_a_single_process_world_leaves_the_environment_as_it_found_it(monkeypatch):
+    """Without torchrun, init_distributed sets RANK/WORLD_SIZE for the loader; left behind, they
+    make a later library in the same process (accelerate, under lm-eval's hf model) take them
+    for a torchrun launch with no MASTER_ADDR and fail."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "7")
+    before = dict(os.environ)
+    env = init_distributed()
+    inside = {name: os.environ.get(name) for name in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    shutdown()
+    assert (env.world_size, inside) == (
+        1, {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"},
+    )  # fmt: skip
+    assert dict(os.environ) == before

@@ -4,6 +4,7 @@ are one line each, refused before anything is written."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from datas.tokenizer import (
     MAX_VOCAB_SIZE,
     MIN_VOCAB_SIZE,
     PAD_TOKEN,
+    TOKENIZER_SAVED_FILES,
     check_tokenizer_dir,
     load_tokenizer,
     main,
@@ -217,6 +219,38 @@ def test_an_existing_out_is_kept_unless_overwrite_and_only_a_tokenizer_is_replac
                   "--overwrite")  # fmt: skip
     assert "holds files but no tokenizer; --overwrite replaces only a tokenizer" in err
     assert [path.name for path in notes.iterdir()] == ["todo.txt"]
+
+
+# What a user keeps next to a tokenizer: an export, a checkpoint step, notes, a sub-directory
+# named like a tokenizer file.
+FOREIGN_ENTRY = st.one_of(
+    st.sampled_from(["config.json", "model.safetensors", "trainer.pt", "training.json",
+                     "step_000100", "README.md", "merges.txt.bak"]),
+    st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}", fullmatch=True).filter(
+        lambda name: name not in TOKENIZER_SAVED_FILES
+    ),
+)  # fmt: skip
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(name=FOREIGN_ENTRY, as_dir=st.booleans())
+def test_overwrite_refuses_a_tokenizer_dir_that_holds_anything_else(
+    tokenizer_dir: Path, corpus, tmp_path_factory, capsys, name: str, as_dir: bool
+) -> None:
+    """--overwrite replaces the whole directory: a tokenizer saved inside an export or next to
+    a checkpoint must not take the model (or anything else) with it."""
+    out = tmp_path_factory.mktemp("keep") / "tok"
+    shutil.copytree(tokenizer_dir, out)
+    entry = out / name
+    entry.mkdir() if as_dir else entry.write_text("mine")
+    before = sorted(path.name for path in out.iterdir())
+    err = refused(capsys, "--input", corpus["jsonl"], "--out", out,
+                  "--vocab_size=300", "--overwrite")  # fmt: skip
+    assert f"holds {name} besides a tokenizer" in err
+    assert sorted(path.name for path in out.iterdir()) == before
+    assert entry.exists()
 
 
 def test_a_small_corpus_says_it_gave_fewer_tokens(tmp_path: Path, capsys) -> None:

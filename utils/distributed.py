@@ -53,12 +53,20 @@ def environment_world() -> DistEnv:
     )
 
 
+_SINGLE_PROCESS_WORLD = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+_environment_before: dict[str, str | None] = {}
+
+
 def _default_to_single_process() -> bool:
     """`python train.py` without torchrun (which always sets MASTER_ADDR): a world of one.
-    The loader reads these variables too."""
+    The loader reads these variables too; `shutdown` puts back what was there before, since a
+    later library in the same process (accelerate) would take WORLD_SIZE without MASTER_ADDR
+    for a torchrun launch and fail to join it."""
     if "MASTER_ADDR" in os.environ:
         return False
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    for name, value in _SINGLE_PROCESS_WORLD.items():
+        _environment_before.setdefault(name, os.environ.get(name))
+        os.environ[name] = value
     return True
 
 
@@ -156,6 +164,12 @@ def shutdown() -> None:
     if dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
+    while _environment_before:
+        name, value = _environment_before.popitem()
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ checked in tests/test_train.py, whose shared launch runs them."""
 
 from __future__ import annotations
 
+import gc
 import json
 from collections import Counter
 
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from datas.C4.c4_eval import cut_windows, predicted_bytes, token_byte_lengths, token_stream
 from datas.eval_sets import EvalSpec, holdout_windows, parse_eval_sets
 from datas.tokenizer import load_tokenizer
-from tests.test_data_loader import assert_resume_continues, make_loader
+from tests.test_data_loader import assert_resume_continues, make_loader, take
 from utils.errors import UserError
 
 HELD_OUT = 20
@@ -159,3 +160,20 @@ def test_resume_with_a_holdout_yields_the_uninterrupted_batches(
 def test_a_holdout_as_large_as_a_source_is_refused(mds_text, tokenizer_dir, data_docs):
     with pytest.raises(UserError, match="--holdout_samples 256 would hold out all 256"):
         make_loader(mds_text, tokenizer_dir, holdout_samples=len(data_docs))
+
+
+@pytest.mark.parametrize("saved, resumed", [(HELD_OUT, 0), (0, HELD_OUT), (HELD_OUT, HELD_OUT + 1)])
+def test_resuming_with_another_holdout_is_one_line(mds_text, tokenizer_dir, saved, resumed):
+    """Another held-out slice on resume would train on samples the run evaluates on."""
+    loader = make_loader(mds_text, tokenizer_dir, holdout_samples=saved)
+    take(iter(loader), 2)
+    state = loader.state_dict()
+    del loader
+    gc.collect()
+    other = make_loader(mds_text, tokenizer_dir, holdout_samples=resumed)
+    with pytest.raises(UserError) as caught:
+        other.load_state_dict(state)
+    assert "\n" not in str(caught.value)
+    held = f"held out {saved} samples per source" if saved else "held out none"
+    assert f"the checkpoint's run {held}" in str(caught.value)
+    assert f"this one holds out {resumed}; resume with the same" in str(caught.value)

@@ -200,6 +200,7 @@ class TrainLoader:
             "buffer": self.packer.buffer_state(),
             "strategy": self.strategy,
             "seq_len": self.seq_len,
+            "holdout_samples": self.dataset.holdout_samples,
             "world_size": self.world.world_size,
             "layout": self.world.layout,
             "rank": self.world.rank,
@@ -237,6 +238,18 @@ class TrainLoader:
             raise UserError(
                 f"the checkpoint was written with strategy={state['strategy']}, "
                 f"seq_len={state['seq_len']}; resume with the same values"
+            )
+        # Another held-out slice would train on samples the run has evaluated on (or skip
+        # some it has trained on), silently.
+        saved_holdout = state.get("holdout_samples", 0)
+        if saved_holdout != self.dataset.holdout_samples:
+            held = (
+                f"held out {saved_holdout} samples per source" if saved_holdout else "held out none"
+            )
+            raise UserError(
+                f"the checkpoint's run {held} (--holdout_samples with a train_holdout set in "
+                f"--eval_data), this one holds out {self.dataset.holdout_samples}; resume with "
+                "the same"
             )
 
     def _elastic_position(self, state: dict[str, Any]) -> int:

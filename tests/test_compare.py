@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from utils import compare
 
@@ -350,3 +352,51 @@ def test_mistakes_cost_one_line(tmp_path, capsys, monkeypatch, case):
     assert stop.value.code == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: {message}")
+
+
+def test_runs_of_the_same_name_in_two_sweeps_are_told_apart(tmp_path, capsys):
+    """Two sweeps' `lr1` rows (and curves): each named with as much of its path as tells it
+    from the others."""
+    records = [train_record(2, 6.0), eval_record(2, {"c4": (30.0, 1.0)})]
+    runs = [make_run(tmp_path / sweep, name, records, {})
+            for sweep, name in (("a", "lr1"), ("b", "lr1"), ("a", "lr2"), ("c/a", "lr1"))]  # fmt: skip
+    [main, sets] = compare_printed(capsys, *runs)
+    names = [f"{tmp_path.name}/a/lr1", "b/lr1", "lr2", "c/a/lr1"]
+    assert list(main) == list(sets) == names
+
+
+def test_a_flat_perplexity_curve_has_distinct_exact_tick_labels(tmp_path):
+    """Late in training perplexity moves in its first decimal: labels such as 1001 1001 1002
+    would read as one value twice."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    records = [train_record(2, 6.0)]
+    records += [eval_record(s, {"c4": (1001.2 + s / 20, 1.0)}) for s in (2, 4, 6)]
+    figure = compare.draw_figure(
+        [compare.Series("r", [compare.read_run(make_run(tmp_path, "r", records))])]
+    )
+    FigureCanvasAgg(figure).draw()
+    axis = figure.axes[1]
+    low, high = axis.get_ylim()
+    shown = {t.get_loc(): t.label1.get_text() for t in axis.yaxis.get_major_ticks()
+             if low <= t.get_loc() <= high}  # fmt: skip
+    assert len(shown) >= 2 and len(set(shown.values())) == len(shown)
+    assert [float(text) for text in shown.values()] == pytest.approx(list(shown), rel=1e-9)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    low=st.floats(1.0, 1e5),
+    width=st.floats(1e-7, 1e3),
+)
+def test_log_axis_ticks_are_labelled_distinctly_and_exactly(low, width):
+    """Any perplexity range, down to a flat curve's: at least two ticks, each label the tick's
+    value as written (no two alike, none rounded off its place)."""
+    pytest.importorskip("matplotlib")
+    high = low * (1 + width)
+    ticks = compare.log_axis_ticks(low, high)
+    labels = compare.tick_labels(ticks)
+    assert len(ticks) >= 2
+    assert len(set(labels)) == len(labels)
+    assert [float(label) for label in labels] == pytest.approx(ticks, rel=1e-9)

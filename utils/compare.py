@@ -194,13 +194,14 @@ def parse_eval_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
-def read_run(run_dir: Path) -> Run:
+def read_run(run_dir: Path, name: str | None = None) -> Run:
+    """The run in `run_dir`, called `name` in tables and plots (default: the directory's)."""
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a directory; give run directories (output_dir/run_name)")
     records = read_metrics(run_dir / "metrics.jsonl")
     config = read_config(run_dir / "config.json")
     return Run(
-        name=run_dir.name,
+        name=name or run_dir.name,
         train=[r for r in records if r.get("loss") is not None],
         sets=validation_sets(records),
         tasks=task_metrics(records),
@@ -632,28 +633,36 @@ def _label_panel(axis, panel: str | None) -> None:
 
 
 def _readable_log_ticks(axis) -> None:
-    """At least four labelled ticks on a log axis: matplotlib labels only powers of ten,
-    none at all on a range within one decade, as perplexity late in training is. The
-    sparsest of 1-2-5, 1-2-3-5-7 and every digit that gives four, else evenly spaced."""
-    from matplotlib.ticker import (
-        FixedLocator,
-        FuncFormatter,
-        LogLocator,
-        MaxNLocator,
-        NullFormatter,
-    )
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
 
-    low, high = axis.get_ylim()
-    ticks: list[float] = []
+    ticks = log_axis_ticks(*axis.get_ylim())
+    axis.yaxis.set_major_locator(FixedLocator(ticks))
+    axis.yaxis.set_major_formatter(FixedFormatter(tick_labels(ticks)))
+    axis.yaxis.set_minor_formatter(NullFormatter())
+
+
+def log_axis_ticks(low: float, high: float) -> list[float]:
+    """At least four ticks on a log axis from `low` to `high`: matplotlib labels only powers
+    of ten, none at all on a range within one decade, as perplexity late in training is. The
+    sparsest of 1-2-5, 1-2-3-5-7 and every digit that gives four, else evenly spaced."""
+    from matplotlib.ticker import LogLocator, MaxNLocator
+
     for subs in ((1.0,), (1.0, 2.0, 5.0), (1.0, 2.0, 3.0, 5.0, 7.0), tuple(range(1, 10))):
         ticks = [t for t in LogLocator(subs=subs).tick_values(low, high) if low <= t <= high]
         if len(ticks) >= 4:
-            break
-    else:  # a narrow range: evenly spaced values, labelled as they are
-        ticks = [t for t in MaxNLocator(5).tick_values(low, high) if low <= t <= high]
-    axis.yaxis.set_major_locator(FixedLocator(ticks))
-    axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.4g}"))
-    axis.yaxis.set_minor_formatter(NullFormatter())
+            return ticks
+    return [t for t in MaxNLocator(5).tick_values(low, high) if low <= t <= high]
+
+
+def tick_labels(ticks: list[float]) -> list[str]:
+    """Each tick written with the fewest decimals that write every tick exactly (so no two
+    read alike and none is rounded off its place), up to 12."""
+    for decimals in range(13):
+        labels = [f"{tick:.{decimals}f}" for tick in ticks]
+        pairs = zip(labels, ticks, strict=True)
+        if all(math.isclose(float(text), tick, rel_tol=1e-9) for text, tick in pairs):
+            return labels
+    return [f"{tick:.12g}" for tick in ticks]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -670,7 +679,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.plot:
             check_plot_path(args.plot, args.run_dirs)
         check_given_once(args.run_dirs)
-        runs = [read_run(run_dir) for run_dir in args.run_dirs]
+        labels = run_labels(args.run_dirs)
+        runs = [
+            read_run(run_dir, label) for run_dir, label in zip(args.run_dirs, labels, strict=True)
+        ]
         if args.group:
             series = group_runs(runs)
             rows = [group_row(one) for one in series]
@@ -681,6 +693,27 @@ def main(argv: list[str] | None = None) -> None:
         if args.plot:
             plot(series, args.plot)
             print(f"plot: {args.plot}")
+
+
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """Each run's name: its directory's, with as many parent directories in front as tell it
+    from the others' (two sweeps' `runs_a/lr3e-4` and `runs_b/lr3e-4`), so no two rows or
+    curves read alike. The directories are distinct (check_given_once)."""
+    parts = [Path(os.path.abspath(run_dir)).parts for run_dir in run_dirs]
+    depth = [1] * len(parts)
+
+    def label(index: int) -> str:
+        return "/".join(parts[index][-depth[index] :])
+
+    while True:
+        seen: dict[str, list[int]] = {}
+        for index in range(len(parts)):
+            seen.setdefault(label(index), []).append(index)
+        clashes = [index for same in seen.values() if len(same) > 1 for index in same]
+        if not clashes:
+            return [label(index) for index in range(len(parts))]
+        for index in clashes:
+            depth[index] += 1
 
 
 def check_given_once(run_dirs: list[Path]) -> None:

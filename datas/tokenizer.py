@@ -112,13 +112,18 @@ def encode_documents(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`texts` tokenized in one batched call without special tokens, each followed by `eos_id`
     (none when None): the concatenated int32 tokens, and each document's length (its EOS
-    included). A fast tokenizer's backend is called directly, without character offsets."""
+    included). A fast tokenizer's backend is called directly, without character offsets.
+
+    A special token's text inside a document (a web page quoting `<|endoftext|>`) is text:
+    read as the token itself it would end the document early for training and count none of
+    its bytes for bits per byte."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        ids = [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
+        ids = _encode_special_text_as_text(backend, texts)
     else:  # verbose=False: long documents are expected, not a truncation mistake
-        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, verbose=False)[
+            "input_ids"
+        ]
     suffix = () if eos_id is None else (eos_id,)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + len(suffix)
     tokens = np.fromiter(  # chain() keeps the per-token iteration in C
@@ -127,6 +132,16 @@ def encode_documents(
         count=int(lengths.sum()),
     )
     return tokens, lengths
+
+
+def _encode_special_text_as_text(backend: Any, texts: list[str]) -> list[list[int]]:
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    before = backend.encode_special_tokens
+    backend.encode_special_tokens = True
+    try:
+        return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
+    finally:
+        backend.encode_special_tokens = before
 
 
 def batched(texts: Iterable[str], size: int) -> Iterator[list[str]]:

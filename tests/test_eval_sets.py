@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from datas.C4.c4_eval import cut_windows, predicted_bytes, token_byte_lengths, token_stream
 from datas.eval_sets import EvalSpec, holdout_windows, parse_eval_sets
-from datas.tokenizer import load_tokenizer
+from datas.tokenizer import encode_documents, load_tokenizer
 from tests.test_data_loader import assert_resume_continues, make_loader, take
 from utils.errors import UserError
 
@@ -77,6 +77,28 @@ def test_byte_level_tokens_count_the_documents_utf8_bytes(tokenizer, text):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert byte_lengths[ids].sum() == len(text.encode("utf-8"))
     assert byte_lengths[tokenizer.eos_token_id] == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pieces=st.lists(
+        st.one_of(
+            st.sampled_from(["<|endoftext|>", "<|pad|>", "<|endoftext", "|>"]), st.text(max_size=12)
+        ),
+        max_size=8,
+    )
+)
+def test_a_special_tokens_text_in_a_document_is_text(tokenizer, pieces):
+    """A page quoting `<|endoftext|>` keeps it as text: training does not end the document
+    there, and bits per byte counts its bytes."""
+    text = "".join(pieces)
+    eos = tokenizer.eos_token_id
+    tokens, lengths = encode_documents(tokenizer, [text], eos)
+    specials = set(tokenizer.all_special_ids)
+    assert [t for t in tokens.tolist() if t in specials] == [eos] and tokens[-1] == eos
+    assert lengths.tolist() == [len(tokens)]
+    assert token_byte_lengths(tokenizer)[tokens].sum() == len(text.encode("utf-8"))
+    assert tokenizer.decode(tokens[:-1]) == text
 
 
 def test_sentencepiece_style_tokens_count_their_text(tmp_path):

@@ -1,6 +1,6 @@
 """C4 validation perplexity, identical for any number of ranks and any batch size.
 
-Protocol (version 1):
+Protocol (version 3):
 
 1. Documents are read in order: files in sorted name order (an MDS directory in the order
    of its index.json), each file's documents in file order. Inputs: the allenai/c4
@@ -11,7 +11,8 @@ Protocol (version 1):
    `datas.jsonl`'s rule, shared with `datas.prepare`: a null, empty or whitespace-only text
    is no document (version 2; version 1 scored such texts' EOS).
 2. Each document is tokenized without special tokens and followed by the EOS token; all
-   documents are concatenated into one stream.
+   documents are concatenated into one stream. A special token's text inside a document is
+   tokenized as text (version 3; version 2 read it as the token).
 3. The stream is cut into non-overlapping windows of `seq_len` tokens; the final partial
    window is dropped.
 4. With `max_windows`, the windows kept are the first `max_windows` of
@@ -60,7 +61,7 @@ from utils.distributed import DistEnv, broadcast_from_main, build_mesh
 from utils.errors import UserError
 from utils.parallelize import parallelize_model
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 TEXT_FIELD = "text"
 TOKENIZE_BATCH = 1024
 GET_DATA_HINT = "get the C4 validation files as described in docs/eval.md"

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoTokenizer
 
 from datas import eval_tasks
-from datas.C4.c4_eval import evaluate_c4_ppl
+from datas.C4.c4_eval import score_windows
 from datas.local_corpus import write_jsonl
 from tests.helpers import GLOO_CONNECT_FLAKE, REPO, child_env, torchrun, torchrun_command
 from tests.scripts.eval_tasks_dist import (
@@ -308,17 +308,19 @@ def exact_token_texts(docstrings: list[str], tokenizer, n_tokens: int, count: in
 def test_rolling_perplexity_equals_window_perplexity_where_the_protocols_agree(
     docstrings, tokenizer, tokenizer_dir, model, tmp_path
 ):
-    """With texts D of SEQ_LEN - 2 tokens, the project's stream of documents `EOS + D` (each
-    followed by its EOS) is cut into windows [EOS, D, EOS] of exactly SEQ_LEN tokens; each
-    predicts D and the final EOS from the leading EOS. lm-eval's rolling window of a document
-    `D + EOS` (SEQ_LEN - 1 tokens, one window) reads the prefix EOS and D and predicts D and
-    EOS: the same forward, so the total log-likelihoods agree."""
+    """With texts D of SEQ_LEN - 2 tokens, the project scores windows [EOS, D, EOS] of exactly
+    SEQ_LEN tokens; each predicts D and the final EOS from the leading EOS. lm-eval's rolling
+    window of a document `D + EOS` (lm-eval's tokenizer call reads the EOS text as the token;
+    SEQ_LEN - 1 tokens, one window) reads the prefix EOS and D and predicts D and EOS: the same
+    forward, so the total log-likelihoods agree."""
     texts = exact_token_texts(docstrings[100:], tokenizer, SEQ_LEN - 2, N_WINDOW_DOCS)
     eos = tokenizer.eos_token
-    c4_data = write_jsonl([eos + t for t in texts], tmp_path / "c4" / "docs.jsonl")
-    ppl, ntokens = evaluate_c4_ppl(
-        model, tokenizer, c4_data, seq_len=SEQ_LEN, batch_size=2, cache_dir=tmp_path / "cache"
-    )
+    windows = np.array(
+        [[tokenizer.eos_token_id, *tokenizer(t, add_special_tokens=False)["input_ids"],
+          tokenizer.eos_token_id] for t in texts]
+    )  # fmt: skip
+    score = score_windows(model, windows, batch_size=2)
+    ppl, ntokens = score.ppl, score.tokens
     assert ntokens == N_WINDOW_DOCS * (SEQ_LEN - 1)
 
     task_dir = tmp_path / "tasks"

@@ -39,13 +39,16 @@ from datas.C4.c4_eval import (
     token_stream,
 )
 from datas.mds import TOKENS_COLUMN
+from utils.checkpoint.layout import run_seq_len
 from utils.distributed import DistEnv, broadcast_from_main, command_group, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 
 DEFAULT_SET = "c4"  # the name of a set given as a plain path
 TRAIN_HOLDOUT = "train_holdout"
 DEFAULT_HOLDOUT_SAMPLES = 1000
+DEFAULT_SEQ_LEN = 2048  # a window's length for a model without a training record
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MORE_SETS = re.compile(r"\s[A-Za-z0-9][A-Za-z0-9_.-]*=")  # "a=/x b=/y" given as one value
 
 
 @dataclass(frozen=True)
@@ -65,20 +68,40 @@ def parse_eval_sets(values: Iterable[str], flag: str = "--eval_data") -> list[Ev
     `c4`), names plain and distinct, paths not empty. Files are checked by `check_eval_sets`."""
     specs: list[EvalSpec] = []
     for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not SET_NAME.fullmatch(name):  # a path that holds '=' keeps its name c4
-            name, path = DEFAULT_SET, value
+        name, path = _name_and_path(value, flag)
         if not path.strip():
             raise UserError(f"{flag} {value!r}: the path is empty; give NAME=PATH")
+        if MORE_SETS.search(path):
+            raise UserError(
+                f"{flag} {value!r} holds several sets in one value; give each NAME=PATH as a "
+                "value of its own (in an args file, a list)"
+            )
         if any(spec.name == name for spec in specs):
             raise UserError(
                 f"{flag}: the set name {name!r} is given twice (a plain path is named "
                 f"{DEFAULT_SET!r}); name each set, e.g. {flag} c4=/data/c4 wiki=/data/wiki"
             )
+        if path == TRAIN_HOLDOUT and any(spec.is_holdout for spec in specs):
+            raise UserError(f"{flag}: {TRAIN_HOLDOUT} is given twice; give it once")
         specs.append(EvalSpec(name, path))
     if not specs:
         raise UserError(f"{flag} names no set; give NAME=PATH")
     return specs
+
+
+def _name_and_path(value: str, flag: str) -> tuple[str, str]:
+    """A `NAME=PATH` value split, or a plain path named c4. Text before '=' without a '/' is
+    meant as a name (a path holding '=' has a directory in front: /data/a=b, ./a=b)."""
+    name, sep, path = value.partition("=")
+    if not sep or "/" in name or os.sep in name:
+        return DEFAULT_SET, value
+    if not SET_NAME.fullmatch(name):
+        raise UserError(
+            f"{flag} {value!r}: the set name {name!r} is not letters, digits, '_', '.' and '-' "
+            "(starting with a letter or digit); rename it, or write a path holding '=' with its "
+            "directory, e.g. ./a=b"
+        )
+    return name, path
 
 
 def eval_specs_from_flags(args: Namespace) -> list[EvalSpec]:
@@ -251,7 +274,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         f"NAME={TRAIN_HOLDOUT} (the samples the checkpoint's run held out)",
     )
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
-    parser.add_argument("--seq_len", type=int, default=2048)
+    parser.add_argument(
+        "--seq_len",
+        type=int,
+        help=f"window length (default: the run's --seq_len, else {DEFAULT_SEQ_LEN})",
+    )
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward, per rank")
     parser.add_argument("--max_windows", type=int, help="score a seeded random subset")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the --max_windows subset")
@@ -305,6 +332,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.seq_len is None:
+        trained = run_seq_len(Path(args.checkpoint)) if args.checkpoint else None
+        args.seq_len = trained or DEFAULT_SEQ_LEN
     check_settings(args.seq_len, args.batch_size, args.max_windows)
     specs = parse_eval_sets(args.data, "--data")
     check_eval_sets(specs)

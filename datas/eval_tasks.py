@@ -50,7 +50,7 @@ from torch import nn
 
 from datas.C4.c4_eval import check_checkpoint_dir, load_model_for_eval
 from datas.tokenizer import load_tokenizer
-from utils.checkpoint.layout import training_record
+from utils.checkpoint.layout import run_seq_len
 from utils.distributed import (
     broadcast_from_main,
     command_group,
@@ -595,13 +595,6 @@ def task_names(spec: str, flag: str) -> list[str]:
     return names
 
 
-def run_seq_len(directory: Path) -> int | None:
-    """The --seq_len the model in `directory` was trained at (a step checkpoint's args.json, an
-    export's training.json), or None for a model from elsewhere."""
-    record = training_record(directory)
-    return None if record is None else record.get("seq_len")
-
-
 def _check_numbers(args: argparse.Namespace) -> None:
     """The numeric flags, before anything is loaded."""
     least = {"--batch_size": 1, "--limit": 1, "--max_length": 2, "--num_fewshot": 0}
@@ -613,6 +606,12 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _max_length(args: argparse.Namespace, seq_len: int | None, config: Any, main: bool) -> int:
     if args.max_length is not None:
+        limit = config.max_position_embeddings
+        if args.max_length > limit:
+            raise UserError(
+                f"--max_length {args.max_length} exceeds the model's max_position_embeddings "
+                f"{limit} ({args.checkpoint}); lower --max_length"
+            )
         return args.max_length
     if seq_len is not None:
         return seq_len

@@ -66,6 +66,13 @@ BAD_RECORDS = {
     "a task metric NaN": ({"step": 1, "eval/task/arc_easy/acc": math.nan}, "has eval/task/arc"),
     "a task metric a list": ({"step": 1, "eval/task/hellaswag/acc_norm": [1]}, "has eval/task/h"),
     "loss infinite": ({"step": 1, "loss": math.inf}, "has loss Infinity, not a finite number"),
+    "step negative": ({"step": -1, "loss": 3.0}, "has step -1, not an integer >= 0"),
+    "tokens_seen negative": ({"step": 1, "tokens_seen": -64}, "has tokens_seen -64, not an"),
+    "ppl zero": ({"step": 1, "eval/c4/ppl": 0}, "has eval/c4/ppl 0, not a positive number"),
+    "old ppl negative": ({"step": 1, "eval/c4_ppl": -3.5}, "has eval/c4_ppl -3.5, not a pos"),
+    "bpb negative": ({"step": 1, "eval/w/bits_per_byte": -0.1}, "has eval/w/bits_per_byte -0.1"),
+    "a set without a name": ({"step": 1, "eval//ppl": 12.0}, 'has "eval//ppl", not eval/NAME/'),
+    "a set name with a slash": ({"step": 1, "eval/a/b/bits_per_byte": 1.0}, 'has "eval/a/b/bits'),
 }
 
 
@@ -141,19 +148,23 @@ def test_an_eval_value_compare_shows_is_read_exactly_when_finite_or_null(
     tmp_path_factory, key, value
 ):
     """A validation set's ppl or bits per byte, or a task metric, of any JSON value: read when
-    it is a finite number or null (the logger writes what is not finite as null), and shown in
-    the table as it is; else one line naming the file, the line and the key."""
+    it is a finite number (a set's: positive) or null (the logger writes what is not finite as
+    null), and shown in the table as it is; else one line naming the file, the line and the
+    key."""
     root = tmp_path_factory.mktemp("e")
     record = {"step": 4, "tokens_seen": 2048, key: value}
     run = write_run(root, [*records_of_a_split_batch_run()[:3], record])
+    kind = compare.parse_eval_key(key)[0]
+    readable = value is None or (is_finite_number(value) and (kind == "task" or value > 0))
     try:
         row = compare.summary(compare.read_run(run))
     except UserError as err:
-        assert not (value is None or is_finite_number(value))
+        assert not readable
         assert str(err).startswith(f"{run / 'metrics.jsonl'}: line 4 has {key} ")
-        assert str(err).endswith(f"not a finite number or null; {compare.METRICS_FIX}")
+        why = "a positive number" if is_finite_number(value) else "a finite number or null"
+        assert str(err).endswith(f"not {why}; {compare.METRICS_FIX}")
     else:
-        assert value is None or is_finite_number(value)
+        assert readable
         shown = {**row.sets, **row.tasks}
         kind, name, field = compare.parse_eval_key(key)
         column = {"ppl": f"{name} ppl", "bits_per_byte": f"{name} bpb"}.get(

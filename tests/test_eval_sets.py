@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from datas.C4.c4_eval import cut_windows, predicted_bytes, token_byte_lengths, token_stream
-from datas.eval_sets import EvalSpec, holdout_windows, parse_eval_sets
+from datas.eval_sets import MORE_SETS, SET_NAME, EvalSpec, holdout_windows, parse_eval_sets
 from datas.tokenizer import encode_documents, load_tokenizer
 from tests.test_data_loader import assert_resume_continues, make_loader, take
 from utils.errors import UserError
@@ -24,7 +24,9 @@ from utils.errors import UserError
 HELD_OUT = 20
 
 NAMES = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,12}", fullmatch=True)
-PATHS = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), min_size=1)
+PATHS = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), min_size=1
+).filter(lambda path: not MORE_SETS.search(path))
 
 
 @settings(max_examples=300, deadline=None)
@@ -52,12 +54,31 @@ def test_a_plain_path_is_the_c4_set(path):
         (["x="], "the path is empty"),
         (["x=  "], "the path is empty"),
         ([], "names no set"),
+        (["my set=/a"], "the set name 'my set' is not letters"),
+        (["_x=/a"], "the set name '_x' is not letters"),
+        (["a=/x b=/y"], "holds several sets in one value"),
+        (["a=/x\tb=train_holdout"], "holds several sets in one value"),
+        (["a=train_holdout", "b=train_holdout"], "train_holdout is given twice"),
     ],
 )
 def test_bad_set_lists_are_one_line(values, message):
     with pytest.raises(UserError, match=message) as err:
         parse_eval_sets(values)
     assert "\n" not in str(err.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    name=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0=/"),
+                 min_size=1).filter(lambda name: not SET_NAME.fullmatch(name)),
+    path=PATHS,
+)  # fmt: skip
+def test_a_name_that_is_not_one_is_refused_by_name(name, path):
+    """Text before '=' without a directory is meant as a name: a bad one is named, not read
+    as a path that does not exist."""
+    with pytest.raises(UserError) as err:
+        parse_eval_sets([f"{name}={path}"])
+    assert f"the set name {name!r} is not letters" in str(err.value)
 
 
 def test_a_path_holding_an_equals_sign_without_a_name_stays_whole():

@@ -31,6 +31,7 @@ from tests.scripts.eval_tasks_dist import (
     cli_args,
     task_requests,
 )
+from utils.checkpoint.layout import run_seq_len
 from utils.errors import UserError
 from utils.model import build_meta_model, init_weights, load_model_config
 
@@ -420,9 +421,24 @@ def test_evaluation_is_seeded_and_leaves_the_generators_alone(model, tokenizer, 
 
 def test_max_length_defaults_to_the_runs_seq_len_else_the_config(model_dir, model, capsys):
     flags = eval_tasks.parse_args(["--checkpoint", str(model_dir), "--tasks", "tiny_mc"])
-    assert eval_tasks.run_seq_len(model_dir) is None  # a model from elsewhere: no record
+    assert run_seq_len(model_dir) is None  # a model from elsewhere: no record
     assert eval_tasks._max_length(flags, 48, model.config, main=True) == 48
     assert capsys.readouterr().out == ""
     fallback = eval_tasks._max_length(flags, None, model.config, main=True)
     assert fallback == model.config.max_position_embeddings
     assert "note:" in capsys.readouterr().out
+
+
+def test_a_max_length_beyond_the_models_positions_is_one_line(model_dir, model, capsys):
+    limit = model.config.max_position_embeddings
+    for max_length in (limit, limit + 1, 4 * limit):
+        flags = eval_tasks.parse_args(["--checkpoint", str(model_dir), "--tasks", "tiny_mc",
+                                       "--max_length", str(max_length)])  # fmt: skip
+        if max_length == limit:
+            assert eval_tasks._max_length(flags, 48, model.config, main=True) == limit
+            continue
+        with pytest.raises(UserError) as err:
+            eval_tasks._max_length(flags, 48, model.config, main=True)
+        assert one_line(err).startswith(
+            f"--max_length {max_length} exceeds the model's max_position_embeddings {limit}"
+        )

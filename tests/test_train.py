@@ -370,10 +370,9 @@ def test_validation_sets_agree_across_world_size_eval_batch_and_the_cli(runs, tm
     assert record["eval/held/tokens"] == 16 * (DATA_SEQ_LEN - 1)
     assert record["eval/c4/tokens"] == 20 * (DATA_SEQ_LEN - 1) == record["eval/tokens"]
     assert record["eval/c4_ppl"] == record["eval/c4/ppl"]  # the names of older runs
-    cli = eval_sets.main([
+    cli = eval_sets.main([  # windows of the run's --seq_len, read from the checkpoint
         "--checkpoint", str(two / "step_000008"), "--data", f"c4={runs['c4']}",
-        "held=train_holdout", "--seq_len", str(DATA_SEQ_LEN), "--max_windows", "20",
-        "--cache_dir", str(tmp_path / "cache"),
+        "held=train_holdout", "--max_windows", "20", "--cache_dir", str(tmp_path / "cache"),
     ])  # fmt: skip
     for name in ("c4", "held"):
         for key in SET_KEYS:

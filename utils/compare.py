@@ -153,14 +153,24 @@ def check_record(record: object) -> dict:
         raise ValueError("has no `step`")
     for key in COUNT_FIELDS:
         value = record.get(key)
-        if (value is not None or key == "step") and not _is_integer(value):
-            raise ValueError(f"has {key} {json.dumps(value)[:40]}, not an integer")
+        if (value is not None or key == "step") and not (_is_integer(value) and value >= 0):
+            raise ValueError(f"has {key} {json.dumps(value)[:40]}, not an integer >= 0")
+    for key in record:
+        if _looks_like_a_set_key(key) and parse_eval_key(key) is None:
+            raise ValueError(f"has {json.dumps(key)[:60]}, not eval/NAME/FIELD of a set NAME")
     for key in (*NUMBER_FIELDS, *filter(_is_read_eval_key, record)):
         value = record.get(key)
         if value is not None and not _is_finite_number(value):
             # The logger writes a non-finite value as null: anything else is not its line.
             raise ValueError(f"has {key} {json.dumps(value)[:40]}, not a finite number or null")
+        parsed = parse_eval_key(key)
+        if value is not None and parsed and parsed[0] == "set" and not value > 0:
+            raise ValueError(f"has {key} {json.dumps(value)[:40]}, not a positive number")
     return record
+
+
+def _looks_like_a_set_key(key: str) -> bool:
+    return key.startswith("eval/") and key.rpartition("/")[2] in SET_FIELDS_READ
 
 
 def _is_integer(value: object) -> bool:

@@ -414,6 +414,13 @@ def training_record(directory: Path) -> dict | None:
     return None
 
 
+def run_seq_len(directory: Path) -> int | None:
+    """The --seq_len the model in `directory` was trained at (a step checkpoint's args.json, an
+    export's training.json), or None for a model from elsewhere."""
+    record = training_record(directory)
+    return None if record is None else record.get("seq_len")
+
+
 def _checkpoint_record(step_dir: Path) -> dict:
     fix = "copy the whole step directory as training wrote it"
     step = read_trainer_state(step_dir)["step"]

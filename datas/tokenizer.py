@@ -120,10 +120,8 @@ def encode_documents(
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         ids = _encode_special_text_as_text(backend, texts)
-    else:  # verbose=False: long documents are expected, not a truncation mistake
-        ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, verbose=False)[
-            "input_ids"
-        ]
+    else:
+        ids = _encode_special_text_as_text_slow(tokenizer, texts)
     suffix = () if eos_id is None else (eos_id,)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + len(suffix)
     tokens = np.fromiter(  # chain() keeps the per-token iteration in C
@@ -142,6 +140,20 @@ def _encode_special_text_as_text(backend: Any, texts: list[str]) -> list[list[in
         return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
     finally:
         backend.encode_special_tokens = before
+
+
+def _encode_special_text_as_text_slow(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """A Python tokenizer's `split_special_tokens` is read from the object (the call's keyword
+    does not reach a batch's tokenize); verbose=False: long documents are expected, not a
+    truncation mistake."""
+    before = getattr(tokenizer, "split_special_tokens", None)
+    if before is not None:
+        tokenizer.split_special_tokens = True
+    try:
+        return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    finally:
+        if before is not None:
+            tokenizer.split_special_tokens = before
 
 
 def batched(texts: Iterable[str], size: int) -> Iterator[list[str]]:

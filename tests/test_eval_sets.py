@@ -100,6 +100,20 @@ def test_byte_level_tokens_count_the_documents_utf8_bytes(tokenizer, text):
     assert byte_lengths[tokenizer.eos_token_id] == 0
 
 
+@pytest.fixture(scope="module")
+def slow_tokenizer(tokenizer, tmp_path_factory):
+    """The suite's byte-level BPE as transformers' Python GPT-2 tokenizer."""
+    from transformers import GPT2Tokenizer
+
+    directory = tmp_path_factory.mktemp("slow")
+    vocab, merges = tokenizer.backend_tokenizer.model.save(str(directory))
+    slow = GPT2Tokenizer(
+        vocab, merges, eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token
+    )
+    assert not slow.is_fast and len(slow) == len(tokenizer)
+    return slow
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     pieces=st.lists(
@@ -109,10 +123,16 @@ def test_byte_level_tokens_count_the_documents_utf8_bytes(tokenizer, text):
         max_size=8,
     )
 )
-def test_a_special_tokens_text_in_a_document_is_text(tokenizer, pieces):
+def test_a_special_tokens_text_in_a_document_is_text(tokenizer, slow_tokenizer, pieces):
     """A page quoting `<|endoftext|>` keeps it as text: training does not end the document
-    there, and bits per byte counts its bytes."""
+    there, and bits per byte counts its bytes; the same through a Python (slow) tokenizer of
+    the same vocabulary."""
     text = "".join(pieces)
+    for one in (tokenizer, slow_tokenizer):
+        assert_special_text_is_text(one, text)
+
+
+def assert_special_text_is_text(tokenizer, text: str) -> None:
     eos = tokenizer.eos_token_id
     tokens, lengths = encode_documents(tokenizer, [text], eos)
     specials = set(tokenizer.all_special_ids)

@@ -108,9 +108,9 @@ def failing_future(original, *args, **kwargs):
     return Failed()
 
 
-def failing_batches(original, args, env):
+def failing_batches(original, args, env, **options):
     """The loader, whose iterator fails at the first micro-batch of step 3."""
-    loader = original(args, env)
+    loader = original(args, env, **options)
     fail_at = 2 * grad_accum_steps(args.global_batch, args.local_batch, env.world_size)
 
     def batches():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -22,8 +23,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from datas.local_corpus import train_byte_bpe, write_jsonl
-from datas.prepare import prepare_mds
+from datas.local_corpus import train_byte_bpe
+from datas.mds import HASH_ALGO
 from datas.SmolLM.load_data import TrainLoader, build_train_loader
 from train import model_inputs
 from utils.attention import AttentionFlags, attention_implementation
@@ -38,8 +39,9 @@ KINDS = [
     for name, pad in PADS.items()
     for bos in (False, True)
 ]
-# Every special token also stands in one document as text, so that each one is in the data
-# (special tokens in a text are matched even without add_special_tokens).
+# Every special token also stands in one document, so that each one is in the data: the
+# pre-tokenized MDS below holds them as ids, as a dataset tokenized elsewhere may (the
+# project's own tokenizing reads their text as text).
 DOCUMENTS = [
     "The quick brown fox jumps over the lazy dog.",
     "A tokenizer turns text into tokens, and a model predicts the next one.",
@@ -68,11 +70,20 @@ def bpe() -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def mds(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("kinds_mds")
-    write_jsonl(DOCUMENTS, root / "in" / "docs.jsonl")
-    prepare_mds([root / "in"], root / "mds", progress=False)
-    return root / "mds"
+def mds(bpe: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The documents as `tokens` blocks of SEQ_LEN, each followed by EOS, special tokens read
+    as the tokens they name (fewer blocks than ROWS: the first batch holds them all)."""
+    from streaming import MDSWriter
+
+    eos = bpe.token_to_id(EOS)
+    stream = [token for doc in DOCUMENTS for token in (*bpe.encode(doc).ids, eos)]
+    blocks = [stream[i : i + SEQ_LEN] for i in range(0, len(stream) - SEQ_LEN + 1, SEQ_LEN)]
+    assert len(blocks) <= ROWS
+    root = tmp_path_factory.mktemp("kinds_mds") / "mds"
+    with MDSWriter(out=str(root), columns={"tokens": "ndarray:int32"}, hashes=[HASH_ALGO]) as out:
+        for block in blocks:
+            out.write({"tokens": np.array(block, dtype=np.int32)})
+    return root
 
 
 @pytest.fixture(params=KINDS)

@@ -232,8 +232,8 @@ def token_byte_lengths(tokenizer: Any) -> np.ndarray:
 
 def _is_byte_level(tokenizer: Any) -> bool:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return False
+    if backend is None:  # a Python tokenizer of the GPT-2 family maps bytes to characters
+        return hasattr(tokenizer, "byte_decoder")
     decoder = json.loads(backend.to_str()).get("decoder") or {}
     kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", [])]
     return "ByteLevel" in kinds

@@ -13,7 +13,6 @@ and its tokenizer's `model_max_length` is the run's seq_len.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from transformers import PretrainedConfig
@@ -24,13 +23,12 @@ from utils.checkpoint import (
     TRAINING_RECORD,
     fsync_tree,
     read_trainer_state,
-    replace_dir,
     save_transformers_weights,
     training_record,
     write_model_files,
 )
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.files import check_new_output_dir, why_not_writable
+from utils.files import check_new_output_dir, replace_dir, staging_dir, why_not_writable
 from utils.model import build_config, read_model_config_file
 
 
@@ -44,17 +42,11 @@ def convert(step_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     # what a reader that asks the tokenizer (lm-eval, truncation=True) takes as the model's length
     tokenizer.model_max_length = record["seq_len"]
     weights = dense_weights(step_dir)
-    staging = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staging_dir(out_dir) as staging:
         save_transformers_weights(config, weights, staging)
         write_model_files(config, staging, tokenizer)
         (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    fsync_tree(staging)
+        fsync_tree(staging)
     replace_dir(staging, out_dir)  # an --overwrite's old export goes once the new one is in
     return out_dir
 

@@ -71,7 +71,7 @@ def parse_eval_sets(values: Iterable[str], flag: str = "--eval_data") -> list[Ev
         name, path = _name_and_path(value, flag)
         if not path.strip():
             raise UserError(f"{flag} {value!r}: the path is empty; give NAME=PATH")
-        if MORE_SETS.search(path):
+        if MORE_SETS.search(path) and not os.path.exists(path):
             raise UserError(
                 f"{flag} {value!r} holds several sets in one value; give each NAME=PATH as a "
                 "value of its own (in an args file, a list)"

@@ -14,7 +14,6 @@ tokenizing. Shards are zstd-compressed with sha1 hashes.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
@@ -34,7 +33,7 @@ from datas.jsonl import (
 from datas.mds import HASH_ALGO, TEXT_COLUMN, TOKENS_COLUMN
 from datas.tokenizer import batched, encode_documents, load_tokenizer
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.files import check_new_output_dir
+from utils.files import check_new_output_dir, replace_dir, staging_dir
 
 SUFFIXES = (*JSON_LINES_SUFFIXES, ".parquet", ".txt")
 TOKENIZE_BATCH = 256
@@ -225,17 +224,10 @@ def prepare_mds(
     compression, size_limit = checked.compression, checked.size_limit
     # Written beside under a hidden name, validated, then renamed: an interrupted run never
     # leaves a dataset that looks complete, nor an index.json that blocks the next attempt.
-    staging = output.with_name(f".{output.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staging_dir(output) as staging:
         stats = _write_and_validate(files, staging, text_field, tokenizer, seq_len, compression,
                                     size_limit, progress)  # fmt: skip
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if output.exists():  # empty: check_new_output_dir
-        output.rmdir()
-    staging.rename(output)
+    replace_dir(staging, output)
     return stats
 
 

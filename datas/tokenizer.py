@@ -15,7 +15,7 @@ transformers is imported inside: importing `datas` must stay cheap (DataLoader w
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.files import check_new_output_dir, why_not_writable
+from utils.files import check_new_output_dir, replace_dir, staging_dir, why_not_writable
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -230,7 +230,6 @@ class TokenizerCorpus:
 
     sources: list[Path]
     out: Path
-    overwrite: bool
 
 
 @dataclass
@@ -331,10 +330,15 @@ def check_out_dir(out: Path, inputs: list[Path], overwrite: bool) -> None:
             f"--out {out} holds files but no tokenizer; --overwrite replaces only a tokenizer "
             "directory: choose a new directory"
         )
+    if out.is_symlink():
+        raise UserError(
+            f"--out {out} is a symbolic link; --overwrite replaces a directory: give the "
+            "directory it points to, or a new one"
+        )
     foreign = sorted(
         entry.name
         for entry in out.iterdir()
-        if entry.name not in TOKENIZER_SAVED_FILES or not entry.is_file()
+        if entry.name not in TOKENIZER_SAVED_FILES or entry.is_symlink() or not entry.is_file()
     )
     if foreign:
         raise UserError(
@@ -359,10 +363,10 @@ def check_train_args(
     exist and are of a kind this reads; last, since checking an MDS imports streaming)."""
     check_vocab_size(vocab_size)
     check_min_frequency(min_frequency)
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # `.` or `..` would have no name to stage beside
     check_out_dir(out, [Path(item) for item in inputs], overwrite)
     sources = find_sources(inputs)
-    return TokenizerCorpus(sources, out, overwrite)
+    return TokenizerCorpus(sources, out)
 
 
 def at_least_one(documents: Iterator[str], inputs: list[str | Path]) -> Iterator[str]:
@@ -377,25 +381,13 @@ def at_least_one(documents: Iterator[str], inputs: list[str | Path]) -> Iterator
     return chain((first,), documents)
 
 
-def save_new_dir(tokenizer: PreTrainedTokenizerFast, out: Path, overwrite: bool) -> None:
+def save_new_dir(tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
     """Save into a hidden sibling, then rename it into place: an interrupted run leaves no
     directory that looks like a tokenizer, and an --overwrite's old one goes only once the
     new one is in."""
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staging_dir(out) as staging:
         tokenizer.save_pretrained(str(staging))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if overwrite and out.is_dir() and any(out.iterdir()):
-        from utils.checkpoint.publish import replace_dir  # imports torch: only when needed
-
-        replace_dir(staging, out)
-        return
-    if out.exists():  # empty: check_new_output_dir
-        out.rmdir()
-    staging.rename(out)
+    replace_dir(staging, out)
 
 
 def train_tokenizer(
@@ -420,7 +412,7 @@ def train_tokenizer(
 
     documents = at_least_one(corpus_documents(checked.sources, text_field), inputs)
     tokenizer = byte_level_bpe(counted(documents), vocab_size, min_frequency, progress)
-    save_new_dir(tokenizer, checked.out, checked.overwrite)
+    save_new_dir(tokenizer, checked.out)
     stats.vocab_size = len(tokenizer)
     return stats
 

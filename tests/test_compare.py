@@ -5,13 +5,14 @@ and before there were several validation sets, and one-line errors."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from utils import compare
@@ -386,17 +387,31 @@ def test_a_flat_perplexity_curve_has_distinct_exact_tick_labels(tmp_path):
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    low=st.floats(1.0, 1e5),
-    width=st.floats(1e-7, 1e3),
-)
+@given(low=st.floats(1.0, 1e7), width=st.floats(1e-13, 1e3))
+@example(low=100.00000000001, width=2e-13)
+@example(low=1234567.891, width=4e-10)
 def test_log_axis_ticks_are_labelled_distinctly_and_exactly(low, width):
     """Any perplexity range, down to a flat curve's: at least two ticks, each label the tick's
-    value as written (no two alike, none rounded off its place)."""
+    value to within a millionth of the space between ticks (no two alike, none rounded off
+    its place)."""
     pytest.importorskip("matplotlib")
     high = low * (1 + width)
     ticks = compare.log_axis_ticks(low, high)
     labels = compare.tick_labels(ticks)
     assert len(ticks) >= 2
     assert len(set(labels)) == len(labels)
-    assert [float(label) for label in labels] == pytest.approx(ticks, rel=1e-9)
+    space = min(b - a for a, b in itertools.pairwise(ticks))
+    pairs = zip(labels, ticks, strict=True)
+    assert all(abs(float(label) - tick) <= 1e-6 * space for label, tick in pairs)
+
+
+def test_a_run_reached_through_a_link_is_told_apart_from_its_namesake(tmp_path, capsys):
+    """`link/../r1` is another directory than `r1` when `link` points elsewhere: the labels
+    are those of the directories themselves."""
+    records = [train_record(2, 6.0)]
+    make_run(tmp_path / "deep", "r1", records, {})
+    (tmp_path / "deep" / "inner").mkdir()
+    plain = make_run(tmp_path, "r1", records, {})
+    (tmp_path / "link").symlink_to(tmp_path / "deep" / "inner")
+    [main] = compare_printed(capsys, tmp_path / "link" / ".." / "r1", plain)
+    assert list(main) == ["deep/r1", f"{tmp_path.name}/r1"]

@@ -81,3 +81,19 @@ def test_the_training_page_lists_every_train_flag() -> None:
     }
     missing = sorted(flags - listed)
     assert not missing, f"docs/training.md's flag table lacks {missing}"
+
+
+def test_the_loader_table_lists_exactly_build_train_loaders_arguments() -> None:
+    import inspect
+
+    from datas.SmolLM.load_data import build_train_loader
+
+    rows, in_table = [], False
+    for line in (REPO / "docs/data.md").read_text().splitlines():
+        if line.startswith("| argument |"):
+            in_table = True
+        elif not line.startswith("|"):
+            in_table = False
+        elif in_table and not line.startswith("|---"):
+            rows += re.findall(r"`(\w+)`", line.split(" | ")[0])
+    assert sorted(rows) == sorted(inspect.signature(build_train_loader).parameters)

@@ -81,6 +81,14 @@ def test_a_name_that_is_not_one_is_refused_by_name(name, path):
     assert f"the set name {name!r} is not letters" in str(err.value)
 
 
+def test_an_existing_path_that_reads_like_two_sets_is_one(tmp_path):
+    """A directory named `my dir x=1` exists: it is a path, not the sets `..my` and `x`."""
+    directory = tmp_path / "my dir x=1"
+    directory.mkdir()
+    assert parse_eval_sets([str(directory)]) == [EvalSpec("c4", str(directory))]
+    assert parse_eval_sets([f"v={directory}"]) == [EvalSpec("v", str(directory))]
+
+
 def test_a_path_holding_an_equals_sign_without_a_name_stays_whole():
     assert parse_eval_sets(["/data/a=b"]) == [EvalSpec("c4", "/data/a=b")]
     assert parse_eval_sets(["wiki=/data/a=b"]) == [EvalSpec("wiki", "/data/a=b")]

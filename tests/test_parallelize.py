@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from torch.distributed.fsdp import FSDPModule
 
@@ -30,12 +31,15 @@ def test_layers_and_root_compute_in_bf16_and_reduce_gradients_in_fp32():
     )
 
 
-def test_a_single_process_world_leaves_the_environment_as_it_found_it(monkeypatch):
+@pytest.mark.parametrize("master_addr", [None, "localhost"])
+def test_a_single_process_world_leaves_the_environment_as_it_found_it(monkeypatch, master_addr):
     """Without torchrun, init_distributed sets RANK/WORLD_SIZE for the loader; left behind, they
     make a later library in the same process (accelerate, under lm-eval's hf model) take them
     for a torchrun launch with no MASTER_ADDR and fail."""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
         monkeypatch.delenv(name, raising=False)
+    if master_addr:  # exported by a cluster's shell, without torchrun
+        monkeypatch.setenv("MASTER_ADDR", master_addr)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "7")
     before = dict(os.environ)
     env = init_distributed()

@@ -14,6 +14,7 @@ line up across global batch sizes. docs/training.md#comparing-runs.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.files import why_not_writable
+from utils.files import hidden_sibling, remove_leftover_siblings, why_not_writable
 
 
 @dataclass
@@ -542,9 +543,13 @@ def check_plot_path(path: Path, run_dirs: list[Path]) -> None:
 def plot(series: list[Series], path: Path) -> None:
     """draw_figure, written to `path` whole or not at all."""
     figure = draw_figure(series)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    figure.savefig(partial, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
+    remove_leftover_siblings(path, "partial", suffix=path.suffix)
+    partial = hidden_sibling(path, "partial", directory=False)
+    try:
+        figure.savefig(partial, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, path)
 
 
@@ -665,14 +670,16 @@ def log_axis_ticks(low: float, high: float) -> list[float]:
 
 
 def tick_labels(ticks: list[float]) -> list[str]:
-    """Each tick written with the fewest decimals that write every tick exactly (so no two
-    read alike and none is rounded off its place), up to 12."""
-    for decimals in range(13):
+    """Each tick written with the fewest decimals that write every tick to within a millionth
+    of the space between ticks (so no two read alike and none is rounded off its place)."""
+    steps = [high - low for low, high in itertools.pairwise(ticks)]
+    tolerance = 1e-6 * min(steps, default=max(map(abs, ticks), default=1.0))
+    for decimals in range(21):
         labels = [f"{tick:.{decimals}f}" for tick in ticks]
         pairs = zip(labels, ticks, strict=True)
-        if all(math.isclose(float(text), tick, rel_tol=1e-9) for text, tick in pairs):
+        if all(abs(float(text) - tick) <= tolerance for text, tick in pairs):
             return labels
-    return [f"{tick:.12g}" for tick in ticks]
+    return [repr(tick) for tick in ticks]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -709,7 +716,7 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
     """Each run's name: its directory's, with as many parent directories in front as tell it
     from the others' (two sweeps' `runs_a/lr3e-4` and `runs_b/lr3e-4`), so no two rows or
     curves read alike. The directories are distinct (check_given_once)."""
-    parts = [Path(os.path.abspath(run_dir)).parts for run_dir in run_dirs]
+    parts = [run_dir.resolve().parts for run_dir in run_dirs]  # distinct: check_given_once
     depth = [1] * len(parts)
 
     def label(index: int) -> str:

@@ -58,11 +58,12 @@ _environment_before: dict[str, str | None] = {}
 
 
 def _default_to_single_process() -> bool:
-    """`python train.py` without torchrun (which always sets MASTER_ADDR): a world of one.
-    The loader reads these variables too; `shutdown` puts back what was there before, since a
-    later library in the same process (accelerate) would take WORLD_SIZE without MASTER_ADDR
-    for a torchrun launch and fail to join it."""
-    if "MASTER_ADDR" in os.environ:
+    """`python train.py` without torchrun (which always sets these four; a shell on a cluster
+    may export MASTER_ADDR alone): a world of one. The loader reads these variables too;
+    `shutdown` puts back what was there before, since a later library in the same process
+    (accelerate) would take WORLD_SIZE without MASTER_ADDR for a torchrun launch and fail to
+    join it."""
+    if all(name in os.environ for name in ("MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK")):
         return False
     for name, value in _SINGLE_PROCESS_WORLD.items():
         _environment_before.setdefault(name, os.environ.get(name))

@@ -44,7 +44,7 @@ from utils.checkpoint.layout import (
     weight_files_problem,
     write_model_files,
 )
-from utils.checkpoint.publish import fsync_tree, replace_dir
+from utils.checkpoint.publish import fsync_tree
 from utils.checkpoint.rundir import own_run_dir, resolve_resume_dir
 from utils.checkpoint.trusted import dcp_load, load_torch_file
 
@@ -62,7 +62,6 @@ __all__ = [
     "read_model_tensors",
     "read_trainer_state",
     "own_run_dir",
-    "replace_dir",
     "resolve_resume_dir",
     "save_transformers_weights",
     "saved_shapes",

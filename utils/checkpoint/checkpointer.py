@@ -40,10 +40,11 @@ from utils.checkpoint.layout import (
     step_number,
     write_model_files,
 )
-from utils.checkpoint.publish import Saving, delete_dir, fsync_tree, replace_dir, save_durably
+from utils.checkpoint.publish import Saving, delete_dir, fsync_tree, save_durably
 from utils.checkpoint.trusted import dcp_load, load_torch_file
 from utils.distributed import DistEnv, local_tensor
 from utils.errors import UserError
+from utils.files import replace_dir
 from utils.model import canonical_name
 
 

@@ -40,21 +40,6 @@ def delete_dir(path: Path) -> None:
     shutil.rmtree(hidden)
 
 
-def replace_dir(staging: Path, final: Path) -> None:
-    """Rename into place; an older directory of the same name goes only once the new is in."""
-    old = final.with_name(f".{final.name}.old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    staging.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ---------------------------------------------------------------- failures
 class Saving:
     """One checkpoint being written. A write that fails on one rank (the metadata and `full`

@@ -13,11 +13,12 @@ and its tokenizer's `model_max_length` is the run's seq_len.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from transformers import PretrainedConfig
 
-from datas.tokenizer import load_tokenizer
+from datas.tokenizer import TOKENIZER_SAVED_FILES, load_tokenizer
 from slt.export import dense_weights
 from utils.checkpoint import (
     TRAINING_RECORD,
@@ -28,7 +29,7 @@ from utils.checkpoint import (
     write_model_files,
 )
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.files import check_new_output_dir, replace_dir, staging_dir, why_not_writable
+from utils.files import check_new_output_dir, check_replaceable, replace_dir, staging_dir
 from utils.model import build_config, read_model_config_file
 
 
@@ -62,6 +63,18 @@ def _read_config(step_dir: Path) -> PretrainedConfig:
     return build_config(values, f"checkpoint {step_dir / 'config.json'}")
 
 
+# What an export holds: the weights (sharded past 5 GB), the configs, its training record and
+# the tokenizer's files.
+EXPORT_FILE = re.compile(
+    r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
+    r"|config\.json|generation_config\.json|" + re.escape(TRAINING_RECORD)
+)
+
+
+def is_export_file(name: str) -> bool:
+    return bool(EXPORT_FILE.fullmatch(name)) or name in TOKENIZER_SAVED_FILES
+
+
 def _check_destination(step_dir: Path, out_dir: Path, overwrite: bool) -> None:
     """OUT is never the checkpoint, inside it or around it, and never a directory that holds
     files, unless --overwrite says so: nothing a user saved is replaced by its export."""
@@ -72,10 +85,7 @@ def _check_destination(step_dir: Path, out_dir: Path, overwrite: bool) -> None:
             "choose a directory elsewhere"
         )
     if overwrite and out_dir.is_dir():  # replaced by a directory written beside it
-        reason = why_not_writable(out_dir.parent)
-        if reason is not None:
-            raise UserError(f"OUT {out_dir} cannot be replaced: {out_dir.parent} allows no new "
-                            f"file ({reason}); give a directory you can write")  # fmt: skip
+        check_replaceable(out_dir, "OUT", "an export", is_export_file)
         return
     check_new_output_dir(
         out_dir, "OUT", "choose a new directory, or pass --overwrite to replace it"

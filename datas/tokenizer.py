@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.files import check_new_output_dir, replace_dir, staging_dir, why_not_writable
+from utils.files import check_new_output_dir, check_replaceable, replace_dir, staging_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -330,26 +330,7 @@ def check_out_dir(out: Path, inputs: list[Path], overwrite: bool) -> None:
             f"--out {out} holds files but no tokenizer; --overwrite replaces only a tokenizer "
             "directory: choose a new directory"
         )
-    if out.is_symlink():
-        raise UserError(
-            f"--out {out} is a symbolic link; --overwrite replaces a directory: give the "
-            "directory it points to, or a new one"
-        )
-    foreign = sorted(
-        entry.name
-        for entry in out.iterdir()
-        if entry.name not in TOKENIZER_SAVED_FILES or entry.is_symlink() or not entry.is_file()
-    )
-    if foreign:
-        raise UserError(
-            f"--out {out} holds {foreign[0]} besides a tokenizer; --overwrite replaces only a "
-            "directory of tokenizer files (a checkpoint or export keeps its own): choose a new "
-            "directory"
-        )
-    reason = why_not_writable(out.parent)
-    if reason is not None:
-        raise UserError(f"--out {out} cannot be replaced: {out.parent} allows no new file "
-                        f"({reason}); give a directory you can write")  # fmt: skip
+    check_replaceable(out, "--out", "a tokenizer", TOKENIZER_SAVED_FILES.__contains__)
 
 
 def check_train_args(

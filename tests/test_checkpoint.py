@@ -648,6 +648,32 @@ def test_converting_onto_an_export_needs_overwrite(tied_runs, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+@pytest.mark.parametrize(
+    "other", ["step_000002/", "notes.txt", "trainer.pt", "metrics.jsonl", "config.json/", "link"]
+)
+def test_overwrite_replaces_an_export_and_nothing_else(tied_runs, tmp_path, other):
+    """--overwrite onto a run directory, or an export a user added files to, would take them
+    with it: only a directory of an export's own files is replaced."""
+    from convert import convert, main
+
+    out = convert(tied_runs["full"], tmp_path / "model")
+    if other == "link":
+        (out / "tokenizer.json").unlink()
+        (out / "tokenizer.json").symlink_to(tmp_path / "elsewhere.json")
+        (tmp_path / "elsewhere.json").write_text("{}")
+    elif other.endswith("/"):
+        if other == "config.json/":
+            (out / "config.json").unlink()
+        (out / other.rstrip("/")).mkdir()
+    else:
+        (out / other).write_text("mine")
+    before = sorted((p.name, p.is_dir()) for p in out.iterdir())
+    with pytest.raises(SystemExit) as stop:
+        main([str(tied_runs["local"]), str(out), "--overwrite"])
+    assert stop.value.code == 2
+    assert sorted((p.name, p.is_dir()) for p in out.iterdir()) == before
+
+
 def test_auto_ignores_staging_directories(interrupted, tmp_path):
     import shutil
 

@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,6 +44,36 @@ def check_new_output_dir(path: Path, flag: str, if_full: str) -> None:
         )
     if path.is_dir() and any(path.iterdir()):
         raise UserError(f"{flag} {path} already holds files; {if_full}")
+
+
+def check_replaceable(
+    directory: Path, flag: str, what: str, is_ours: Callable[[str], bool]
+) -> None:
+    """`--overwrite` replaces `directory` whole: only when it is a real directory (no link)
+    holding nothing but plain files a command writes (`is_ours(name)`), so that no file of the
+    user's goes with it. `what` names the kind, e.g. "an export"; anything else is a UserError
+    naming the first other entry."""
+    if directory.is_symlink():
+        raise UserError(
+            f"{flag} {directory} is a symbolic link; --overwrite replaces a directory: give the "
+            "directory it points to, or a new one"
+        )
+    foreign = sorted(
+        entry.name
+        for entry in directory.iterdir()
+        if not is_ours(entry.name) or entry.is_symlink() or not entry.is_file()
+    )
+    if foreign:
+        raise UserError(
+            f"{flag} {directory} holds {foreign[0]} besides {what}; --overwrite replaces only "
+            f"{what} (nothing of yours goes with it): choose a new directory"
+        )
+    reason = why_not_writable(directory.parent)
+    if reason is not None:
+        raise UserError(
+            f"{flag} {directory} cannot be replaced: {directory.parent} allows no new file "
+            f"({reason}); give a directory you can write"
+        )
 
 
 # tempfile's names: 8 characters of this alphabet after the prefix.

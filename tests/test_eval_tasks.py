@@ -19,6 +19,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from bench.rolling_vs_windows import ROLLING_TASK
 from datas import eval_tasks
 from datas.C4.c4_eval import score_windows
 from datas.local_corpus import write_jsonl
@@ -57,20 +58,6 @@ metric_list:
   - {{metric: acc_norm, aggregation: mean, higher_is_better: true}}
 """
 
-PPL_YAML = """\
-task: {name}
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {data}}}, cache_dir: {cache}}}
-test_split: test
-output_type: loglikelihood_rolling
-num_fewshot: 0
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - {{metric: word_perplexity, aggregation: weighted_perplexity, higher_is_better: false}}
-  - {{metric: byte_perplexity, aggregation: weighted_perplexity, higher_is_better: false}}
-  - {{metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}}
-"""
 
 GEN_YAML = """\
 task: {name}
@@ -142,7 +129,7 @@ def task_dir(docstrings, tokenizer, tmp_path_factory: pytest.TempPathFactory) ->
     directory.mkdir()
     ppl_data = write_jsonl(rolling_documents(docstrings, tokenizer), directory.parent / "ppl.jsonl")
     write_task(directory, "tiny_mc", MC_YAML, DATA / "multiple_choice.jsonl")
-    write_task(directory, "tiny_ppl", PPL_YAML, ppl_data)
+    write_task(directory, "tiny_ppl", ROLLING_TASK, ppl_data)
     write_task(directory, "tiny_gen", GEN_YAML, DATA / "generate.jsonl")
     return directory
 
@@ -328,7 +315,7 @@ def test_rolling_perplexity_equals_window_perplexity_where_the_protocols_agree(
     task_dir.mkdir()
     documents = [t + eos for t in texts]
     data = write_jsonl(documents, tmp_path / "window_docs.jsonl")
-    write_task(task_dir, "tiny_windows", PPL_YAML, data)
+    write_task(task_dir, "tiny_windows", ROLLING_TASK, data)
     model.train()
     metrics = eval_tasks.evaluate_tasks(
         model, tokenizer_dir, ["tiny_windows"], seq_len=SEQ_LEN, batch_size=2,
@@ -442,3 +429,20 @@ def test_a_max_length_beyond_the_models_positions_is_one_line(model_dir, model, 
         assert one_line(err).startswith(
             f"--max_length {max_length} exceeds the model's max_position_embeddings {limit}"
         )
+
+
+def test_the_rolling_vs_windows_benchmark_agrees_where_the_protocols_do(
+    model_dir, docstrings, tmp_path
+):
+    """bench/rolling_vs_windows.py, whose numbers docs/downstream.md quotes."""
+    from bench import rolling_vs_windows
+
+    data = write_jsonl(docstrings[:60], tmp_path / "eval" / "docs.jsonl")
+    result = rolling_vs_windows.main(
+        ["--checkpoint", str(model_dir), "--data", str(data), "--seq_len", str(SEQ_LEN)]
+    )
+    aligned = result["aligned"]
+    assert aligned["count"] > 0 and aligned["scored_tokens"] == aligned["count"] * (SEQ_LEN - 1)
+    assert aligned["rolling_ppl"] == pytest.approx(aligned["window_ppl"], rel=REL)
+    documents = result["documents"]
+    assert documents["count"] == 60 and documents["rolling_ppl"] != documents["window_ppl"]

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
@@ -119,9 +120,12 @@ def encode_documents(
     its bytes for bits per byte."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        ids = _encode_special_text_as_text(backend, texts)
-    else:
-        ids = _encode_special_text_as_text_slow(tokenizer, texts)
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        with _flag_set(backend, "encode_special_tokens"):
+            ids = [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
+    else:  # verbose=False: long documents are expected, not a truncation mistake
+        with _flag_set(tokenizer, "split_special_tokens"):
+            ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     suffix = () if eos_id is None else (eos_id,)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + len(suffix)
     tokens = np.fromiter(  # chain() keeps the per-token iteration in C
@@ -132,28 +136,19 @@ def encode_documents(
     return tokens, lengths
 
 
-def _encode_special_text_as_text(backend: Any, texts: list[str]) -> list[list[int]]:
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    before = backend.encode_special_tokens
-    backend.encode_special_tokens = True
-    try:
-        return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
-    finally:
-        backend.encode_special_tokens = before
-
-
-def _encode_special_text_as_text_slow(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """A Python tokenizer's `split_special_tokens` is read from the object (the call's keyword
-    does not reach a batch's tokenize); verbose=False: long documents are expected, not a
-    truncation mistake."""
-    before = getattr(tokenizer, "split_special_tokens", None)
+@contextmanager
+def _flag_set(holder: Any, attribute: str) -> Iterator[None]:
+    """`holder.attribute` True for the body, then as it was; nothing where it has none (a fast
+    tokenizer's backend has `encode_special_tokens`, a Python tokenizer `split_special_tokens`,
+    which the call's keyword does not reach in a batch)."""
+    before = getattr(holder, attribute, None)
     if before is not None:
-        tokenizer.split_special_tokens = True
+        setattr(holder, attribute, True)
     try:
-        return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        yield
     finally:
         if before is not None:
-            tokenizer.split_special_tokens = before
+            setattr(holder, attribute, before)
 
 
 def batched(texts: Iterable[str], size: int) -> Iterator[list[str]]:

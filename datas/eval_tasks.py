@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from datas.C4.c4_eval import check_checkpoint_dir, load_model_for_eval
+from datas.C4.c4_eval import check_checkpoint_dir, check_settings, load_model_for_eval
 from datas.tokenizer import load_tokenizer
 from utils.checkpoint.layout import run_seq_len
 from utils.distributed import (
@@ -492,15 +492,6 @@ def _seed_everything() -> None:
     torch.manual_seed(TORCH_SEED)
 
 
-def _check_settings(seq_len: int, batch_size: int, limit: int | None) -> None:
-    if seq_len < 2:
-        raise UserError(f"seq_len={seq_len}: a task needs at least 2 tokens of context")
-    if batch_size < 1:
-        raise UserError(f"batch_size={batch_size}: give at least 1")
-    if limit is not None and limit < 1:
-        raise UserError(f"limit={limit}: give at least 1 example per task, or none for all")
-
-
 def task_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     """lm-eval's per-task results as `eval/task/<task>/<metric>`: `acc,none` is `acc`, a filter
     other than `none` is appended (`exact_match_strict-match`); standard errors, aliases and
@@ -539,7 +530,7 @@ def evaluate_tasks(
     examples per task. The model runs in eval mode under no_grad, and its training mode and the
     global random generators are restored afterwards."""
     _require_lm_eval("--eval_tasks")
-    _check_settings(seq_len, batch_size, limit)
+    check_settings(seq_len, batch_size, limit, "limit")
     if isinstance(tokenizer, str | Path):
         tokenizer = load_tokenizer(tokenizer, "--tokenizer_dir")
     if tokenizer.eos_token_id is None:

@@ -368,6 +368,21 @@ def test_without_lm_eval_the_error_says_how_to_install(monkeypatch, model):
 
 
 @pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"seq_len": 1}, "seq_len=1: give at least 2"),
+        ({"batch_size": 0}, "batch_size=0: give at least 1"),
+        ({"limit": 0}, "limit=0: give at least 1"),
+    ],
+)
+def test_a_bad_setting_is_named_before_any_task_runs(settings, expected, model, tokenizer):
+    settings = {"seq_len": 8, "batch_size": 1, "limit": None} | settings
+    with pytest.raises(UserError) as err:
+        eval_tasks.evaluate_tasks(model, tokenizer, ["no_such_task"], **settings)
+    assert expected in one_line(err)
+
+
+@pytest.mark.parametrize(
     ("case", "expected"),
     [
         ("missing", "error: --checkpoint {tmp}/missing does not exist"),

@@ -364,13 +364,19 @@ def select_windows(n_windows: int, max_windows: int | None, seed: int) -> np.nda
     return torch.randperm(n_windows, generator=generator)[:max_windows].numpy()
 
 
-def check_settings(seq_len: int, batch_size: int, max_windows: int | None) -> None:
+def check_settings(
+    seq_len: int, batch_size: int, limit: int | None, limit_name: str = "max_windows"
+) -> None:
+    """The settings every evaluation takes (windows here, lm-eval's tasks in datas.eval_tasks):
+    `limit`, called `limit_name`, caps what is scored."""
     if seq_len < 2:
-        raise UserError(f"seq_len={seq_len}: a window needs at least 2 tokens to predict one")
+        raise UserError(
+            f"seq_len={seq_len}: give at least 2 (a token to predict and one before it)"
+        )
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size}: give at least 1")
-    if max_windows is not None and max_windows < 1:
-        raise UserError(f"max_windows={max_windows}: give at least 1, or None for all windows")
+    if limit is not None and limit < 1:
+        raise UserError(f"{limit_name}={limit}: give at least 1, or None for all")
 
 
 def _score_windows(

@@ -29,7 +29,7 @@ from utils.checkpoint import (
     write_model_files,
 )
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.files import check_new_output_dir, check_replaceable, replace_dir, staging_dir
+from utils.files import Replaceable, absolute, check_new_output_dir, publish_dir, staging_dir
 from utils.model import build_config, read_model_config_file
 
 
@@ -48,7 +48,7 @@ def convert(step_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
         write_model_files(config, staging, tokenizer)
         (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         fsync_tree(staging)
-    replace_dir(staging, out_dir)  # an --overwrite's old export goes once the new one is in
+        publish_dir(staging, out_dir, AN_EXPORT if overwrite else None)
     return out_dir
 
 
@@ -75,17 +75,21 @@ def is_export_file(name: str) -> bool:
     return bool(EXPORT_FILE.fullmatch(name)) or name in TOKENIZER_SAVED_FILES
 
 
+AN_EXPORT = Replaceable("OUT", "an export", is_export_file, marker="config.json")
+
+
 def _check_destination(step_dir: Path, out_dir: Path, overwrite: bool) -> None:
     """OUT is never the checkpoint, inside it or around it, and never a directory that holds
     files, unless --overwrite says so: nothing a user saved is replaced by its export."""
+    out_dir = absolute(out_dir)
     step, out = step_dir.resolve(), out_dir.resolve()
     if out == step or step in out.parents or out in step.parents:
         raise UserError(
             f"OUT {out_dir} is, contains or lies inside the checkpoint {step_dir}; "
             "choose a directory elsewhere"
         )
-    if overwrite and out_dir.is_dir():  # replaced by a directory written beside it
-        check_replaceable(out_dir, "OUT", "an export", is_export_file)
+    if overwrite and out_dir.is_dir() and (out_dir.is_symlink() or any(out_dir.iterdir())):
+        AN_EXPORT.check(out_dir)  # replaced by a directory written beside it
         return
     check_new_output_dir(
         out_dir, "OUT", "choose a new directory, or pass --overwrite to replace it"

@@ -33,7 +33,7 @@ from datas.jsonl import (
 from datas.mds import HASH_ALGO, TEXT_COLUMN, TOKENS_COLUMN
 from datas.tokenizer import batched, encode_documents, load_tokenizer
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.files import check_new_output_dir, replace_dir, staging_dir
+from utils.files import check_new_output_dir, publish_dir, staging_dir
 
 SUFFIXES = (*JSON_LINES_SUFFIXES, ".parquet", ".txt")
 TOKENIZE_BATCH = 256
@@ -227,7 +227,7 @@ def prepare_mds(
     with staging_dir(output) as staging:
         stats = _write_and_validate(files, staging, text_field, tokenizer, seq_len, compression,
                                     size_limit, progress)  # fmt: skip
-    replace_dir(staging, output)
+        publish_dir(staging, output)
     return stats
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.files import check_new_output_dir, check_replaceable, replace_dir, staging_dir
+from utils.files import Replaceable, check_new_output_dir, publish_dir, staging_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -45,14 +45,20 @@ TOKENIZER_JSON_FILES = (
     "vocab.json",
 )
 
-# Everything a tokenizer's save_pretrained may write: --overwrite replaces a directory that
-# holds only these.
+# Everything a tokenizer's save_pretrained may write (an export carries any tokenizer).
 TOKENIZER_SAVED_FILES = (
     *TOKENIZER_JSON_FILES,
     "merges.txt",
     "tokenizer.model",
     "chat_template.jinja",
 )
+
+# What `python -m datas.tokenizer` writes, and so all its --overwrite replaces.
+TRAINED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+A_TRAINED_TOKENIZER = Replaceable(
+    "--out", "a tokenizer this command trained", TRAINED_TOKENIZER_FILES.__contains__,
+    marker="tokenizer.json",
+)  # fmt: skip
 
 
 def check_tokenizer_dir(path: str | Path, flag: str) -> Path:
@@ -320,12 +326,7 @@ def check_out_dir(out: Path, inputs: list[Path], overwrite: bool) -> None:
         check_new_output_dir(out, "--out", "choose a new directory, or pass --overwrite to "
                              "replace the tokenizer in it")  # fmt: skip
         return
-    if not any((out / name).is_file() for name in TOKENIZER_FILES):
-        raise UserError(
-            f"--out {out} holds files but no tokenizer; --overwrite replaces only a tokenizer "
-            "directory: choose a new directory"
-        )
-    check_replaceable(out, "--out", "a tokenizer", TOKENIZER_SAVED_FILES.__contains__)
+    A_TRAINED_TOKENIZER.check(out)
 
 
 def check_train_args(
@@ -357,13 +358,13 @@ def at_least_one(documents: Iterator[str], inputs: list[str | Path]) -> Iterator
     return chain((first,), documents)
 
 
-def save_new_dir(tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+def save_new_dir(tokenizer: PreTrainedTokenizerFast, out: Path, overwrite: bool) -> None:
     """Save into a hidden sibling, then rename it into place: an interrupted run leaves no
     directory that looks like a tokenizer, and an --overwrite's old one goes only once the
     new one is in."""
     with staging_dir(out) as staging:
         tokenizer.save_pretrained(str(staging))
-    replace_dir(staging, out)
+        publish_dir(staging, out, A_TRAINED_TOKENIZER if overwrite else None)
 
 
 def train_tokenizer(
@@ -388,7 +389,7 @@ def train_tokenizer(
 
     documents = at_least_one(corpus_documents(checked.sources, text_field), inputs)
     tokenizer = byte_level_bpe(counted(documents), vocab_size, min_frequency, progress)
-    save_new_dir(tokenizer, checked.out)
+    save_new_dir(tokenizer, checked.out, overwrite)
     stats.vocab_size = len(tokenizer)
     return stats
 

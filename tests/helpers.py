@@ -216,3 +216,12 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 180, poll: floa
         time.sleep(poll)
     proc.kill()
     raise AssertionError("timed out")
+
+
+def staging_of_a_gone_process(final: Path, kind: str = "partial") -> Path:
+    """What a command killed mid-write leaves beside `final`: a staging directory
+    (utils.files.new_staging) whose process is gone."""
+    code = "import sys; from utils.files import new_staging; print(new_staging(sys.argv[1], sys.argv[2]))"
+    made = subprocess.run([sys.executable, "-c", code, str(final), kind], cwd=REPO, env=child_env(),
+                          check=True, capture_output=True, text=True)  # fmt: skip
+    return Path(made.stdout.strip())

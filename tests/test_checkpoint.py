@@ -12,6 +12,7 @@ import pickle
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from tests.helpers import (
     logged_losses,
     losses_by_step_safe,
     metrics_records,
+    staging_of_a_gone_process,
     tiny_run_flags,
     torchrun,
     torchrun_background,
@@ -330,7 +332,7 @@ def test_sigkill_of_a_rank_during_a_save_then_resubmit_recovers_exactly(
     os.kill(worker_pids(proc.pid)[-1], signal.SIGKILL)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0, "the run survived the kill: nothing was tested"
-    killed_step = int(staging.name.split("_")[1].split(".")[0])
+    killed_step = int(re.match(r"\.step_(\d+)\.partial-", staging.name)[1])
     complete = [int(p.name.split("_")[1]) for p in (out / name).glob("step_*")]
     assert killed_step not in complete and max(complete) == killed_step - 1, output[-2000:]
     resumed = torchrun("train.py", *run)
@@ -504,22 +506,46 @@ def test_an_old_checkpoint_that_cannot_be_deleted_costs_a_warning_not_the_run(
                        "delete it by hand")  # fmt: skip
 
 
+def test_a_run_removes_its_killed_leftovers_and_no_hidden_entry_of_the_users(
+    mds_tokens, tokenizer_dir, tmp_path
+):
+    """Saving and --keep_last pruning stage under names the system picks: a user's entries
+    named like them stay, whatever their names; what a killed save or prune left goes."""
+    from utils import checkpoint
+
+    run_dir = tmp_path / "kept"
+    run = flags(mds_tokens, tokenizer_dir, tmp_path, "kept", "--save_every=2", "--local_batch=4")
+    train_in_process(*run, "--train_steps=2")
+    users = [".step_000002.tmp", ".step_000004.partial-original", ".step_000002.deleting",
+             ".step_000002.deleting-backup_1", ".step_000004.old-20240101"]  # fmt: skip
+    for name in users:
+        (run_dir / name).mkdir()
+        (run_dir / name / "notes.txt").write_text("mine")
+    killed = [staging_of_a_gone_process(run_dir / "step_000004"),
+              staging_of_a_gone_process(run_dir / "step_000002", "deleting")]  # fmt: skip
+    train_in_process(*run, "--keep_last=1", "--train_steps=4", "--resume_dir=auto")
+    assert [p.name for p in checkpoint.complete_checkpoints(run_dir)] == ["step_000004"]
+    hidden = sorted(p.name for p in run_dir.glob(".step_*"))
+    assert hidden == sorted(users), [path.parent.name for path in killed]
+    assert all((run_dir / name / "notes.txt").read_text() == "mine" for name in users)
+
+
 def test_a_checkpoint_whose_deletion_is_interrupted_no_longer_looks_complete(
     interrupted, tmp_path, monkeypatch
 ):
     import shutil
 
-    from utils import checkpoint
+    from utils import checkpoint, files
     from utils.checkpoint import publish
 
     run_dir = tmp_path / "run"
     shutil.copytree(interrupted("full") / f"step_{STEPS:06d}", run_dir / "step_000012")
 
     def killed_midway(path, *args, **kwargs):
-        (Path(path) / "model.safetensors").unlink()
+        next(Path(path).rglob("model.safetensors")).unlink()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(publish.shutil, "rmtree", killed_midway)
+    monkeypatch.setattr(files.shutil, "rmtree", killed_midway)
     with pytest.raises(KeyboardInterrupt):
         publish.delete_dir(run_dir / "step_000012")
     assert checkpoint.complete_checkpoints(run_dir) == []
@@ -648,16 +674,38 @@ def test_converting_onto_an_export_needs_overwrite(tied_runs, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_converting_into_the_current_directory(tied_runs, tmp_path, monkeypatch):
+    """OUT `.` is the directory itself, empty or (with --overwrite) an export."""
+    from convert import convert
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    (tmp_path / "here").mkdir()
+    for overwrite in (False, True):
+        monkeypatch.chdir(tmp_path / "here")  # a new directory took the old one's name
+        convert(tied_runs["full"], Path("."), overwrite=overwrite)
+        weights = tmp_path / "here" / "model.safetensors"
+        assert stat.S_IMODE(weights.stat().st_mode) == 0o666 & ~umask  # not private (0600)
+        assert (tmp_path / "here" / "config.json").is_file()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
 @pytest.mark.parametrize(
-    "other", ["step_000002/", "notes.txt", "trainer.pt", "metrics.jsonl", "config.json/", "link"]
-)
+    "other",
+    ["step_000002/", "notes.txt", "trainer.pt", "metrics.jsonl", "config.json/", "link",
+     "no config.json (a tokenizer)"],
+)  # fmt: skip
 def test_overwrite_replaces_an_export_and_nothing_else(tied_runs, tmp_path, other):
-    """--overwrite onto a run directory, or an export a user added files to, would take them
-    with it: only a directory of an export's own files is replaced."""
+    """--overwrite onto a run directory, a tokenizer, or an export a user added files to, would
+    take them with it: only a directory of an export's own files is replaced."""
     from convert import convert, main
 
     out = convert(tied_runs["full"], tmp_path / "model")
-    if other == "link":
+    if other.startswith("no config.json"):
+        for path in out.iterdir():
+            if not path.name.startswith(("tokenizer", "special_tokens")):
+                path.unlink()
+    elif other == "link":
         (out / "tokenizer.json").unlink()
         (out / "tokenizer.json").symlink_to(tmp_path / "elsewhere.json")
         (tmp_path / "elsewhere.json").write_text("{}")
@@ -682,7 +730,7 @@ def test_auto_ignores_staging_directories(interrupted, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(interrupted("full") / f"step_{STEPS:06d}", run / "step_000002")
-    (run / ".step_000004.tmp").mkdir()
+    staging_of_a_gone_process(run / "step_000004")
     assert resolve_resume_dir("auto", run, STEPS) == run / "step_000002"
     assert resolve_resume_dir("auto", tmp_path / "fresh", STEPS) is None
     (run / "step_000006").mkdir()  # no trainer.pt: not this run's, and in the way of its saves
@@ -693,7 +741,10 @@ def test_auto_ignores_staging_directories(interrupted, tmp_path):
 # ---------------------------------------------------------------- process helpers
 def staging_dir_after_first(run_dir: Path) -> Path | None:
     """A checkpoint being written, once a complete one exists to fall back on."""
-    return next((p for p in run_dir.glob(".step_*.tmp") if p.name != ".step_000001.tmp"), None)
+    staging = (
+        p for p in run_dir.glob(".step_*.partial-*") if not p.name.startswith(".step_000001.")
+    )
+    return next(staging, None)
 
 
 def worker_pids(torchrun_pid: int) -> list[int]:

@@ -143,7 +143,9 @@ def nth(n: int):
 
 def in_save_of(step: int):
     """A call whose path lies in the staging directory of step `step`'s checkpoint."""
-    return lambda calls, args: Path(args[-1]).parent.name == f".step_{step:06d}.tmp"
+    return lambda calls, args: Path(args[-1]).parent.parent.name.startswith(
+        f".step_{step:06d}.partial-"
+    )
 
 
 POINTS = {
@@ -153,7 +155,7 @@ POINTS = {
     "logging": (lambda: Fault(MetricsLogger, "log", nth(3)), 2),  # step 2's evaluation
     "evaluation": (lambda: Fault(train, "evaluate_sets", nth(1)), 2),  # step 2's
     "checkpoint write": (lambda: Fault(checkpointer_module, "save_durably", in_save_of(2)), 1),
-    "publish": (lambda: Fault(checkpointer_module, "replace_dir", nth(2)), 1),
+    "publish": (lambda: Fault(checkpointer_module, "publish_dir", nth(2)), 1),
     "--keep_last pruning": (lambda: Fault(checkpointer_module, "delete_dir", nth(1)), 2),
 }
 

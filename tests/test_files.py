@@ -5,7 +5,9 @@ utils.compare's plot; convert.py in tests/test_sparse_behaviour.py) are run for 
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -13,26 +15,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from utils.files import hidden_sibling, remove_leftover_siblings, replace_dir, staging_dir
+from tests.helpers import staging_of_a_gone_process
+from utils import files
+from utils.errors import UserError
+from utils.files import Replaceable, check_new_output_dir, publish_dir, staging_dir
 
-# What a user may keep beside an output called `out`: names like the command's own.
+# What a user may keep beside an output called `out`: names like the command's own, those
+# tempfile could have picked among them.
 USER_SIBLINGS = st.one_of(
-    st.sampled_from([".out.partial", ".out.old", ".out.tmp", ".out.partial-", ".out.old-1234567",
-                     ".out.partial-ABCDEFGH", ".out.old-abcdefghi", ".out.partial-abcdefgh.bak"]),
-    st.from_regex(r"\.out\.(partial|old)-[A-Za-z0-9_.-]{0,12}", fullmatch=True),
-).filter(lambda name: not _looks_system_named(name))  # fmt: skip
+    st.sampled_from([".out.partial", ".out.old", ".out.tmp", ".out.partial-", ".out.deleting",
+                     ".out.partial-original", ".out.old-20240101", ".out.partial-backup_1",
+                     ".out.deleting-abcdefgh", ".out.partial-ABCDEFGH.bak"]),
+    st.from_regex(r"\.out\.(partial|old|deleting)-[A-Za-z0-9_.-]{0,12}", fullmatch=True),
+)  # fmt: skip
 
-
-def _looks_system_named(name: str) -> bool:
-    for prefix in (".out.partial-", ".out.old-"):
-        rest = name.removeprefix(prefix)
-        if (
-            rest != name
-            and len(rest) == 8
-            and all(c in "abcdefghijklmnopqrstuvwxyz0123456789_" for c in rest)
-        ):
-            return True
-    return False
+# A replaced output here: a directory of `.txt` files holding `old.txt`.
+TEXT_OUTPUT = Replaceable("--out", "a text output", lambda name: name.endswith(".txt"), "old.txt")
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
@@ -48,12 +46,18 @@ def place_user_sibling(root: Path, name: str, as_dir: bool) -> None:
     if as_dir:
         path.mkdir()
         (path / "mine.txt").write_text("mine")
+        (path / files.OWNER_FILE).write_text("my own notes on who wrote this")
     else:
         path.write_text("mine")
 
 
+def old_output(final: Path) -> None:
+    final.mkdir()
+    (final / "old.txt").write_text("old output")
+
+
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(names=st.lists(USER_SIBLINGS, min_size=1, max_size=3, unique=True), as_dir=st.booleans(),
        replacing=st.booleans())  # fmt: skip
@@ -65,55 +69,124 @@ def test_staging_and_replacing_touch_no_sibling_of_the_users(
         place_user_sibling(root, name, as_dir)
     final = root / "out"
     if replacing:
-        final.mkdir()
-        (final / "old.txt").write_text("old output")
+        old_output(final)
     users = {k: v for k, v in snapshot(root).items() if not k.startswith("out")}
     with staging_dir(final) as staging:
         (staging / "new.txt").write_text("new output")
-    replace_dir(staging, final)
+        publish_dir(staging, final, TEXT_OUTPUT if replacing else None)
     assert snapshot(root) == {**users, "out": None, "out/new.txt": b"new output"}
 
 
-def test_a_killed_runs_leftovers_go_and_a_failed_write_leaves_nothing(tmp_path):
+def test_only_a_gone_processs_staging_is_removed_as_a_leftover(tmp_path, monkeypatch):
+    """A killed run's staging goes; one another command is still writing (here: this process),
+    or one made on another machine of a shared disk, stays; a failed write leaves nothing."""
     final = tmp_path / "out"
-    for kind in ("partial", "old"):
-        leftover = hidden_sibling(final, kind)
-        (leftover / "half.bin").write_bytes(b"\0" * 10)
+    killed = staging_of_a_gone_process(final)
+    live = files.new_staging(final)
+    elsewhere = files.new_staging(final)
+    owner = elsewhere.parent / files.OWNER_FILE
+    owner.write_text(owner.read_text().replace(socket.gethostname(), "another-host"))
     with pytest.raises(RuntimeError), staging_dir(final) as staging:
         (staging / "half.bin").write_bytes(b"\0")
         raise RuntimeError("the write failed")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".out.old-{leftover.name[-8:]}"]
+    assert not killed.parent.exists() and not staging.parent.exists()
+    assert live.is_dir() and elsewhere.is_dir()
+
+
+@pytest.mark.parametrize("swap", ["exchange", "two renames"])
+@pytest.mark.parametrize("meanwhile", ["nothing", "a user's file", "no old.txt", "a new dir"])
+def test_what_appears_in_the_output_while_the_command_runs_is_never_replaced(
+    tmp_path, monkeypatch, swap, meanwhile
+):
+    """The checks run before the work; the output goes in only if the directory is still what
+    they allowed when the new one replaces it: otherwise one line, and nothing changes."""
+    if swap == "two renames":
+
+        def unsupported(*paths):
+            raise OSError(errno.EINVAL, "not supported here")
+
+        monkeypatch.setattr(files, "_exchange", unsupported)
+    final = tmp_path / "out"
+    replacing = meanwhile != "a new dir"
+    if replacing:
+        old_output(final)
     with staging_dir(final) as staging:
-        (staging / "whole.txt").write_text("x")
-    replace_dir(staging, final)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+        (staging / "new.txt").write_text("new output")
+        if meanwhile == "a user's file" or meanwhile == "a new dir":
+            final.mkdir(exist_ok=True)
+            (final / "notes.md").write_text("mine")
+        elif meanwhile == "no old.txt":
+            (final / "old.txt").rename(final / "other.txt")
+        before = snapshot(tmp_path)
+        try:
+            publish_dir(staging, final, TEXT_OUTPUT if replacing else None)
+        except UserError as err:
+            assert meanwhile != "nothing" and "changed while this command ran" in str(err)
+            assert snapshot(tmp_path) == before
+            return
+    assert meanwhile == "nothing"
+    assert snapshot(tmp_path) == {"out": None, "out/new.txt": b"new output"}
 
 
-def test_a_published_output_has_the_mode_a_new_one_gets(tmp_path):
-    """tempfile makes its directories private (0700): a dataset or tokenizer on a shared
-    disk would be unreadable to the rest of the group."""
+def test_an_interrupted_two_rename_replacement_puts_the_old_output_back(tmp_path, monkeypatch):
+    """Where directories cannot be swapped in one step, a Ctrl-C between the renames leaves
+    the old output in place."""
+    monkeypatch.setattr(files, "_exchange", lambda *paths: (_ for _ in ()).throw(
+        OSError(errno.ENOSYS, "no renameat2")))  # fmt: skip
+    final = tmp_path / "out"
+    old_output(final)
+    real_rename = Path.rename
+
+    def interrupted(self, target):
+        if self.name == files.OUTPUT:
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    with pytest.raises(KeyboardInterrupt), staging_dir(final) as staging:
+        (staging / "new.txt").write_text("new output")
+        monkeypatch.setattr(Path, "rename", interrupted)
+        publish_dir(staging, final, TEXT_OUTPUT)
+    monkeypatch.undo()
+    assert snapshot(tmp_path) == {"out": None, "out/old.txt": b"old output"}
+
+
+def test_a_published_output_has_the_modes_new_ones_get(tmp_path):
+    """tempfile makes its directories private (0700), safetensors its files (0600): a dataset,
+    export or checkpoint on a shared disk would be unreadable to the rest of the group."""
     mask = os.umask(0o027)
     try:
         with staging_dir(tmp_path / "out") as staging:
             (staging / "a").write_text("x")
-        replace_dir(staging, tmp_path / "out")
-        plot = hidden_sibling(tmp_path / "plot.png", "partial", directory=False)
+            (staging / "private").write_text("as safetensors writes its files")
+            (staging / "private").chmod(0o600)
+            publish_dir(staging, tmp_path / "out")
     finally:
         os.umask(mask)
-    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
-    assert stat.S_IMODE(plot.stat().st_mode) == 0o640
+    modes = {
+        p.name: stat.S_IMODE(p.stat().st_mode)
+        for p in [tmp_path / "out", *(tmp_path / "out").iterdir()]
+    }
+    assert modes == {"out": 0o750, "a": 0o640, "private": 0o640}
 
 
-def test_the_file_kind_keeps_the_suffix_and_its_leftovers_go(tmp_path):
-    partial = hidden_sibling(tmp_path / "plot.png", "partial", directory=False)
-    assert partial.suffix == ".png" and partial.name.startswith(".plot.png.partial-")
-    (tmp_path / ".plot.png.partial").write_text("mine")
-    remove_leftover_siblings(tmp_path / "plot.png", "partial", suffix=".png")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".plot.png.partial"]
+@pytest.mark.parametrize("case", ["a link to an empty dir", "a dangling link", "a long name"])
+def test_outputs_that_could_not_be_published_are_refused_first(tmp_path, case):
+    out = tmp_path / "out"
+    if case == "a long name":
+        out = tmp_path / ("n" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 10))
+    else:
+        target = tmp_path / "target"
+        if case == "a link to an empty dir":
+            target.mkdir()
+        out.symlink_to(target)
+    with pytest.raises(UserError) as err:
+        check_new_output_dir(out, "--out", "choose a new directory")
+    assert ("symbolic link" if "link" in case else "too long to stage") in str(err.value)
 
 
 # ---------------------------------------------------------------- the commands
-COMMAND_SIBLINGS = [".NAME.partial", ".NAME.old", ".NAME.tmp"]
+COMMAND_SIBLINGS = [".NAME.partial", ".NAME.old", ".NAME.tmp", ".NAME.partial-original",
+                    ".NAME.old-20240101", ".NAME.partial-backup_1"]  # fmt: skip
 
 
 def with_user_siblings(final: Path) -> dict[str, bytes | None]:
@@ -197,3 +270,20 @@ def test_tokenizer_overwrite_of_links_and_dot(data_docs, tmp_path, capsys, monke
     assert stop.value.code == 2 and err.count("\n") == 1, err
     assert "symbolic link" in err or "holds special_tokens_map.json besides" in err
     assert snapshot(tmp_path) == before
+
+
+def test_prepare_writes_into_the_current_directory_and_refuses_a_link(
+    data_docs, tmp_path, monkeypatch
+):
+    from datas.local_corpus import write_jsonl
+    from datas.prepare import prepare_mds
+
+    corpus = write_jsonl(data_docs, tmp_path / "in" / "docs.jsonl")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    prepare_mds([corpus], ".", progress=False)
+    assert (tmp_path / "here" / "index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "in"]
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="--output .*link is a symbolic link"):
+        prepare_mds([corpus], tmp_path / "link", progress=False)

@@ -15,9 +15,14 @@ from safetensors.torch import load_file, save_file
 import convert as convert_cli
 from slt import SLTConfig, SparseTraining, refresh_due
 from slt.export import dense_weights
-from tests.helpers import logged_losses, metrics_records, tiny_run_flags, train_in_process
+from tests.helpers import (
+    logged_losses,
+    metrics_records,
+    staging_of_a_gone_process,
+    tiny_run_flags,
+    train_in_process,
+)
 from utils.checkpoint.trusted import load_torch_file
-from utils.files import hidden_sibling
 
 STEPS = 6
 # Thresholds refreshed before steps 1 and 4 (and 7): a run stopped after step 4 resumes at a
@@ -175,7 +180,7 @@ def test_a_sparse_run_starts_from_the_export_of_a_sparse_checkpoint(
 def leave_a_killed_export(out_dir: Path) -> Path:
     """What a convert killed mid-write leaves: its staging directory beside OUT, holding a
     weights file of other tensors under the real name and a half-written file."""
-    staging = hidden_sibling(out_dir, "partial")
+    staging = staging_of_a_gone_process(out_dir)
     save_file({"leftover": torch.zeros(3)}, str(staging / "model.safetensors"))
     (staging / "config.json").write_text('{"model_type": "lla')
     (staging / "partial.bin").write_bytes(b"\0" * 100)

@@ -21,7 +21,7 @@ from datas.tokenizer import (
     MAX_VOCAB_SIZE,
     MIN_VOCAB_SIZE,
     PAD_TOKEN,
-    TOKENIZER_SAVED_FILES,
+    TRAINED_TOKENIZER_FILES,
     check_tokenizer_dir,
     load_tokenizer,
     main,
@@ -217,8 +217,17 @@ def test_an_existing_out_is_kept_unless_overwrite_and_only_a_tokenizer_is_replac
     (notes / "todo.txt").write_text("mine")
     err = refused(capsys, "--input", corpus["jsonl"], "--out", notes, "--vocab_size=300",
                   "--overwrite")  # fmt: skip
-    assert "holds files but no tokenizer; --overwrite replaces only a tokenizer" in err
+    assert "holds todo.txt besides a tokenizer this command trained; --overwrite replaces" in err
     assert [path.name for path in notes.iterdir()] == ["todo.txt"]
+
+    # A user's vocab.json and merges.txt are a tokenizer's files, but not this command's.
+    (notes / "todo.txt").unlink()
+    (notes / "vocab.json").write_text("{}")
+    (notes / "merges.txt").write_text("#version: 0.2")
+    err = refused(capsys, "--input", corpus["jsonl"], "--out", notes, "--vocab_size=300",
+                  "--overwrite")  # fmt: skip
+    assert "holds merges.txt besides a tokenizer this command trained" in err
+    assert sorted(path.name for path in notes.iterdir()) == ["merges.txt", "vocab.json"]
 
 
 # What a user keeps next to a tokenizer: an export, a checkpoint step, notes, a sub-directory
@@ -227,7 +236,7 @@ FOREIGN_ENTRY = st.one_of(
     st.sampled_from(["config.json", "model.safetensors", "trainer.pt", "training.json",
                      "step_000100", "README.md", "merges.txt.bak"]),
     st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}", fullmatch=True).filter(
-        lambda name: name not in TOKENIZER_SAVED_FILES
+        lambda name: name not in TRAINED_TOKENIZER_FILES
     ),
 )  # fmt: skip
 
@@ -248,7 +257,7 @@ def test_overwrite_refuses_a_tokenizer_dir_that_holds_anything_else(
     before = sorted(path.name for path in out.iterdir())
     err = refused(capsys, "--input", corpus["jsonl"], "--out", out,
                   "--vocab_size=300", "--overwrite")  # fmt: skip
-    assert f"holds {name} besides a tokenizer" in err
+    assert f"holds {name} besides a tokenizer this command trained" in err
     assert sorted(path.name for path in out.iterdir()) == before
     assert entry.exists()
 

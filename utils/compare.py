@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.files import hidden_sibling, remove_leftover_siblings, why_not_writable
+from utils.files import staging_dir, why_not_writable
 
 
 @dataclass
@@ -543,14 +543,10 @@ def check_plot_path(path: Path, run_dirs: list[Path]) -> None:
 def plot(series: list[Series], path: Path) -> None:
     """draw_figure, written to `path` whole or not at all."""
     figure = draw_figure(series)
-    remove_leftover_siblings(path, "partial", suffix=path.suffix)
-    partial = hidden_sibling(path, "partial", directory=False)
-    try:
+    with staging_dir(path) as staging:
+        partial = staging / path.name
         figure.savefig(partial, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, path)
+        os.replace(partial, path)
 
 
 def draw_figure(series: list[Series]):

@@ -21,7 +21,8 @@ checkpoints hold the effective dense weights in `model.safetensors` and the spar
 tensors, which training resumes from, in `slt_state.safetensors`.
 
 A directory is published under its final name only after every rank wrote and fsynced its
-part, so a crash mid-write leaves at most a hidden `.step_<N>.tmp` that nothing reads.
+part, so a crash mid-write leaves at most a hidden `.step_<N>.partial-xxxxxxxx` that nothing
+reads (and the next save of that step removes).
 
 Where each part lives: `layout` (names, finding and checking checkpoints, the transformers
 layout, reading any format), `checkpointer` (`Checkpointer`: save and load during training),

@@ -4,7 +4,6 @@ and the `local` format's per-rank shards."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,11 +39,11 @@ from utils.checkpoint.layout import (
     step_number,
     write_model_files,
 )
-from utils.checkpoint.publish import Saving, delete_dir, fsync_tree, save_durably
+from utils.checkpoint.publish import DELETING, Saving, delete_dir, fsync_tree, save_durably
 from utils.checkpoint.trusted import dcp_load, load_torch_file
 from utils.distributed import DistEnv, local_tensor
 from utils.errors import UserError
-from utils.files import replace_dir
+from utils.files import discard_staging, publish_dir, remove_dead_stagings
 from utils.model import canonical_name
 
 
@@ -106,11 +105,12 @@ class Checkpointer:
         # On every rank: a component's state may need a collective; rank 0's is saved.
         component_states = {name: c.state_dict() for name, c in self.components.items()}
         final = self.run_dir / step_dir_name(step)
-        staging = self.run_dir / f".{final.name}.tmp"
-        saving = Saving(step, staging, self.env)
+        saving = Saving(step, final, self.env)
+        saving.stage()
+        staging = saving.staging
         if self.env.is_main:
             saving.run(lambda: self._stage_metadata(staging, step, args, component_states))
-        saving.agree()  # also the barrier: the staging directory exists for every rank
+        saving.agree()  # also the barrier: the staging directory is ready for every rank
         rank_state = {"loader": loader_state, "rng": _rng_state()}
         if self.ckpt_type == "local":
             rank_state |= _local_shards(self.model, self.optimizer)
@@ -177,8 +177,6 @@ class Checkpointer:
     def _stage_metadata(
         self, staging: Path, step: int, args: dict[str, Any], component_states: dict[str, Any]
     ) -> None:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
         trainer = {
             "step": step,
             "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -216,13 +214,13 @@ class Checkpointer:
 
     def _publish_on_main(self, staging: Path, final: Path) -> None:
         fsync_tree(staging)
-        replace_dir(staging, final)
+        publish_dir(staging, final)
+        discard_staging(staging)
 
     def _prune(self, saved_step: int) -> None:
         """--keep_last K: the checkpoint just saved and the K - 1 newest before it stay. Newer
         ones (a run resumed from an earlier step) are not this save's to judge, and stay."""
-        for leftover in self.run_dir.glob(".step_*.deleting"):  # a prune that was killed
-            shutil.rmtree(leftover, ignore_errors=True)
+        remove_dead_stagings(self.run_dir, f".step_*.{DELETING}-*")  # a prune that was killed
         if self.keep_last <= 0:
             return
         older = [p for p in complete_checkpoints(self.run_dir) if step_number(p) < saved_step]

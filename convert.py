@@ -29,13 +29,20 @@ from utils.checkpoint import (
     write_model_files,
 )
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.files import Replaceable, absolute, check_new_output_dir, publish_dir, staging_dir
+from utils.files import (
+    Replaceable,
+    Replacing,
+    absolute,
+    check_new_output_dir,
+    publish_dir,
+    staging_dir,
+)
 from utils.model import build_config, read_model_config_file
 
 
 def convert(step_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     """Write the transformers directory of `step_dir` to `out_dir`, whole or not at all."""
-    _check_destination(step_dir, out_dir, overwrite)
+    replacing = _check_destination(step_dir, out_dir, overwrite)
     read_trainer_state(step_dir)  # the checkpoint is whole (cheap: headers and trainer.pt)
     config = _read_config(step_dir)
     tokenizer = load_tokenizer(step_dir, "checkpoint")
@@ -48,7 +55,7 @@ def convert(step_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
         write_model_files(config, staging, tokenizer)
         (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         fsync_tree(staging)
-        publish_dir(staging, out_dir, AN_EXPORT if overwrite else None)
+        publish_dir(staging, out_dir, replacing)
     return out_dir
 
 
@@ -75,12 +82,13 @@ def is_export_file(name: str) -> bool:
     return bool(EXPORT_FILE.fullmatch(name)) or name in TOKENIZER_SAVED_FILES
 
 
-AN_EXPORT = Replaceable("OUT", "an export", is_export_file, marker="config.json")
+AN_EXPORT = Replaceable("OUT", "an export", is_export_file, marker=TRAINING_RECORD)
 
 
-def _check_destination(step_dir: Path, out_dir: Path, overwrite: bool) -> None:
+def _check_destination(step_dir: Path, out_dir: Path, overwrite: bool) -> Replacing | None:
     """OUT is never the checkpoint, inside it or around it, and never a directory that holds
-    files, unless --overwrite says so: nothing a user saved is replaced by its export."""
+    files, unless --overwrite says so: nothing a user saved is replaced by its export. Returns
+    the export to replace, if any."""
     out_dir = absolute(out_dir)
     step, out = step_dir.resolve(), out_dir.resolve()
     if out == step or step in out.parents or out in step.parents:
@@ -89,11 +97,11 @@ def _check_destination(step_dir: Path, out_dir: Path, overwrite: bool) -> None:
             "choose a directory elsewhere"
         )
     if overwrite and out_dir.is_dir() and (out_dir.is_symlink() or any(out_dir.iterdir())):
-        AN_EXPORT.check(out_dir)  # replaced by a directory written beside it
-        return
+        return AN_EXPORT.check(out_dir)  # replaced by a directory written beside it
     check_new_output_dir(
         out_dir, "OUT", "choose a new directory, or pass --overwrite to replace it"
     )
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.files import Replaceable, check_new_output_dir, publish_dir, staging_dir
+from utils.files import Replaceable, Replacing, check_new_output_dir, publish_dir, staging_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -231,6 +231,7 @@ class TokenizerCorpus:
 
     sources: list[Path]
     out: Path
+    replacing: Replacing | None  # the tokenizer --overwrite replaces, as checked
 
 
 @dataclass
@@ -310,10 +311,10 @@ def corpus_documents(sources: list[Path], text_field: str = "text") -> Iterator[
             yield from filter(is_document, read_documents(source, text_field))
 
 
-def check_out_dir(out: Path, inputs: list[Path], overwrite: bool) -> None:
+def check_out_dir(out: Path, inputs: list[Path], overwrite: bool) -> Replacing | None:
     """--out is never an input, inside one or around one (a later run would read the
     tokenizer's .json files as documents); it is a new or empty directory, or with
-    --overwrite a tokenizer directory: nothing else a user saved is replaced."""
+    --overwrite a tokenizer directory (returned): nothing else a user saved is replaced."""
     resolved = out.resolve()
     for item in inputs:
         source = item.resolve()
@@ -325,8 +326,8 @@ def check_out_dir(out: Path, inputs: list[Path], overwrite: bool) -> None:
     if not (overwrite and out.is_dir() and any(out.iterdir())):
         check_new_output_dir(out, "--out", "choose a new directory, or pass --overwrite to "
                              "replace the tokenizer in it")  # fmt: skip
-        return
-    A_TRAINED_TOKENIZER.check(out)
+        return None
+    return A_TRAINED_TOKENIZER.check(out)
 
 
 def check_train_args(
@@ -341,9 +342,9 @@ def check_train_args(
     check_vocab_size(vocab_size)
     check_min_frequency(min_frequency)
     out = Path(os.path.abspath(out))  # `.` or `..` would have no name to stage beside
-    check_out_dir(out, [Path(item) for item in inputs], overwrite)
+    replacing = check_out_dir(out, [Path(item) for item in inputs], overwrite)
     sources = find_sources(inputs)
-    return TokenizerCorpus(sources, out)
+    return TokenizerCorpus(sources, out, replacing)
 
 
 def at_least_one(documents: Iterator[str], inputs: list[str | Path]) -> Iterator[str]:
@@ -358,13 +359,15 @@ def at_least_one(documents: Iterator[str], inputs: list[str | Path]) -> Iterator
     return chain((first,), documents)
 
 
-def save_new_dir(tokenizer: PreTrainedTokenizerFast, out: Path, overwrite: bool) -> None:
+def save_new_dir(
+    tokenizer: PreTrainedTokenizerFast, out: Path, replacing: Replacing | None
+) -> None:
     """Save into a hidden sibling, then rename it into place: an interrupted run leaves no
     directory that looks like a tokenizer, and an --overwrite's old one goes only once the
     new one is in."""
     with staging_dir(out) as staging:
         tokenizer.save_pretrained(str(staging))
-        publish_dir(staging, out, A_TRAINED_TOKENIZER if overwrite else None)
+        publish_dir(staging, out, replacing)
 
 
 def train_tokenizer(
@@ -389,7 +392,7 @@ def train_tokenizer(
 
     documents = at_least_one(corpus_documents(checked.sources, text_field), inputs)
     tokenizer = byte_level_bpe(counted(documents), vocab_size, min_frequency, progress)
-    save_new_dir(tokenizer, checked.out, overwrite)
+    save_new_dir(tokenizer, checked.out, checked.replacing)
     stats.vocab_size = len(tokenizer)
     return stats
 

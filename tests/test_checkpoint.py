@@ -693,7 +693,7 @@ def test_converting_into_the_current_directory(tied_runs, tmp_path, monkeypatch)
 @pytest.mark.parametrize(
     "other",
     ["step_000002/", "notes.txt", "trainer.pt", "metrics.jsonl", "config.json/", "link",
-     "no config.json (a tokenizer)"],
+     "no config.json (a tokenizer)", "no training.json (a model saved elsewhere)"],
 )  # fmt: skip
 def test_overwrite_replaces_an_export_and_nothing_else(tied_runs, tmp_path, other):
     """--overwrite onto a run directory, a tokenizer, or an export a user added files to, would
@@ -701,7 +701,9 @@ def test_overwrite_replaces_an_export_and_nothing_else(tied_runs, tmp_path, othe
     from convert import convert, main
 
     out = convert(tied_runs["full"], tmp_path / "model")
-    if other.startswith("no config.json"):
+    if other.startswith("no training.json"):
+        (out / "training.json").unlink()
+    elif other.startswith("no config.json"):
         for path in out.iterdir():
             if not path.name.startswith(("tokenizer", "special_tokens")):
                 path.unlink()

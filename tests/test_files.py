@@ -6,7 +6,9 @@ utils.compare's plot; convert.py in tests/test_sparse_behaviour.py) are run for 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import shutil
 import socket
 import stat
 from pathlib import Path
@@ -71,9 +73,10 @@ def test_staging_and_replacing_touch_no_sibling_of_the_users(
     if replacing:
         old_output(final)
     users = {k: v for k, v in snapshot(root).items() if not k.startswith("out")}
+    checked = TEXT_OUTPUT.check(final) if replacing else None
     with staging_dir(final) as staging:
         (staging / "new.txt").write_text("new output")
-        publish_dir(staging, final, TEXT_OUTPUT if replacing else None)
+        publish_dir(staging, final, checked)
     assert snapshot(root) == {**users, "out": None, "out/new.txt": b"new output"}
 
 
@@ -93,8 +96,53 @@ def test_only_a_gone_processs_staging_is_removed_as_a_leftover(tmp_path, monkeyp
     assert live.is_dir() and elsewhere.is_dir()
 
 
+def _pid_as_text(owner: dict) -> dict:
+    return owner | {"pid": str(owner["pid"])}
+
+
+OWNER_CHANGES = {
+    "pid as text": _pid_as_text,
+    "pid as a float": lambda owner: owner | {"pid": float(owner["pid"])},
+    "start as a number": lambda owner: owner | {"started": 12345},
+    "another pid namespace": lambda owner: owner | {"pid_namespace": 1},
+    "another writer": lambda owner: owner | {"writer": "someone"},
+    "no start": lambda owner: {k: v for k, v in owner.items() if k != "started"},
+}
+
+
+@pytest.mark.parametrize(
+    "case", ["as left", *OWNER_CHANGES, "a fifo", "a link", "a huge file", "a copy of it"]
+)
+def test_a_leftover_goes_only_when_its_owner_file_says_whose_it_is_and_that_one_is_gone(
+    tmp_path, case
+):
+    final = tmp_path / "out"
+    leftover = staging_of_a_gone_process(final).parent
+    owner_file = leftover / files.OWNER_FILE
+    owner = json.loads(owner_file.read_text())
+    if case in OWNER_CHANGES:
+        owner_file.write_text(json.dumps(OWNER_CHANGES[case](owner)))
+    elif case == "a fifo":
+        owner_file.unlink()
+        os.mkfifo(owner_file)  # reading it would wait for a writer forever
+    elif case == "a link":
+        (tmp_path / "owner.json").write_text(owner_file.read_text())
+        owner_file.unlink()
+        owner_file.symlink_to(tmp_path / "owner.json")
+    elif case == "a huge file":
+        owner_file.write_text(json.dumps(owner | {"notes": "x" * 10_000}))
+    elif case == "a copy of it":
+        leftover = leftover.rename(leftover.with_name(leftover.name + ".bak"))
+    files.remove_dead_stagings(tmp_path, ".out.partial-*")
+    assert leftover.exists() == (case != "as left")
+
+
 @pytest.mark.parametrize("swap", ["exchange", "two renames"])
-@pytest.mark.parametrize("meanwhile", ["nothing", "a user's file", "no old.txt", "a new dir"])
+@pytest.mark.parametrize(
+    "meanwhile",
+    ["nothing", "a user's file", "no old.txt", "an edited old.txt", "a new dir", "a new output",
+     "a link to it", "gone"],
+)  # fmt: skip
 def test_what_appears_in_the_output_while_the_command_runs_is_never_replaced(
     tmp_path, monkeypatch, swap, meanwhile
 ):
@@ -107,19 +155,29 @@ def test_what_appears_in_the_output_while_the_command_runs_is_never_replaced(
 
         monkeypatch.setattr(files, "_exchange", unsupported)
     final = tmp_path / "out"
-    replacing = meanwhile != "a new dir"
+    replacing = not meanwhile.startswith("a new")
     if replacing:
         old_output(final)
+    checked = TEXT_OUTPUT.check(final) if replacing else None
     with staging_dir(final) as staging:
         (staging / "new.txt").write_text("new output")
-        if meanwhile == "a user's file" or meanwhile == "a new dir":
+        if meanwhile in ("a user's file", "a new dir"):
             final.mkdir(exist_ok=True)
             (final / "notes.md").write_text("mine")
+        elif meanwhile == "a new output":
+            old_output(final)  # the kind --overwrite replaces, but not the one checked
         elif meanwhile == "no old.txt":
             (final / "old.txt").rename(final / "other.txt")
+        elif meanwhile == "an edited old.txt":
+            (final / "old.txt").write_text("edited by hand")
+        elif meanwhile == "a link to it":
+            final.rename(tmp_path / "moved")
+            final.symlink_to(tmp_path / "moved")
+        elif meanwhile == "gone":
+            shutil.rmtree(final)
         before = snapshot(tmp_path)
         try:
-            publish_dir(staging, final, TEXT_OUTPUT if replacing else None)
+            publish_dir(staging, final, checked)
         except UserError as err:
             assert meanwhile != "nothing" and "changed while this command ran" in str(err)
             assert snapshot(tmp_path) == before
@@ -135,6 +193,7 @@ def test_an_interrupted_two_rename_replacement_puts_the_old_output_back(tmp_path
         OSError(errno.ENOSYS, "no renameat2")))  # fmt: skip
     final = tmp_path / "out"
     old_output(final)
+    checked = TEXT_OUTPUT.check(final)
     real_rename = Path.rename
 
     def interrupted(self, target):
@@ -145,9 +204,33 @@ def test_an_interrupted_two_rename_replacement_puts_the_old_output_back(tmp_path
     with pytest.raises(KeyboardInterrupt), staging_dir(final) as staging:
         (staging / "new.txt").write_text("new output")
         monkeypatch.setattr(Path, "rename", interrupted)
-        publish_dir(staging, final, TEXT_OUTPUT)
+        publish_dir(staging, final, checked)
     monkeypatch.undo()
     assert snapshot(tmp_path) == {"out": None, "out/old.txt": b"old output"}
+
+
+def test_a_swap_interrupted_before_its_check_puts_the_old_output_back(tmp_path, monkeypatch):
+    final = tmp_path / "out"
+    old_output(final)
+    checked = TEXT_OUTPUT.check(final)
+
+    def interrupted(directory):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), staging_dir(final) as staging:
+        (staging / "new.txt").write_text("new output")
+        monkeypatch.setattr(files, "_state_or_none", interrupted)
+        publish_dir(staging, final, checked)
+    assert snapshot(tmp_path) == {"out": None, "out/old.txt": b"old output"}
+
+
+def test_a_published_output_keeps_the_setgid_bit_of_a_shared_directory(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)
+    with staging_dir(shared / "out") as staging:
+        publish_dir(staging, shared / "out")
+    assert (shared / "out").stat().st_mode & stat.S_ISGID
 
 
 def test_a_published_output_has_the_modes_new_ones_get(tmp_path):
@@ -169,11 +252,22 @@ def test_a_published_output_has_the_modes_new_ones_get(tmp_path):
     assert modes == {"out": 0o750, "a": 0o640, "private": 0o640}
 
 
-@pytest.mark.parametrize("case", ["a link to an empty dir", "a dangling link", "a long name"])
+@pytest.mark.parametrize(
+    "case",
+    ["a link to an empty dir", "a dangling link", "a long name", "a name past the limit",
+     "not UTF-8"],
+)  # fmt: skip
 def test_outputs_that_could_not_be_published_are_refused_first(tmp_path, case):
     out = tmp_path / "out"
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    expected = {"a long name": "too long to stage", "a name past the limit": "too long to stage",
+                "not UTF-8": "not valid UTF-8"}  # fmt: skip
     if case == "a long name":
-        out = tmp_path / ("n" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 10))
+        out = tmp_path / ("n" * (limit - 10))
+    elif case == "a name past the limit":
+        out = tmp_path / "deeper" / ("n" * (limit + 1))
+    elif case == "not UTF-8":
+        out = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/out\xff"))
     else:
         target = tmp_path / "target"
         if case == "a link to an empty dir":
@@ -181,7 +275,8 @@ def test_outputs_that_could_not_be_published_are_refused_first(tmp_path, case):
         out.symlink_to(target)
     with pytest.raises(UserError) as err:
         check_new_output_dir(out, "--out", "choose a new directory")
-    assert ("symbolic link" if "link" in case else "too long to stage") in str(err.value)
+    assert expected.get(case, "symbolic link") in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["out"], [], ["out", "target"]), case
 
 
 # ---------------------------------------------------------------- the commands
@@ -287,3 +382,39 @@ def test_prepare_writes_into_the_current_directory_and_refuses_a_link(
     (tmp_path / "link").symlink_to(tmp_path / "nowhere")
     with pytest.raises(UserError, match="--output .*link is a symbolic link"):
         prepare_mds([corpus], tmp_path / "link", progress=False)
+
+
+@pytest.mark.parametrize("existing", ["none", "an earlier plot", "notes", "a link", "appears"])
+def test_the_plot_replaces_only_an_earlier_plot(tmp_path, existing, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from tests.test_compare import make_run, train_record
+    from utils import compare
+
+    run = make_run(tmp_path, "r", [train_record(s, 7.0 - s) for s in (1, 2)], {})
+    plot = tmp_path / "c.png"
+    if existing == "an earlier plot":
+        compare.main([str(run), f"--plot={plot}"])
+    elif existing == "notes":
+        plot.write_text("my notes")
+    elif existing == "a link":
+        (tmp_path / "elsewhere.png").write_text("a file of mine")
+        plot.symlink_to(tmp_path / "elsewhere.png")
+    elif existing == "appears":
+        real_draw = compare.draw_figure
+
+        def draw_while_a_file_appears(series):
+            plot.write_text("written meanwhile")
+            return real_draw(series)
+
+        monkeypatch.setattr(compare, "draw_figure", draw_while_a_file_appears)
+    before = snapshot(tmp_path)
+    if existing in ("none", "an earlier plot"):
+        compare.main([str(run), f"--plot={plot}"])
+        assert plot.read_bytes().startswith(b"\x89PNG") and not plot.is_symlink()
+    else:
+        with pytest.raises(SystemExit):
+            compare.main([str(run), f"--plot={plot}"])
+        if existing != "appears":
+            assert snapshot(tmp_path) == before
+        assert plot.is_symlink() or not plot.read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.files import staging_dir, why_not_writable
+from utils.files import check_stageable, staging_dir, why_not_writable
 
 
 @dataclass
@@ -528,6 +528,12 @@ def check_plot_path(path: Path, run_dirs: list[Path]) -> None:
             f"--plot {path}: unknown image type {path.suffix!r}; end it with one of "
             f"{', '.join(PLOT_SUFFIXES)}"
         )
+    check_stageable(path, "--plot")
+    if path.is_symlink() or (path.exists() and not is_image_of_its_type(path)):
+        raise UserError(
+            f"--plot {path} exists and is no {plot_format(path)} image a plot would replace; "
+            "give a new path"
+        )
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -540,13 +546,44 @@ def check_plot_path(path: Path, run_dirs: list[Path]) -> None:
         raise UserError(f"--plot {path} cannot be written in {path.parent} ({reason})")
 
 
+# How each format's files begin (SVG: an XML declaration or the svg element).
+IMAGE_STARTS = {"png": (b"\x89PNG\r\n\x1a\n",), "pdf": (b"%PDF-",), "svg": (b"<?xml", b"<svg"),
+                "jpg": (b"\xff\xd8\xff",), "jpeg": (b"\xff\xd8\xff",)}  # fmt: skip
+
+
+def plot_format(path: Path) -> str:
+    return path.suffix.lstrip(".").lower() or "png"
+
+
+def is_image_of_its_type(path: Path) -> bool:
+    """`path` is a plain file holding an image of the format its name says: an earlier plot,
+    which a new one may replace (and not, say, notes saved under that name)."""
+    try:
+        with path.open("rb") as file:
+            start = file.read(16)
+    except OSError:
+        return False
+    return path.is_file() and start.startswith(IMAGE_STARTS[plot_format(path)])
+
+
 def plot(series: list[Series], path: Path) -> None:
-    """draw_figure, written to `path` whole or not at all."""
+    """draw_figure, written to `path` whole or not at all; a file that appeared at `path`
+    since the checks is never replaced."""
     figure = draw_figure(series)
+    replacing = path.exists()
     with staging_dir(path) as staging:
         partial = staging / path.name
-        figure.savefig(partial, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
-        os.replace(partial, path)
+        figure.savefig(partial, format=plot_format(path), dpi=120)
+        if replacing and is_image_of_its_type(path):
+            os.replace(partial, path)
+            return
+        try:
+            os.link(partial, path)  # fails, rather than replaces, if a file is there
+        except FileExistsError:
+            raise UserError(
+                f"--plot {path} appeared while the plot was drawn; it was left as it is: give "
+                "a new path"
+            ) from None
 
 
 def draw_figure(series: list[Series]):

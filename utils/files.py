@@ -8,8 +8,10 @@ import errno
 import glob
 import json
 import os
+import re
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,6 +38,7 @@ def check_new_output_dir(path: Path, flag: str, if_full: str) -> None:
     files. `flag` names it and `if_full` says what to do about a directory that holds files;
     anything else is a UserError saying why."""
     path = absolute(path)
+    check_stageable(path, flag)
     under_file = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if under_file is not None:
         raise UserError(f"{flag} {path} lies under a file ({under_file}); give a directory path")
@@ -51,16 +54,29 @@ def check_new_output_dir(path: Path, flag: str, if_full: str) -> None:
             f"{flag} {path} cannot be written: {path.parent} allows no new file ({reason}); "
             "give a directory you can write"
         )
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and _entries(path, flag):
         raise UserError(f"{flag} {path} already holds files; {if_full}")
-    check_stageable(path, flag)
+
+
+def _entries(directory: Path, flag: str) -> list[Path]:
+    try:
+        return list(directory.iterdir())
+    except OSError as err:
+        raise UserError(
+            f"{flag} {directory} cannot be read ({err.strerror}); give a directory you can read"
+        ) from None
 
 
 def check_stageable(path: Path, flag: str) -> None:
     """`path`'s name leaves room for the hidden siblings it is staged in (`.NAME.KIND-xxxxxxxx`),
     so that a long name fails now rather than after all the work."""
     final = absolute(path)
-    longest = os.pathconf(final.parent, "PC_NAME_MAX") - _SIBLING_EXTRA
+    try:
+        str(final).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{flag} {path}: the path is not valid UTF-8; give a UTF-8 name") from None
+    existing = next(p for p in final.parents if p.is_dir())
+    longest = os.pathconf(existing, "PC_NAME_MAX") - _SIBLING_EXTRA
     if len(os.fsencode(final.name)) > longest:
         raise UserError(
             f"{flag} {path}: the name is too long to stage a hidden copy beside it; give a name "
@@ -79,9 +95,11 @@ class Replaceable:
     is_ours: Callable[[str], bool]
     marker: str
 
-    def check(self, directory: Path) -> None:
-        """A UserError unless `directory` may be replaced (checked before the work starts, and
-        again on what is swapped out when the new output goes in)."""
+    def check(self, directory: Path) -> Replacing:
+        """A UserError unless `directory` may be replaced; else what `publish_dir` replaces:
+        this directory as it is now, and nothing it becomes meanwhile."""
+        directory = absolute(directory)
+        check_stageable(directory, self.flag)
         if directory.is_symlink():
             raise UserError(
                 f"{self.flag} {directory} is a symbolic link; --overwrite replaces a directory: "
@@ -99,13 +117,13 @@ class Replaceable:
                 f"{self.flag} {directory} cannot be replaced: {directory.parent} allows no new "
                 f"file ({reason}); give a directory you can write"
             )
-        check_stageable(directory, self.flag)
+        return Replacing(self.flag, directory_state(directory))
 
     def problem(self, directory: Path) -> str | None:
         """Why `directory` (a real one) is not only `what`, or None."""
         foreign = sorted(
             entry.name
-            for entry in directory.iterdir()
+            for entry in _entries(directory, self.flag)
             if not self.is_ours(entry.name) or entry.is_symlink() or not entry.is_file()
         )
         if foreign:
@@ -113,6 +131,28 @@ class Replaceable:
         if not (directory / self.marker).is_file():
             return f"holds no {self.marker}, so it is not {self.what}"
         return None
+
+
+@dataclass(frozen=True)
+class Replacing:
+    """An output `--overwrite` may replace (`Replaceable.check`), as it was when checked."""
+
+    flag: str
+    state: tuple
+
+
+def directory_state(directory: Path) -> tuple:
+    """What tells that a directory is still the one checked: its identity, and each entry's
+    name, identity, size and times of change."""
+    own = directory.lstat()
+    if not stat.S_ISDIR(own.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(directory))
+    entries = sorted(
+        (entry.name, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        for entry in directory.iterdir()
+        for info in [entry.lstat()]
+    )
+    return own.st_dev, own.st_ino, tuple(entries)
 
 
 # A staging directory is `.NAME.KIND-xxxxxxxx/` (the name tempfile picks) holding OWNER_FILE,
@@ -143,8 +183,8 @@ def new_staging(final: Path, kind: str = "partial") -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_stagings(final.parent, glob.escape(_sibling_prefix(final, kind)) + "*")
     wrapper = Path(tempfile.mkdtemp(dir=final.parent, prefix=_sibling_prefix(final, kind)))
-    owner = {"writer": _WRITER, "host": socket.gethostname(), "pid": os.getpid(),
-             "started": _process_start(os.getpid())}  # fmt: skip
+    owner = {"writer": _WRITER, "host": socket.gethostname(), "pid_namespace": _pid_namespace(),
+             "pid": os.getpid(), "started": _process_start(os.getpid())}  # fmt: skip
     (wrapper / OWNER_FILE).write_text(json.dumps(owner))
     staging = wrapper / OUTPUT
     staging.mkdir()  # the mode the umask gives, which the published output keeps
@@ -171,24 +211,46 @@ def remove_dead_stagings(directory: Path, pattern: str) -> None:
     """The staging directories in `directory` matching `pattern` whose process is gone (a
     killed run's); anything else is left alone."""
     for wrapper in directory.glob(pattern):
-        if _made_by_a_gone_process(wrapper):
+        if _SYSTEM_NAMED.fullmatch(wrapper.name.rsplit("-", 1)[-1]) and _made_by_a_gone_process(
+            wrapper
+        ):
             shutil.rmtree(wrapper, ignore_errors=True)
 
 
+# tempfile's names: 8 characters of this alphabet after the prefix.
+_SYSTEM_NAMED = re.compile(r"[a-z0-9_]{8}")
+_OWNER_MAX_BYTES = 4096
+
+
 def _made_by_a_gone_process(wrapper: Path) -> bool:
-    if wrapper.is_symlink() or not wrapper.is_dir():
+    """True only for a staging directory of ours whose process, on this machine and in this
+    process namespace, is gone; anything else (unreadable, odd, elsewhere) is kept."""
+    owner_file = wrapper / OWNER_FILE
+    if wrapper.is_symlink() or not wrapper.is_dir() or owner_file.is_symlink():
         return False
     try:
-        owner = json.loads((wrapper / OWNER_FILE).read_text())
+        if not owner_file.is_file() or owner_file.stat().st_size > _OWNER_MAX_BYTES:
+            return False
+        owner = json.loads(owner_file.read_text())
     except (OSError, UnicodeDecodeError, ValueError):
-        return False  # not a staging directory of ours
+        return False
     if not isinstance(owner, dict) or owner.get("writer") != _WRITER:
         return False
-    if owner.get("host") != socket.gethostname():
-        return False  # another machine's: whether it still runs cannot be told from here
-    pid = owner.get("pid")
-    started = owner.get("started")
-    return started is not None and (not isinstance(pid, int) or _process_start(pid) != started)
+    here = {"host": socket.gethostname(), "pid_namespace": _pid_namespace()}
+    if any(owner.get(key) != value for key, value in here.items()) or None in here.values():
+        return False  # another machine's or container's: whether it runs cannot be told
+    pid, started = owner.get("pid"), owner.get("started")
+    if type(pid) is not int or not isinstance(started, str):
+        return False
+    return _process_start(pid) != started
+
+
+def _pid_namespace() -> int | None:
+    """The process-ID namespace this runs in (containers on one host share its name)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
 
 
 def _process_start(pid: int) -> str | None:
@@ -201,22 +263,23 @@ def _process_start(pid: int) -> str | None:
     return fields[19]  # field 22 of proc(5), counted from the state (field 3)
 
 
-def publish_dir(staging: Path, final: Path, replace: Replaceable | None = None) -> None:
+def publish_dir(staging: Path, final: Path, replacing: Replacing | None = None) -> None:
     """Rename `staging` into place as `final` in one step. `final` may be missing or an empty
-    directory; with `replace`, also an output it allows, which is swapped out whole and then
-    removed with the staging. Files that appeared in `final` while the command ran are never
-    replaced: a UserError says so, and the new output is not published."""
+    directory; with `replacing`, it is the output checked then, which is swapped out whole and
+    then removed with the staging. Anything else (files that appeared in `final`, or a
+    replaced output that changed, while the command ran) is never replaced: a UserError says
+    so, and the new output is not published."""
     final = absolute(final)
     _give_umask_modes(staging)
-    if replace is not None and final.is_dir() and not final.is_symlink() and any(final.iterdir()):
-        _swap_in(staging, final, replace)
+    if replacing is not None:
+        _swap_in(staging, final, replacing)
     else:
         try:
             staging.rename(final)
         except OSError as err:
             if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
                 raise
-            raise _changed_meanwhile(final, replace, "it gained files") from err
+            raise _changed_meanwhile(final, None) from err
     _sync_directory(final.parent)
 
 
@@ -226,8 +289,9 @@ def _give_umask_modes(staging: Path) -> None:
     from the rest of a group sharing the disk."""
     mask = _umask()
     for path in [staging, *staging.rglob("*")]:
-        if not path.is_symlink():
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+        if not path.is_symlink():  # the setgid bit a shared directory passes on is kept
+            special = path.stat().st_mode & 0o7000
+            path.chmod(special | (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _umask() -> int:
@@ -243,30 +307,41 @@ def _umask() -> int:
         return mask
 
 
-def _swap_in(staging: Path, final: Path, replace: Replaceable) -> None:
+def _swap_in(staging: Path, final: Path, replacing: Replacing) -> None:
     try:
         _exchange(staging, final)
+    except FileNotFoundError:
+        raise _changed_meanwhile(final, replacing) from None
     except OSError as err:
         if err.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise
-        _replace_in_two_renames(staging, final, replace)
+        _replace_in_two_renames(staging, final, replacing)
         return
-    problem = replace.problem(staging)  # the old output, now at the staging path
-    if problem:
+    try:
+        unchanged = _state_or_none(staging) == replacing.state  # the old output, swapped out
+    except BaseException:
+        _exchange(staging, final)
+        raise
+    if not unchanged:
         _exchange(staging, final)  # put it back as it was
-        raise _changed_meanwhile(final, replace, problem)
+        raise _changed_meanwhile(final, replacing)
 
 
-def _replace_in_two_renames(staging: Path, final: Path, replace: Replaceable) -> None:
+def _replace_in_two_renames(staging: Path, final: Path, replacing: Replacing) -> None:
     """Where the file system cannot swap two directories: the old output moves to a hidden
     sibling that nothing removes but this call (a kill between the renames leaves it there, and
     no `final`), the new one takes its place, then the old one goes."""
     old = Path(tempfile.mkdtemp(dir=final.parent, prefix=_sibling_prefix(final, "old")))
-    final.rename(old)
-    problem = replace.problem(old)
     try:
-        if problem:
-            raise _changed_meanwhile(final, replace, problem)
+        final.rename(old)  # onto the empty directory just made: only a directory goes there
+    except OSError as err:
+        old.rmdir()
+        if err.errno in (errno.ENOENT, errno.EISDIR, errno.ENOTDIR):
+            raise _changed_meanwhile(final, replacing) from None
+        raise
+    try:
+        if _state_or_none(old) != replacing.state:
+            raise _changed_meanwhile(final, replacing)
         staging.rename(final)
     except BaseException:
         old.rename(final)
@@ -274,11 +349,21 @@ def _replace_in_two_renames(staging: Path, final: Path, replace: Replaceable) ->
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _changed_meanwhile(final: Path, replace: Replaceable | None, problem: str) -> UserError:
-    flag = f"{replace.flag} " if replace is not None else ""
+def _state_or_none(directory: Path) -> tuple | None:
+    try:
+        return directory_state(directory)
+    except OSError:
+        return None
+
+
+def _changed_meanwhile(final: Path, replacing: Replacing | None) -> UserError:
+    if replacing is None:
+        what, flag = "it is no longer missing or empty", ""
+    else:
+        what, flag = "it is no longer the output checked at the start", f"{replacing.flag} "
     return UserError(
-        f"{flag}{final} changed while this command ran ({problem}); it was left as it is and "
-        "the new output was not written: run again with a new directory"
+        f"{flag}{final} changed while this command ran ({what}); it was left as it is and the "
+        "new output was not written: run again with a new directory"
     )
 
 

@@ -220,7 +220,8 @@ class Checkpointer:
     def _prune(self, saved_step: int) -> None:
         """--keep_last K: the checkpoint just saved and the K - 1 newest before it stay. Newer
         ones (a run resumed from an earlier step) are not this save's to judge, and stay."""
-        remove_dead_stagings(self.run_dir, f".step_*.{DELETING}-*")  # a prune that was killed
+        for kind in ("partial", DELETING):  # what killed saves and prunes left, of any step
+            remove_dead_stagings(self.run_dir, f".step_*.{kind}-*")
         if self.keep_last <= 0:
             return
         older = [p for p in complete_checkpoints(self.run_dir) if step_number(p) < saved_step]

@@ -32,8 +32,7 @@ from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.files import (
     Replaceable,
     Replacing,
-    absolute,
-    check_new_output_dir,
+    check_output_dir,
     publish_dir,
     staging_dir,
 )
@@ -89,19 +88,16 @@ def _check_destination(step_dir: Path, out_dir: Path, overwrite: bool) -> Replac
     """OUT is never the checkpoint, inside it or around it, and never a directory that holds
     files, unless --overwrite says so: nothing a user saved is replaced by its export. Returns
     the export to replace, if any."""
-    out_dir = absolute(out_dir)
     step, out = step_dir.resolve(), out_dir.resolve()
     if out == step or step in out.parents or out in step.parents:
         raise UserError(
             f"OUT {out_dir} is, contains or lies inside the checkpoint {step_dir}; "
             "choose a directory elsewhere"
         )
-    if overwrite and out_dir.is_dir() and (out_dir.is_symlink() or any(out_dir.iterdir())):
-        return AN_EXPORT.check(out_dir)  # replaced by a directory written beside it
-    check_new_output_dir(
-        out_dir, "OUT", "choose a new directory, or pass --overwrite to replace it"
-    )
-    return None
+    return check_output_dir(
+        out_dir, "OUT", "choose a new directory, or pass --overwrite to replace it",
+        AN_EXPORT if overwrite else None,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,7 +33,7 @@ from datas.jsonl import (
 from datas.mds import HASH_ALGO, TEXT_COLUMN, TOKENS_COLUMN
 from datas.tokenizer import batched, encode_documents, load_tokenizer
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.files import check_new_output_dir, publish_dir, staging_dir
+from utils.files import check_output_dir, publish_dir, staging_dir
 
 SUFFIXES = (*JSON_LINES_SUFFIXES, ".parquet", ".txt")
 TOKENIZE_BATCH = 256
@@ -132,7 +132,7 @@ def check_prepare_args(
     size = check_size_limit(size_limit)
     files = find_files(inputs)
     output = Path(output)
-    check_new_output_dir(output, "--output", "choose a new directory or empty it")
+    check_output_dir(output, "--output", "choose a new directory or empty it")
     return PrepareInputs(files, output, compression, size)
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.files import Replaceable, Replacing, check_new_output_dir, publish_dir, staging_dir
+from utils.files import Replaceable, Replacing, check_output_dir, publish_dir, staging_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -323,11 +323,10 @@ def check_out_dir(out: Path, inputs: list[Path], overwrite: bool) -> Replacing |
                 f"--out {out} is, contains or lies inside the input {item}; choose a "
                 "directory elsewhere"
             )
-    if not (overwrite and out.is_dir() and any(out.iterdir())):
-        check_new_output_dir(out, "--out", "choose a new directory, or pass --overwrite to "
-                             "replace the tokenizer in it")  # fmt: skip
-        return None
-    return A_TRAINED_TOKENIZER.check(out)
+    return check_output_dir(
+        out, "--out", "choose a new directory, or pass --overwrite to replace the tokenizer in it",
+        A_TRAINED_TOKENIZER if overwrite else None,
+    )  # fmt: skip
 
 
 def check_train_args(

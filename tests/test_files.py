@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from tests.helpers import staging_of_a_gone_process
 from utils import files
 from utils.errors import UserError
-from utils.files import Replaceable, check_new_output_dir, publish_dir, staging_dir
+from utils.files import Replaceable, check_output_dir, publish_dir, staging_dir
 
 # What a user may keep beside an output called `out`: names like the command's own, those
 # tempfile could have picked among them.
@@ -35,10 +35,14 @@ USER_SIBLINGS = st.one_of(
 TEXT_OUTPUT = Replaceable("--out", "a text output", lambda name: name.endswith(".txt"), "old.txt")
 
 
-def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every path under `root` with its bytes (None for a directory)."""
+def snapshot(root: Path) -> dict[str, bytes | str | None]:
+    """Every path under `root` with its bytes (None for a directory, "fifo" for a FIFO)."""
     return {
-        str(path.relative_to(root)): None if path.is_dir() else path.read_bytes()
+        str(path.relative_to(root)): None
+        if path.is_dir()
+        else "fifo"
+        if path.is_fifo()
+        else path.read_bytes()
         for path in sorted(root.rglob("*"))
     }
 
@@ -73,7 +77,7 @@ def test_staging_and_replacing_touch_no_sibling_of_the_users(
     if replacing:
         old_output(final)
     users = {k: v for k, v in snapshot(root).items() if not k.startswith("out")}
-    checked = TEXT_OUTPUT.check(final) if replacing else None
+    checked = check_output_dir(final, "--out", "", TEXT_OUTPUT) if replacing else None
     with staging_dir(final) as staging:
         (staging / "new.txt").write_text("new output")
         publish_dir(staging, final, checked)
@@ -158,7 +162,7 @@ def test_what_appears_in_the_output_while_the_command_runs_is_never_replaced(
     replacing = not meanwhile.startswith("a new")
     if replacing:
         old_output(final)
-    checked = TEXT_OUTPUT.check(final) if replacing else None
+    checked = check_output_dir(final, "--out", "", TEXT_OUTPUT) if replacing else None
     with staging_dir(final) as staging:
         (staging / "new.txt").write_text("new output")
         if meanwhile in ("a user's file", "a new dir"):
@@ -193,7 +197,7 @@ def test_an_interrupted_two_rename_replacement_puts_the_old_output_back(tmp_path
         OSError(errno.ENOSYS, "no renameat2")))  # fmt: skip
     final = tmp_path / "out"
     old_output(final)
-    checked = TEXT_OUTPUT.check(final)
+    checked = check_output_dir(final, "--out", "", TEXT_OUTPUT)
     real_rename = Path.rename
 
     def interrupted(self, target):
@@ -212,7 +216,7 @@ def test_an_interrupted_two_rename_replacement_puts_the_old_output_back(tmp_path
 def test_a_swap_interrupted_before_its_check_puts_the_old_output_back(tmp_path, monkeypatch):
     final = tmp_path / "out"
     old_output(final)
-    checked = TEXT_OUTPUT.check(final)
+    checked = check_output_dir(final, "--out", "", TEXT_OUTPUT)
 
     def interrupted(directory):
         raise KeyboardInterrupt
@@ -274,7 +278,7 @@ def test_outputs_that_could_not_be_published_are_refused_first(tmp_path, case):
             target.mkdir()
         out.symlink_to(target)
     with pytest.raises(UserError) as err:
-        check_new_output_dir(out, "--out", "choose a new directory")
+        check_output_dir(out, "--out", "choose a new directory")
     assert expected.get(case, "symbolic link") in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) in (["out"], [], ["out", "target"]), case
 
@@ -384,7 +388,9 @@ def test_prepare_writes_into_the_current_directory_and_refuses_a_link(
         prepare_mds([corpus], tmp_path / "link", progress=False)
 
 
-@pytest.mark.parametrize("existing", ["none", "an earlier plot", "notes", "a link", "appears"])
+@pytest.mark.parametrize(
+    "existing", ["none", "an earlier plot", "notes", "a link", "a fifo", "appears"]
+)
 def test_the_plot_replaces_only_an_earlier_plot(tmp_path, existing, monkeypatch):
     pytest.importorskip("matplotlib")
     from tests.test_compare import make_run, train_record
@@ -399,6 +405,8 @@ def test_the_plot_replaces_only_an_earlier_plot(tmp_path, existing, monkeypatch)
     elif existing == "a link":
         (tmp_path / "elsewhere.png").write_text("a file of mine")
         plot.symlink_to(tmp_path / "elsewhere.png")
+    elif existing == "a fifo":
+        os.mkfifo(plot)  # opening it to look inside would wait for a writer forever
     elif existing == "appears":
         real_draw = compare.draw_figure
 
@@ -416,5 +424,5 @@ def test_the_plot_replaces_only_an_earlier_plot(tmp_path, existing, monkeypatch)
             compare.main([str(run), f"--plot={plot}"])
         if existing != "appears":
             assert snapshot(tmp_path) == before
-        assert plot.is_symlink() or not plot.read_bytes().startswith(b"\x89PNG")
+        assert plot.is_symlink() or plot.is_fifo() or not plot.read_bytes().startswith(b"\x89PNG")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

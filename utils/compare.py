@@ -558,12 +558,13 @@ def plot_format(path: Path) -> str:
 def is_image_of_its_type(path: Path) -> bool:
     """`path` is a plain file holding an image of the format its name says: an earlier plot,
     which a new one may replace (and not, say, notes saved under that name)."""
+    if path.is_symlink() or not path.is_file():  # a FIFO's open would wait for a writer
+        return False
     try:
         with path.open("rb") as file:
-            start = file.read(16)
+            return file.read(16).startswith(IMAGE_STARTS[plot_format(path)])
     except OSError:
         return False
-    return path.is_file() and start.startswith(IMAGE_STARTS[plot_format(path)])
 
 
 def plot(series: list[Series], path: Path) -> None:

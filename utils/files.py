@@ -32,11 +32,14 @@ def why_not_writable(directory: Path) -> str | None:
     return None
 
 
-def check_new_output_dir(path: Path, flag: str, if_full: str) -> None:
-    """`path` can become a new directory of a command's output: it lies under no file, its
-    parent can be written (made first, with its parents), and it is no file and holds no
-    files. `flag` names it and `if_full` says what to do about a directory that holds files;
-    anything else is a UserError saying why."""
+def check_output_dir(
+    path: Path, flag: str, if_full: str, replaceable: Replaceable | None = None
+) -> Replacing | None:
+    """`path` can become the directory of a command's output: it lies under no file and is
+    no link or file, its parent can be written (made first, with its parents), and it holds no
+    files, or with `replaceable` (an --overwrite) holds that kind of output, which is returned
+    for `publish_dir` to replace. `flag` names it and `if_full` says what to do about a
+    directory that holds files; anything else is a UserError saying why."""
     path = absolute(path)
     check_stageable(path, flag)
     under_file = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
@@ -54,8 +57,11 @@ def check_new_output_dir(path: Path, flag: str, if_full: str) -> None:
             f"{flag} {path} cannot be written: {path.parent} allows no new file ({reason}); "
             "give a directory you can write"
         )
-    if path.is_dir() and _entries(path, flag):
+    if not (path.is_dir() and _entries(path, flag)):
+        return None
+    if replaceable is None:
         raise UserError(f"{flag} {path} already holds files; {if_full}")
+    return replaceable.check(path)
 
 
 def _entries(directory: Path, flag: str) -> list[Path]:
@@ -96,26 +102,14 @@ class Replaceable:
     marker: str
 
     def check(self, directory: Path) -> Replacing:
-        """A UserError unless `directory` may be replaced; else what `publish_dir` replaces:
-        this directory as it is now, and nothing it becomes meanwhile."""
-        directory = absolute(directory)
-        check_stageable(directory, self.flag)
-        if directory.is_symlink():
-            raise UserError(
-                f"{self.flag} {directory} is a symbolic link; --overwrite replaces a directory: "
-                "give the directory it points to, or a new one"
-            )
+        """A UserError unless the real, writable-beside `directory` (`check_output_dir` checks
+        that) may be replaced; else what `publish_dir` replaces: this directory as it is now,
+        and nothing it becomes meanwhile."""
         problem = self.problem(directory)
         if problem:
             raise UserError(
                 f"{self.flag} {directory} {problem}; --overwrite replaces only {self.what} "
                 "(nothing of yours goes with it): choose a new directory"
-            )
-        reason = why_not_writable(directory.parent)
-        if reason is not None:
-            raise UserError(
-                f"{self.flag} {directory} cannot be replaced: {directory.parent} allows no new "
-                f"file ({reason}); give a directory you can write"
             )
         return Replacing(self.flag, directory_state(directory))
 

@@ -250,11 +250,10 @@ def _pid_namespace() -> int | None:
 def _process_start(pid: int) -> str | None:
     """When process `pid` started (so that a reused pid is told apart), or None if it is gone
     or this system has no /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    try:  # field 22 of proc(5), the 20th after the command's closing parenthesis
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
-    return fields[19]  # field 22 of proc(5), counted from the state (field 3)
 
 
 def publish_dir(staging: Path, final: Path, replacing: Replacing | None = None) -> None:

@@ -417,8 +417,14 @@ def test_the_plot_replaces_only_an_earlier_plot(tmp_path, existing, monkeypatch)
         monkeypatch.setattr(compare, "draw_figure", draw_while_a_file_appears)
     before = snapshot(tmp_path)
     if existing in ("none", "an earlier plot"):
-        compare.main([str(run), f"--plot={plot}"])
+        mask = os.umask(0o027)
+        try:
+            compare.main([str(run), f"--plot={plot}"])
+        finally:
+            os.umask(mask)
         assert plot.read_bytes().startswith(b"\x89PNG") and not plot.is_symlink()
+        if existing == "none":
+            assert stat.S_IMODE(plot.stat().st_mode) == 0o640  # the umask's, not private
     else:
         with pytest.raises(SystemExit):
             compare.main([str(run), f"--plot={plot}"])
